@@ -1,0 +1,697 @@
+//! Inventory, placement and history: the nouns of a migration project.
+//!
+//! Times are Unix milliseconds (UTC). Ids are UUIDs except event and log ids, which are
+//! monotonically increasing integers (cursors for streaming).
+
+use crate::cron::CronSchedule;
+use crate::state::{State, Status, Step};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+#[cfg(feature = "openapi")]
+use utoipa::ToSchema;
+
+macro_rules! kind_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident => $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[cfg_attr(feature = "openapi", derive(ToSchema))]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($variant),+ }
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub fn as_str(self) -> &'static str { match self { $($name::$variant => $s),+ } }
+            pub fn parse(s: &str) -> Option<$name> {
+                Self::ALL.iter().copied().find(|k| k.as_str() == s)
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(self.as_str()) }
+        }
+    };
+}
+
+kind_enum!(
+    /// Where workloads come from.
+    SourceKind { Vsphere => "vsphere", Kvm => "kvm", Agent => "agent", DiskImage => "disk_image" }
+);
+kind_enum!(
+    /// Where workloads go.
+    TargetKind { Vme => "vme", Libvirt => "libvirt", LocalDir => "local_dir" }
+);
+kind_enum!(
+    /// What kind of secret a credential holds.
+    CredentialKind { Password => "password", PrivateKey => "private_key", Token => "token" }
+);
+kind_enum!(
+    /// How changed blocks are found for a delta sync.
+    SyncMethod { Auto => "auto", HashCompare => "hash_compare", DirtyBitmap => "dirty_bitmap", Cbt => "cbt" }
+);
+kind_enum!(
+    /// When delta syncs run without being asked.
+    ScheduleMode { Manual => "manual", Cron => "cron", Continuous => "continuous" }
+);
+kind_enum!(
+    /// A sync run's kind.
+    SyncKind { Full => "full", Delta => "delta" }
+);
+
+/// A hypervisor, host or image store that workloads are read from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Source {
+    pub id: Uuid,
+    pub name: String,
+    pub kind: SourceKind,
+    /// URL or host of the endpoint (vCenter, KVM host, agent); empty for disk images.
+    pub endpoint: Option<String>,
+    pub credential_id: Option<Uuid>,
+    /// Kind-specific settings, e.g. `{"path": "/images"}` for disk images.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub config: serde_json::Value,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewSource {
+    pub name: String,
+    pub kind: SourceKind,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub credential_id: Option<Uuid>,
+    #[serde(default = "empty_object")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub config: serde_json::Value,
+}
+
+/// A platform workloads are moved to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Target {
+    pub id: Uuid,
+    pub name: String,
+    pub kind: TargetKind,
+    pub endpoint: Option<String>,
+    pub credential_id: Option<Uuid>,
+    /// Kind-specific settings, e.g. `{"path": "/var/lib/ferry/target"}` for a local directory.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub config: serde_json::Value,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewTarget {
+    pub name: String,
+    pub kind: TargetKind,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub credential_id: Option<Uuid>,
+    #[serde(default = "empty_object")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub config: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+/// A stored secret's public face: the secret itself never leaves the store decrypted
+/// except to an adapter that needs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Credential {
+    pub id: Uuid,
+    pub name: String,
+    pub kind: CredentialKind,
+    pub username: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewCredential {
+    pub name: String,
+    pub kind: CredentialKind,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Write-only: stored encrypted, never returned.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for NewCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewCredential")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("username", &self.username)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Disk {
+    pub name: String,
+    pub size_bytes: u64,
+    /// Where the source reads it (an image path for disk-image sources).
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Nic {
+    pub name: String,
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub mac: Option<String>,
+    #[serde(default)]
+    pub ips: Vec<String>,
+}
+
+/// A VM or host in the inventory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Workload {
+    pub id: Uuid,
+    pub name: String,
+    pub source_id: Option<Uuid>,
+    pub os: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub disks: Vec<Disk>,
+    pub nics: Vec<Nic>,
+    pub services: Vec<String>,
+    pub move_group_id: Option<Uuid>,
+    /// Order within the move group's cutover (lower first).
+    pub group_order: i32,
+    pub credential_id: Option<Uuid>,
+    pub agent: bool,
+    pub domain: Option<String>,
+    pub assigned_email: Option<String>,
+    pub cloud_sizing: Option<String>,
+    pub target_migration_date: Option<String>,
+    pub tags: Vec<String>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewWorkload {
+    pub name: String,
+    #[serde(default)]
+    pub source_id: Option<Uuid>,
+    #[serde(default)]
+    pub os: Option<String>,
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+    #[serde(default)]
+    pub nics: Vec<Nic>,
+    #[serde(default)]
+    pub services: Vec<String>,
+    #[serde(default)]
+    pub move_group_id: Option<Uuid>,
+    #[serde(default)]
+    pub group_order: i32,
+    #[serde(default)]
+    pub credential_id: Option<Uuid>,
+    #[serde(default)]
+    pub agent: bool,
+    #[serde(default)]
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub assigned_email: Option<String>,
+    #[serde(default)]
+    pub cloud_sizing: Option<String>,
+    #[serde(default)]
+    pub target_migration_date: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// A wave of workloads cut over together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct MoveGroup {
+    pub id: Uuid,
+    pub name: String,
+    /// `YYYY-MM-DD`.
+    pub target_date: Option<String>,
+    /// How many members cut over at once.
+    pub concurrency: u32,
+    /// Free text, e.g. `Sat 22:00-02:00 UTC`.
+    pub cutover_window: Option<String>,
+    /// A group cutover was asked for and is being worked through.
+    pub cutover_requested: bool,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewMoveGroup {
+    pub name: String,
+    #[serde(default)]
+    pub target_date: Option<String>,
+    #[serde(default = "one")]
+    pub concurrency: u32,
+    #[serde(default)]
+    pub cutover_window: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// When delta syncs run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DeltaSchedule {
+    #[serde(default = "manual")]
+    pub mode: ScheduleMode,
+    /// For `cron`: five fields, UTC.
+    #[serde(default)]
+    pub cron: Option<String>,
+    /// For `continuous`: the least time between the end of one delta and the next start.
+    #[serde(default = "sixty")]
+    pub min_interval_secs: u64,
+}
+
+fn manual() -> ScheduleMode {
+    ScheduleMode::Manual
+}
+fn sixty() -> u64 {
+    60
+}
+
+impl Default for DeltaSchedule {
+    fn default() -> Self {
+        DeltaSchedule {
+            mode: ScheduleMode::Manual,
+            cron: None,
+            min_interval_secs: 60,
+        }
+    }
+}
+
+impl DeltaSchedule {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        match self.mode {
+            ScheduleMode::Cron => {
+                let expr = self.cron.as_deref().ok_or_else(|| FieldError {
+                    field: "schedule.cron".into(),
+                    message: "mode 'cron' needs a cron expression, e.g. cron = \"0 */2 * * *\""
+                        .into(),
+                })?;
+                CronSchedule::parse(expr).map_err(|e| FieldError {
+                    field: "schedule.cron".into(),
+                    message: e.to_string(),
+                })?;
+            }
+            ScheduleMode::Continuous if self.min_interval_secs == 0 => {
+                return Err(FieldError {
+                    field: "schedule.min_interval_secs".into(),
+                    message: "continuous syncs need a minimum interval of at least 1 second".into(),
+                })
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// When the next delta is due after `now_ms` (or after a delta ended at `now_ms`).
+    pub fn next_due(&self, now_ms: i64) -> Option<i64> {
+        match self.mode {
+            ScheduleMode::Manual => None,
+            ScheduleMode::Continuous => Some(now_ms + self.min_interval_secs as i64 * 1000),
+            ScheduleMode::Cron => self
+                .cron
+                .as_deref()
+                .and_then(|c| CronSchedule::parse(c).ok())
+                .and_then(|c| c.next_after(now_ms)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    #[serde(default)]
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub datastore: Option<String>,
+    #[serde(default)]
+    pub plan: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct UatOptions {
+    /// The isolated network the test instance boots in.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Refuse cutover until a UAT passed.
+    #[serde(default)]
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PostCutoverAction {
+    /// `reip`, `dns` or `hook`.
+    pub kind: String,
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub params: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ValidationCheck {
+    /// `boot`, `tcp`, `http`, `command` or `data`.
+    pub kind: String,
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub params: BTreeMap<String, String>,
+}
+
+pub const POST_CUTOVER_KINDS: &[&str] = &["reip", "dns", "hook"];
+pub const CHECK_KINDS: &[&str] = &["boot", "tcp", "http", "command", "data"];
+
+/// How a workload is migrated: placement, maps, sync method and schedule, UAT, cutover.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ProfileSpec {
+    pub name: String,
+    /// Target name or id.
+    pub target: String,
+    #[serde(default)]
+    pub placement: Placement,
+    /// Source network → target network.
+    #[serde(default)]
+    pub network_map: BTreeMap<String, String>,
+    /// Source datastore/pool → target datastore/pool.
+    #[serde(default)]
+    pub storage_map: BTreeMap<String, String>,
+    #[serde(default = "auto")]
+    pub sync_method: SyncMethod,
+    #[serde(default)]
+    pub schedule: DeltaSchedule,
+    #[serde(default)]
+    pub uat: UatOptions,
+    /// Source services stopped at cutover.
+    #[serde(default)]
+    pub services_to_stop: Vec<String>,
+    #[serde(default)]
+    pub post_cutover: Vec<PostCutoverAction>,
+    #[serde(default)]
+    pub validation: Vec<ValidationCheck>,
+}
+
+fn auto() -> SyncMethod {
+    SyncMethod::Auto
+}
+
+/// A validation problem with the dotted path of the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ProfileSpec {
+    /// Every problem found, each naming its field.
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut errs = vec![];
+        let mut bad = |field: String, message: String| errs.push(FieldError { field, message });
+        if let Err(m) = validate_name(&self.name) {
+            bad("name".into(), m);
+        }
+        if self.target.trim().is_empty() {
+            bad("target".into(), "name or id of a target is required".into());
+        }
+        for (k, v) in &self.network_map {
+            if k.trim().is_empty() || v.trim().is_empty() {
+                bad(
+                    format!("network_map.{k}"),
+                    "source and target network names must not be empty".into(),
+                );
+            }
+        }
+        for (k, v) in &self.storage_map {
+            if k.trim().is_empty() || v.trim().is_empty() {
+                bad(
+                    format!("storage_map.{k}"),
+                    "source and target storage names must not be empty".into(),
+                );
+            }
+        }
+        if let Err(e) = self.schedule.validate() {
+            bad(e.field, e.message);
+        }
+        for (i, a) in self.post_cutover.iter().enumerate() {
+            if !POST_CUTOVER_KINDS.contains(&a.kind.as_str()) {
+                bad(
+                    format!("post_cutover[{i}].kind"),
+                    format!(
+                        "unknown action '{}': use one of {}",
+                        a.kind,
+                        POST_CUTOVER_KINDS.join(", ")
+                    ),
+                );
+            }
+        }
+        for (i, c) in self.validation.iter().enumerate() {
+            if !CHECK_KINDS.contains(&c.kind.as_str()) {
+                bad(
+                    format!("validation[{i}].kind"),
+                    format!(
+                        "unknown check '{}': use one of {}",
+                        c.kind,
+                        CHECK_KINDS.join(", ")
+                    ),
+                );
+            }
+        }
+        errs
+    }
+}
+
+/// Names are 1-128 printable characters.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.chars().count() > 128 {
+        return Err("must be at most 128 characters".into());
+    }
+    if name.chars().any(|c| c.is_control()) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DD` with a real month and day.
+pub fn validate_date(s: &str) -> Result<(), String> {
+    let parts: Vec<&str> = s.split('-').collect();
+    let ok = parts.len() == 3
+        && parts[0].len() == 4
+        && parts[1].len() == 2
+        && parts[2].len() == 2
+        && parts.iter().all(|p| p.bytes().all(|b| b.is_ascii_digit()));
+    if !ok {
+        return Err(format!("'{s}' is not a date in the form YYYY-MM-DD"));
+    }
+    let y: i32 = parts[0].parse().unwrap_or(0);
+    let m: u32 = parts[1].parse().unwrap_or(0);
+    let d: u32 = parts[2].parse().unwrap_or(0);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days = match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return Err(format!("'{s}' has no month {m}")),
+    };
+    if d == 0 || d > days {
+        return Err(format!("'{s}' has no day {d} in month {m}"));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Profile {
+    pub id: Uuid,
+    pub spec: ProfileSpec,
+    pub created_at: i64,
+}
+
+/// One workload's migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Migration {
+    pub id: Uuid,
+    pub workload_id: Uuid,
+    pub profile_id: Uuid,
+    pub target_id: Uuid,
+    pub status: Status,
+    pub schedule: DeltaSchedule,
+    /// When the scheduler starts the next delta (Unix ms), if scheduled.
+    pub next_sync_at: Option<i64>,
+    pub last_error: Option<String>,
+    /// Optimistic-concurrency version, bumped by every change.
+    pub version: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl Migration {
+    pub fn state(&self) -> State {
+        self.status.state
+    }
+}
+
+/// One full or delta sync run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct SyncRun {
+    pub id: Uuid,
+    pub migration_id: Uuid,
+    pub kind: SyncKind,
+    pub generation: u32,
+    pub bytes_total: u64,
+    pub bytes_sent: u64,
+    pub started_at: i64,
+    pub finished_at: i64,
+}
+
+/// An audit record: what happened, to what, when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Event {
+    pub id: i64,
+    pub migration_id: Option<Uuid>,
+    /// e.g. `migration.created`, `command`, `step.started`, `step.completed`, `step.retry`,
+    /// `step.failed`, `state.changed`.
+    pub kind: String,
+    pub step: Option<Step>,
+    pub job_id: Option<Uuid>,
+    pub message: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub data: serde_json::Value,
+    pub at: i64,
+}
+
+/// An event to record (the store assigns id and time).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub migration_id: Option<Uuid>,
+    pub kind: String,
+    pub step: Option<Step>,
+    pub job_id: Option<Uuid>,
+    pub message: String,
+    pub data: serde_json::Value,
+}
+
+impl NewEvent {
+    pub fn new(migration_id: Option<Uuid>, kind: &str, message: impl Into<String>) -> NewEvent {
+        NewEvent {
+            migration_id,
+            kind: kind.to_string(),
+            step: None,
+            job_id: None,
+            message: message.into(),
+            data: serde_json::Value::Null,
+        }
+    }
+}
+
+/// A log line collected from a worker, an agent or the appliance's own steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct LogLine {
+    pub id: i64,
+    pub migration_id: Option<Uuid>,
+    pub origin: String,
+    pub level: String,
+    pub message: String,
+    pub at: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert!(validate_date("2026-02-28").is_ok());
+        assert!(validate_date("2024-02-29").is_ok());
+        assert!(validate_date("2026-02-29").is_err());
+        assert!(validate_date("2026-13-01").is_err());
+        assert!(validate_date("26-1-1").is_err());
+    }
+
+    #[test]
+    fn profile_validation_names_fields() {
+        let p = ProfileSpec {
+            name: "".into(),
+            target: "t".into(),
+            placement: Default::default(),
+            network_map: Default::default(),
+            storage_map: Default::default(),
+            sync_method: SyncMethod::Auto,
+            schedule: DeltaSchedule {
+                mode: ScheduleMode::Cron,
+                cron: Some("bad".into()),
+                min_interval_secs: 60,
+            },
+            uat: Default::default(),
+            services_to_stop: vec![],
+            post_cutover: vec![PostCutoverAction {
+                kind: "x".into(),
+                params: Default::default(),
+            }],
+            validation: vec![],
+        };
+        let fields: Vec<String> = p.validate().into_iter().map(|e| e.field).collect();
+        assert_eq!(
+            fields,
+            vec!["name", "schedule.cron", "post_cutover[0].kind"]
+        );
+    }
+
+    #[test]
+    fn continuous_schedule_waits_min_interval() {
+        let s = DeltaSchedule {
+            mode: ScheduleMode::Continuous,
+            cron: None,
+            min_interval_secs: 30,
+        };
+        assert_eq!(s.next_due(1000), Some(31_000));
+        assert_eq!(DeltaSchedule::default().next_due(1000), None);
+    }
+}

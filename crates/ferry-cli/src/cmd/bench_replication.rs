@@ -1,0 +1,373 @@
+//! `ferry bench replication`: Ferry's full and delta syncs side by side with
+//! `qemu-img convert` (full copy) and `rsync -I --inplace --no-whole-file` (delta), on a
+//! reproducible synthetic disk, with every result checked byte for byte.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use rand::{Rng, RngCore, SeedableRng};
+use serde::Serialize;
+
+use crate::cmd::util::{human_bytes, parse_size, runtime};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Size of the synthetic disk.
+    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    size: u64,
+    /// Share of the disk changed between syncs, in percent (scattered 64 KiB writes).
+    #[arg(long, default_value_t = 1.0)]
+    change_percent: f64,
+    /// Rounds of each measurement; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Working directory (needs about 5x --size of free space; sparse files).
+    #[arg(long, default_value = "/var/tmp/ferry-bench")]
+    dir: PathBuf,
+    /// Seed of the synthetic disk and of the changes.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Skip the dirty-bitmap delta (needs qemu-img and qemu-nbd).
+    #[arg(long)]
+    skip_bitmap: bool,
+    /// Print the results as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize, Default)]
+struct Results {
+    disk_size: u64,
+    data_bytes: u64,
+    changed_bytes: u64,
+    rounds: usize,
+    full_qemu_img_s: f64,
+    full_ferry_s: f64,
+    full_ratio: f64,
+    full_ferry_bytes_sent: u64,
+    delta_rsync_s: f64,
+    delta_hash_ferry_s: f64,
+    delta_hash_speedup: f64,
+    delta_hash_bytes_sent: u64,
+    delta_hash_sent_per_changed: f64,
+    delta_bitmap_ferry_s: Option<f64>,
+    delta_bitmap_speedup: Option<f64>,
+    delta_bitmap_bytes_sent: Option<u64>,
+    delta_bitmap_sent_per_changed: Option<f64>,
+}
+
+const BLOCK: u64 = 64 * 1024;
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    for tool in ["qemu-img", "rsync", "cmp"] {
+        which(tool)?;
+    }
+    let ferry = std::env::current_exe().context("locating the ferry binary")?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
+    let d = |name: &str| args.dir.join(name);
+    let src = d("source.raw");
+    let data_bytes = synthetic_disk(&src, args.size, args.seed)?;
+    let say = |m: String| {
+        if !args.json {
+            eprintln!("{m}");
+        }
+    };
+    say(format!(
+        "synthetic disk {} ({} of data: zeros, text and random), {} round(s)",
+        human_bytes(args.size),
+        human_bytes(data_bytes),
+        args.rounds
+    ));
+
+    let mut r = Results {
+        disk_size: args.size,
+        data_bytes,
+        rounds: args.rounds,
+        ..Default::default()
+    };
+
+    // Full copy.
+    let (mut t_qemu, mut t_ferry) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        remove(&d("qemu.raw"));
+        t_qemu.push(time(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(&src).arg(d("qemu.raw")))?.0);
+        remove_target(&d("ferry.raw"));
+        let (t, out) = time(Command::new(&ferry).args(["disk", "sync", "--json"]).arg(&src).arg(d("ferry.raw")))?;
+        t_ferry.push(t);
+        r.full_ferry_bytes_sent = json_u64(&out, "bytes_sent")?;
+        say(format!("full {round}: qemu-img convert {:.2} s, ferry {t:.2} s", t_qemu[round]));
+    }
+    same(&src, &d("qemu.raw"))?;
+    same(&src, &d("ferry.raw"))?;
+    r.full_qemu_img_s = median(&t_qemu);
+    r.full_ferry_s = median(&t_ferry);
+    r.full_ratio = r.full_ferry_s / r.full_qemu_img_s;
+
+    // Baselines for the deltas: rsync's copy, and a qcow2 twin carrying a dirty bitmap.
+    remove(&d("rsync.raw"));
+    run_ok(Command::new("cp").arg("--sparse=always").arg(&src).arg(d("rsync.raw")))?;
+    let qcow = d("source.qcow2");
+    if !args.skip_bitmap {
+        remove(&qcow);
+        run_ok(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&src).arg(&qcow))?;
+        remove_target(&d("bitmap.raw"));
+        run_ok(Command::new(&ferry).args(["disk", "sync", "--json"]).arg(&qcow).arg(d("bitmap.raw")))?;
+    }
+
+    let (mut t_rsync, mut t_hash, mut t_bitmap) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed ^ 0xde17a);
+    let rt = runtime()?;
+    for round in 0..args.rounds {
+        if !args.skip_bitmap {
+            let _ = Command::new("qemu-img").args(["bitmap", "--remove"]).arg(&qcow).arg("bm0").output();
+            run_ok(Command::new("qemu-img").args(["bitmap", "--add"]).arg(&qcow).arg("bm0"))?;
+        }
+        let changes = make_changes(&mut rng, args.size, args.change_percent);
+        r.changed_bytes = changes.len() as u64 * BLOCK;
+        apply_raw(&src, &changes)?;
+        if !args.skip_bitmap {
+            rt.block_on(apply_qcow2(&qcow, &changes))?;
+            run_ok(Command::new("qemu-img").args(["bitmap", "--disable"]).arg(&qcow).arg("bm0"))?;
+        }
+        let (tr, _) = time(Command::new("rsync").args(["-I", "--inplace", "--no-whole-file"]).arg(&src).arg(d("rsync.raw")))?;
+        t_rsync.push(tr);
+        let (th, out) = time(Command::new(&ferry).args(["disk", "sync", "--json"]).arg(&src).arg(d("ferry.raw")))?;
+        t_hash.push(th);
+        r.delta_hash_bytes_sent = json_u64(&out, "bytes_sent")?;
+        let mut line = format!("delta {round}: rsync {tr:.2} s, ferry hash compare {th:.2} s");
+        if !args.skip_bitmap {
+            let (tb, out) = time(Command::new(&ferry).args(["disk", "sync", "--json", "--dirty-bitmap", "bm0"]).arg(&qcow).arg(d("bitmap.raw")))?;
+            t_bitmap.push(tb);
+            r.delta_bitmap_bytes_sent = Some(json_u64(&out, "bytes_sent")?);
+            line += &format!(", ferry dirty bitmap {tb:.2} s");
+        }
+        say(line);
+        same(&src, &d("rsync.raw"))?;
+        same(&src, &d("ferry.raw"))?;
+        if !args.skip_bitmap {
+            same(&src, &d("bitmap.raw"))?;
+        }
+    }
+    r.delta_rsync_s = median(&t_rsync);
+    r.delta_hash_ferry_s = median(&t_hash);
+    r.delta_hash_speedup = r.delta_rsync_s / r.delta_hash_ferry_s;
+    r.delta_hash_sent_per_changed = r.delta_hash_bytes_sent as f64 / r.changed_bytes as f64;
+    if !args.skip_bitmap {
+        let tb = median(&t_bitmap);
+        r.delta_bitmap_ferry_s = Some(tb);
+        r.delta_bitmap_speedup = Some(r.delta_rsync_s / tb);
+        r.delta_bitmap_sent_per_changed = r
+            .delta_bitmap_bytes_sent
+            .map(|b| b as f64 / r.changed_bytes as f64);
+    }
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print_table(&r);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_table(r: &Results) {
+    let mut t = comfy_table::Table::new();
+    t.set_header(vec!["measure", "baseline", "ferry", "ratio", "bytes sent / changed"]);
+    t.add_row(vec![
+        "full copy".to_string(),
+        format!("qemu-img convert {:.2} s", r.full_qemu_img_s),
+        format!("{:.2} s", r.full_ferry_s),
+        format!("{:.2}x the time", r.full_ratio),
+        format!("{} sent", human_bytes(r.full_ferry_bytes_sent)),
+    ]);
+    t.add_row(vec![
+        "delta, hash compare".to_string(),
+        format!("rsync {:.2} s", r.delta_rsync_s),
+        format!("{:.2} s", r.delta_hash_ferry_s),
+        format!("{:.1}x faster", r.delta_hash_speedup),
+        format!("{:.3}", r.delta_hash_sent_per_changed),
+    ]);
+    if let (Some(tb), Some(s), Some(b)) = (
+        r.delta_bitmap_ferry_s,
+        r.delta_bitmap_speedup,
+        r.delta_bitmap_sent_per_changed,
+    ) {
+        t.add_row(vec![
+            "delta, dirty bitmap".to_string(),
+            format!("rsync {:.2} s", r.delta_rsync_s),
+            format!("{tb:.2} s"),
+            format!("{s:.1}x faster"),
+            format!("{b:.3}"),
+        ]);
+    }
+    println!(
+        "disk {} ({} data), change {} in 64 KiB blocks, median of {} round(s)\n{t}",
+        human_bytes(r.disk_size),
+        human_bytes(r.data_bytes),
+        human_bytes(r.changed_bytes),
+        r.rounds
+    );
+}
+
+/// Builds (or reuses) the synthetic disk: per 1 MiB region, 40% zeros (holes), 30% text
+/// (compresses about 4:1), 30% random. Returns the bytes of data it holds.
+fn synthetic_disk(path: &Path, size: u64, seed: u64) -> Result<u64> {
+    let recipe = format!("v1 size={size} seed={seed}\n");
+    let stamp = path.with_extension("recipe");
+    const REGION: u64 = 1 << 20;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let words: Vec<&str> = "the quick brown fox jumps over lazy dog ferry moves disks from vmware into kvm while engineers sleep at two in the morning record log entry status ok error warning user request served bytes".split(' ').collect();
+    let mut plan = Vec::new();
+    for region in 0..size.div_ceil(REGION) {
+        plan.push((region, rng.random_range(0..10u32)));
+    }
+    let data_bytes: u64 = plan
+        .iter()
+        .filter(|p| p.1 >= 4)
+        .map(|p| REGION.min(size - p.0 * REGION))
+        .sum();
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(recipe.as_str())
+        && std::fs::metadata(path).map(|m| m.len()).ok() == Some(size)
+    {
+        return Ok(data_bytes);
+    }
+    let f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(size)?;
+    let mut buf = vec![0u8; REGION as usize];
+    for (region, class) in plan {
+        let off = region * REGION;
+        let len = REGION.min(size - off) as usize;
+        match class {
+            0..=3 => continue,
+            4..=6 => {
+                let mut pos = 0;
+                while pos < len {
+                    let w = words[rng.random_range(0..words.len())].as_bytes();
+                    let n = w.len().min(len - pos);
+                    buf[pos..pos + n].copy_from_slice(&w[..n]);
+                    pos += n;
+                    if pos < len {
+                        buf[pos] = if rng.random_range(0..12) == 0 { b'\n' } else { b' ' };
+                        pos += 1;
+                    }
+                }
+            }
+            _ => rng.fill_bytes(&mut buf[..len]),
+        }
+        f.write_all_at(&buf[..len], off)?;
+    }
+    f.sync_all()?;
+    std::fs::write(&stamp, recipe)?;
+    Ok(data_bytes)
+}
+
+/// Distinct random 64 KiB-aligned blocks covering `percent` of the disk, with new random
+/// contents.
+fn make_changes(rng: &mut impl Rng, size: u64, percent: f64) -> Vec<(u64, Vec<u8>)> {
+    let blocks = size / BLOCK;
+    let n = ((blocks as f64) * percent / 100.0).round() as u64;
+    let mut chosen = std::collections::BTreeSet::new();
+    while (chosen.len() as u64) < n.min(blocks) {
+        chosen.insert(rng.random_range(0..blocks));
+    }
+    chosen
+        .into_iter()
+        .map(|b| {
+            let mut data = vec![0u8; BLOCK as usize];
+            rng.fill_bytes(&mut data);
+            (b * BLOCK, data)
+        })
+        .collect()
+}
+
+fn apply_raw(path: &Path, changes: &[(u64, Vec<u8>)]) -> Result<()> {
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    for (off, data) in changes {
+        f.write_all_at(data, *off)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Writes the changes through a writable qemu-nbd export, so the image's enabled dirty
+/// bitmap records them exactly as it would for a running guest.
+async fn apply_qcow2(path: &Path, changes: &[(u64, Vec<u8>)]) -> Result<()> {
+    let server = ferry_nbd::QemuNbd::start(
+        path,
+        ferry_nbd::QemuNbdOptions {
+            format: Some("qcow2".into()),
+            read_only: false,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let client = ferry_nbd::NbdClient::connect(&server.target(), Default::default()).await?;
+    for (off, data) in changes {
+        client.write(*off, data).await?;
+    }
+    client.flush().await?;
+    client.disconnect().await?;
+    server.stop().await?;
+    Ok(())
+}
+
+fn time(cmd: &mut Command) -> Result<(f64, String)> {
+    let start = Instant::now();
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let t = start.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok((t, String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+fn run_ok(cmd: &mut Command) -> Result<()> {
+    time(cmd).map(|_| ())
+}
+
+fn same(a: &Path, b: &Path) -> Result<()> {
+    let ok = Command::new("cmp").arg("-s").arg(a).arg(b).status()?.success();
+    if !ok {
+        bail!("{} differs from {}: the copy is wrong", b.display(), a.display());
+    }
+    Ok(())
+}
+
+fn json_u64(out: &str, key: &str) -> Result<u64> {
+    let v: serde_json::Value = serde_json::from_str(out.trim()).context("ferry --json output")?;
+    v[key].as_u64().with_context(|| format!("no {key} in {out}"))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[s.len() / 2]
+}
+
+fn remove(p: &Path) {
+    let _ = std::fs::remove_file(p);
+}
+
+fn remove_target(p: &Path) {
+    remove(p);
+    let mut side = p.as_os_str().to_owned();
+    side.push(".ferry");
+    let _ = std::fs::remove_dir_all(PathBuf::from(side));
+}
+
+fn which(tool: &str) -> Result<()> {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    if !found {
+        bail!("{tool} is not installed: run scripts/install-deps.sh (the benchmark compares against it)");
+    }
+    Ok(())
+}

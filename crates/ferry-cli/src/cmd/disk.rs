@@ -1,0 +1,309 @@
+//! `ferry disk`: the replication engine on its own.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use ferry_disk::{Disk, OpenOptions};
+use ferry_pki::{CaDir, Identity};
+use ferry_replication::{Mode, Progress, SendOptions, SyncReport};
+
+use crate::cmd::util::{human_bytes, parse_size, runtime};
+
+#[derive(Subcommand)]
+pub enum DiskCommand {
+    /// Make DST a verified copy of SRC; run again for a delta (only changed chunks move).
+    ///
+    /// SRC: a raw image or block device, any image QEMU reads (qcow2, vmdk, vhdx: Ferry
+    /// serves it with qemu-nbd), or an nbd:// / nbd+unix:// URI. DST: a raw image path.
+    /// Both ends run in this process and talk over loopback mutual TLS.
+    Sync {
+        src: String,
+        dst: PathBuf,
+        #[command(flatten)]
+        send: SendArgs,
+    },
+    /// Send SRC to a `ferry disk receive` on another machine.
+    Send {
+        src: String,
+        /// HOST:PORT of the receiver.
+        #[arg(long)]
+        to: String,
+        /// Name in the receiver's certificate (default: the host of --to).
+        #[arg(long)]
+        server_name: Option<String>,
+        #[command(flatten)]
+        identity: IdentityArgs,
+        #[command(flatten)]
+        send: SendArgs,
+    },
+    /// Receive syncs into DST (a raw image path) from `ferry disk send`.
+    Receive {
+        dst: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7480")]
+        listen: String,
+        /// Exit after the first committed sync.
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        identity: IdentityArgs,
+    },
+}
+
+#[derive(Args)]
+pub struct SendArgs {
+    /// Read only the chunks this dirty bitmap marks (SRC must be an NBD export or qcow2
+    /// image carrying it); without it, changes are found by hash compare.
+    #[arg(long, value_name = "NAME")]
+    dirty_bitmap: Option<String>,
+    /// SRC's image format (default: recognised from its header).
+    #[arg(long, value_name = "FORMAT")]
+    src_format: Option<String>,
+    /// Chunk size: a power of two from 4K to 4M.
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    chunk_size: u64,
+    /// Parallel data streams.
+    #[arg(long, default_value_t = 4)]
+    streams: usize,
+    /// zstd on the wire (auto: on between machines, off on loopback where the wire is
+    /// never the bottleneck).
+    #[arg(long, value_enum, default_value_t = Compress::Auto)]
+    compress: Compress,
+    /// Times to resume after an interruption before giving up.
+    #[arg(long, default_value_t = 3)]
+    retries: u32,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Compress {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Args)]
+pub struct IdentityArgs {
+    /// Directory made by `ferry pki init` holding this end's certificate.
+    #[arg(long, value_name = "DIR", env = "FERRY_PKI_DIR")]
+    pki_dir: Option<PathBuf>,
+    /// Name of this end's certificate in --pki-dir (NAME.pem / NAME.key).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Certificate, key and CA files (instead of --pki-dir/--name).
+    #[arg(long, requires_all = ["key", "ca"])]
+    cert: Option<PathBuf>,
+    #[arg(long)]
+    key: Option<PathBuf>,
+    #[arg(long)]
+    ca: Option<PathBuf>,
+}
+
+impl IdentityArgs {
+    fn load(&self) -> Result<Identity> {
+        if let (Some(cert), Some(key), Some(ca)) = (&self.cert, &self.key, &self.ca) {
+            return Identity::from_files(cert, key, ca).context("loading the TLS identity");
+        }
+        let (Some(dir), Some(name)) = (&self.pki_dir, &self.name) else {
+            anyhow::bail!(
+                "no certificate given: pass --pki-dir DIR --name NAME (made with `ferry pki init` and `ferry pki issue`), or --cert/--key/--ca"
+            );
+        };
+        CaDir::new(dir)
+            .identity(name)
+            .with_context(|| format!("loading certificate {name:?} from {}", dir.display()))
+    }
+}
+
+pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
+    runtime()?.block_on(async move {
+        match cmd {
+            DiskCommand::Sync { src, dst, send } => {
+                let disk = open_source(&src, &send).await?;
+                let opts = send_options(&send, false)?;
+                let target = dst.clone();
+                let report = with_progress(&send, disk.size(), |p| async move {
+                    ferry_replication::sync_local(&disk, &target, &opts, p).await
+                })
+                .await
+                .with_context(|| format!("sync of {src} to {} failed", dst.display()))?;
+                print_report(&report, send.json);
+            }
+            DiskCommand::Send {
+                src,
+                to,
+                server_name,
+                identity,
+                send,
+            } => {
+                let identity = identity.load()?;
+                let endpoint =
+                    ferry_replication::Endpoint::new(&to, server_name.as_deref(), &identity)?;
+                let disk = open_source(&src, &send).await?;
+                let opts = send_options(&send, true)?;
+                let report = with_progress(&send, disk.size(), |p| async move {
+                    ferry_replication::send(&disk, &endpoint, &opts, p).await
+                })
+                .await
+                .with_context(|| format!("sending {src} to {to} failed"))?;
+                print_report(&report, send.json);
+            }
+            DiskCommand::Receive {
+                dst,
+                listen,
+                once,
+                identity,
+            } => {
+                let identity = identity.load()?;
+                let listener = tokio::net::TcpListener::bind(&listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                eprintln!(
+                    "receiving into {} on {} (mutual TLS)",
+                    dst.display(),
+                    listener.local_addr()?
+                );
+                let receiver = ferry_replication::Receiver::new(dst.clone());
+                let mut commits = receiver.commits();
+                let server = tokio::spawn(std::sync::Arc::clone(&receiver).serve(
+                    listener,
+                    ferry_replication::acceptor(&identity)?,
+                ));
+                loop {
+                    commits.changed().await?;
+                    if let Some(r) = commits.borrow().clone() {
+                        eprintln!(
+                            "committed generation {} of {} ({} written, {} chunks applied)",
+                            r.commit.generation,
+                            dst.display(),
+                            human_bytes(r.bytes_written),
+                            r.commit.chunks_applied
+                        );
+                    }
+                    if once {
+                        break;
+                    }
+                }
+                server.abort();
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn open_source(src: &str, send: &SendArgs) -> Result<ferry_disk::AnyDisk> {
+    ferry_disk::open(
+        src,
+        &OpenOptions {
+            format: send.src_format.clone(),
+            dirty_bitmap: send.dirty_bitmap.clone(),
+        },
+    )
+    .await
+    .with_context(|| format!("cannot open source {src}"))
+}
+
+fn send_options(args: &SendArgs, remote: bool) -> Result<SendOptions> {
+    let chunk_size = u32::try_from(args.chunk_size).context("chunk size too large")?;
+    Ok(SendOptions {
+        chunk_size,
+        streams: args.streams.clamp(1, 64),
+        compress: match args.compress {
+            Compress::On => true,
+            Compress::Off => false,
+            Compress::Auto => remote,
+        },
+        mode: if args.dirty_bitmap.is_some() {
+            Mode::DirtyBitmap
+        } else {
+            Mode::HashCompare
+        },
+        work_dir: None,
+        retries: args.retries,
+    })
+}
+
+/// Runs `f` with a progress bar on stderr (hidden with --json or without a terminal).
+async fn with_progress<F, Fut>(args: &SendArgs, size: u64, f: F) -> Result<SyncReport>
+where
+    F: FnOnce(Arc<Progress>) -> Fut,
+    Fut: std::future::Future<Output = Result<SyncReport, ferry_replication::SyncError>>,
+{
+    let progress = Arc::new(Progress::default());
+    let bar = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(size)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+        )
+        .unwrap(),
+    );
+    let ticker = {
+        let p = Arc::clone(&progress);
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            loop {
+                bar.set_position(Progress::get(&p.scanned));
+                bar.set_message(format!(
+                    "sent {} · {} chunks changed",
+                    human_bytes(Progress::get(&p.bytes_sent)),
+                    Progress::get(&p.chunks_changed)
+                ));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let result = f(Arc::clone(&progress)).await;
+    ticker.abort();
+    bar.finish_and_clear();
+    Ok(result?)
+}
+
+fn print_report(r: &SyncReport, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(r).expect("report serialises"));
+        return;
+    }
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING);
+    let kind = if r.full {
+        "full"
+    } else if r.mode == Mode::DirtyBitmap {
+        "delta (dirty bitmap)"
+    } else {
+        "delta (hash compare)"
+    };
+    let rows: Vec<(&str, String)> = vec![
+        ("source", r.source.clone()),
+        ("target", r.target.clone()),
+        ("sync", format!("{kind}{}", if r.resumed { ", resumed" } else { "" })),
+        ("generation", r.generation.to_string()),
+        ("disk size", human_bytes(r.disk_size)),
+        ("scanned", human_bytes(r.bytes_scanned)),
+        ("read", human_bytes(r.bytes_read)),
+        ("sent", human_bytes(r.bytes_sent)),
+        ("written", human_bytes(r.bytes_written)),
+        (
+            "chunks changed",
+            format!(
+                "{} of {} ({} zeroed)",
+                r.chunks_changed, r.chunks_total, r.chunks_zeroed
+            ),
+        ),
+        ("duration", format!("{:.2} s", r.duration_s)),
+        ("throughput", format!("{:.0} MiB/s", r.throughput_mib_s)),
+    ];
+    for (k, v) in rows {
+        t.add_row(vec![k.to_string(), v]);
+    }
+    println!("{t}");
+}

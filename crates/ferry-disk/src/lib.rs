@@ -1,0 +1,81 @@
+//! Disk access: one small interface over "a disk" — its size, reading at an offset,
+//! which ranges hold data, and (where the platform tracks it) which ranges changed since
+//! a checkpoint.
+//!
+//! Two implementations: [`RawDisk`] reads raw files and block devices directly (pread,
+//! SEEK_DATA/SEEK_HOLE), and [`NbdDisk`] reads any NBD export — and through a `qemu-nbd`
+//! that Ferry starts itself, every image format QEMU knows (qcow2, vmdk, vhdx, ...).
+//! [`open`] picks the right one from a path or an `nbd://` / `nbd+unix://` URI.
+
+mod extent;
+mod nbd;
+mod open;
+mod raw;
+
+use std::future::Future;
+
+pub use extent::{Extent, ExtentKind};
+pub use nbd::NbdDisk;
+pub use open::{open, AnyDisk, OpenOptions};
+pub use raw::RawDisk;
+
+/// Errors of disk access, each naming the disk it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("{disk}: {source}")]
+    Io {
+        disk: String,
+        source: std::io::Error,
+    },
+    #[error("{disk}: {source}")]
+    Nbd {
+        disk: String,
+        source: ferry_nbd::NbdError,
+    },
+    #[error("{disk}: read past the end (offset {offset}, length {len}, disk size {size})")]
+    OutOfRange {
+        disk: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("{disk}: no dirty bitmap {bitmap:?} is exported (start the export with that bitmap, e.g. `qemu-nbd -B {bitmap}`, or sync without --dirty-bitmap)")]
+    NoBitmap { disk: String, bitmap: String },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// A disk Ferry can read. Offsets and lengths are in bytes.
+pub trait Disk: Send + Sync {
+    /// A name for messages (a path or a URI).
+    fn name(&self) -> &str;
+
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// Fills `buf` with the bytes at `offset`. Reading past the end is an error.
+    fn read_at(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = Result<Vec<u8>, DiskError>> + Send;
+
+    /// Which parts of [offset, offset+len) hold data and which are known to read as
+    /// zeros. Contiguous and in order; may end before offset+len (ask again from there).
+    fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<Extent>, DiskError>> + Send;
+
+    /// The ranges changed since the checkpoint the disk was opened with (a dirty bitmap or
+    /// CBT), or `None` when this disk tracks no changes.
+    fn changed_extents(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Option<Vec<Extent>>, DiskError>> + Send;
+
+    /// Whether [`Disk::changed_extents`] answers.
+    fn tracks_changes(&self) -> bool;
+}

@@ -1,0 +1,327 @@
+//! The chunk index: one file per disk generation, a fixed header followed by one 32-byte
+//! digest per chunk (the layout of Proxmox Backup's fixed index). Entries are read and
+//! written in place by chunk number, so no caller ever holds a whole index in memory: a
+//! 2 TiB disk at 64 KiB chunks has a 1 GiB index, read in small windows.
+//!
+//! Header (64 bytes, little endian): magic `FERRYIDX`, version u32, chunk size u32, disk
+//! size u64, generation u64, 24 reserved bytes, and the first 8 bytes of the BLAKE3 of the
+//! 56 bytes before them.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::chunk::{Digest, Geometry};
+
+const MAGIC: &[u8; 8] = b"FERRYIDX";
+const VERSION: u32 = 1;
+pub const HEADER_LEN: u64 = 64;
+const ENTRY: u64 = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("index {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("index {path} is damaged: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// An open index file.
+pub struct IndexFile {
+    path: PathBuf,
+    file: File,
+    geometry: Geometry,
+    generation: u64,
+}
+
+impl IndexFile {
+    /// Creates an index in which every chunk is [`crate::chunk::ZERO`] (a sparse file).
+    pub fn create(path: &Path, geometry: Geometry, generation: u64) -> Result<Self, IndexError> {
+        let io = io_err(path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io)?;
+        file.write_all_at(&header(geometry, generation), 0)
+            .map_err(io_err(path))?;
+        file.set_len(HEADER_LEN + geometry.chunk_count() * ENTRY)
+            .map_err(io_err(path))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            geometry,
+            generation,
+        })
+    }
+
+    /// Opens and validates an index.
+    pub fn open(path: &Path) -> Result<Self, IndexError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        let corrupt = |reason: String| IndexError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut h = [0u8; HEADER_LEN as usize];
+        file.read_exact_at(&mut h, 0)
+            .map_err(|e| corrupt(format!("header unreadable ({e})")))?;
+        if &h[..8] != MAGIC {
+            return Err(corrupt("not a Ferry index (bad magic)".into()));
+        }
+        if blake3::hash(&h[..56]).as_bytes()[..8] != h[56..64] {
+            return Err(corrupt("header checksum mismatch".into()));
+        }
+        let version = u32::from_le_bytes(h[8..12].try_into().unwrap());
+        if version != VERSION {
+            return Err(corrupt(format!(
+                "version {version}, this Ferry reads {VERSION}"
+            )));
+        }
+        let chunk_size = u32::from_le_bytes(h[12..16].try_into().unwrap());
+        let disk_size = u64::from_le_bytes(h[16..24].try_into().unwrap());
+        let generation = u64::from_le_bytes(h[24..32].try_into().unwrap());
+        crate::chunk::check_chunk_size(chunk_size).map_err(corrupt)?;
+        let geometry = Geometry::new(disk_size, chunk_size);
+        let want = HEADER_LEN + geometry.chunk_count() * ENTRY;
+        let len = file.metadata().map_err(io_err(path))?.len();
+        if len != want {
+            return Err(corrupt(format!(
+                "{len} bytes, expected {want} (truncated or overwritten)"
+            )));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            geometry,
+            generation,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn chunk_count(&self) -> u64 {
+        self.geometry.chunk_count()
+    }
+
+    /// Entries `first .. first + count` (clamped to the index).
+    pub fn read(&self, first: u64, count: u64) -> Result<Vec<Digest>, IndexError> {
+        let count = count.min(self.chunk_count().saturating_sub(first));
+        let mut raw = vec![0u8; (count * ENTRY) as usize];
+        self.file
+            .read_exact_at(&mut raw, HEADER_LEN + first * ENTRY)
+            .map_err(io_err(&self.path))?;
+        Ok(raw
+            .chunks_exact(ENTRY as usize)
+            .map(|c| c.try_into().unwrap())
+            .collect())
+    }
+
+    pub fn get(&self, n: u64) -> Result<Digest, IndexError> {
+        Ok(self.read(n, 1)?[0])
+    }
+
+    pub fn set(&self, n: u64, digest: &Digest) -> Result<(), IndexError> {
+        self.file
+            .write_all_at(digest, HEADER_LEN + n * ENTRY)
+            .map_err(io_err(&self.path))
+    }
+
+    /// Writes many entries; consecutive chunk numbers go out in one write.
+    pub fn set_many(&self, entries: &mut [(u64, Digest)]) -> Result<(), IndexError> {
+        entries.sort_unstable_by_key(|e| e.0);
+        let mut i = 0;
+        while i < entries.len() {
+            let mut j = i + 1;
+            while j < entries.len() && entries[j].0 == entries[j - 1].0 + 1 {
+                j += 1;
+            }
+            let buf: Vec<u8> = entries[i..j].iter().flat_map(|e| e.1).collect();
+            self.file
+                .write_all_at(&buf, HEADER_LEN + entries[i].0 * ENTRY)
+                .map_err(io_err(&self.path))?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    pub fn sync(&self) -> Result<(), IndexError> {
+        self.file.sync_all().map_err(io_err(&self.path))
+    }
+
+    /// BLAKE3 over all entries in chunk order: two indexes with the same entries digest
+    /// describe byte-identical disks.
+    pub fn entries_digest(&self) -> Result<Digest, IndexError> {
+        let mut hasher = blake3::Hasher::new();
+        self.for_each_window(|_, window| {
+            hasher.update(window);
+            Ok(())
+        })?;
+        Ok(*hasher.finalize().as_bytes())
+    }
+
+    /// Calls `f(first_chunk, raw_entries)` over the whole index in 1 MiB windows.
+    pub fn for_each_window(
+        &self,
+        mut f: impl FnMut(u64, &[u8]) -> Result<(), IndexError>,
+    ) -> Result<(), IndexError> {
+        const WINDOW: u64 = 32 * 1024;
+        let mut buf = vec![0u8; (WINDOW * ENTRY) as usize];
+        let mut first = 0;
+        while first < self.chunk_count() {
+            let n = WINDOW.min(self.chunk_count() - first);
+            let raw = &mut buf[..(n * ENTRY) as usize];
+            self.file
+                .read_exact_at(raw, HEADER_LEN + first * ENTRY)
+                .map_err(io_err(&self.path))?;
+            f(first, raw)?;
+            first += n;
+        }
+        Ok(())
+    }
+
+    /// Writes a copy at `path` for a disk of `geometry` (same chunk size): entries beyond
+    /// the old end are zero (a grown disk reads zeros there), entries past the new end
+    /// are dropped.
+    pub fn copy_to(
+        &self,
+        path: &Path,
+        geometry: Geometry,
+        generation: u64,
+    ) -> Result<IndexFile, IndexError> {
+        let out = IndexFile::create(path, geometry, generation)?;
+        let keep = self.chunk_count().min(geometry.chunk_count());
+        self.for_each_window(|first, raw| {
+            if first >= keep {
+                return Ok(());
+            }
+            let n = (keep - first).min(raw.len() as u64 / ENTRY);
+            out.file
+                .write_all_at(&raw[..(n * ENTRY) as usize], HEADER_LEN + first * ENTRY)
+                .map_err(io_err(path))
+        })?;
+        Ok(out)
+    }
+
+    /// A reader over the raw entries, for streaming an index to a peer.
+    pub fn entries_reader(&self) -> Result<impl Read + '_, IndexError> {
+        let f = self.file.try_clone().map_err(io_err(&self.path))?;
+        let mut r = BufReader::with_capacity(1 << 20, f);
+        std::io::Seek::seek(&mut r, std::io::SeekFrom::Start(HEADER_LEN))
+            .map_err(io_err(&self.path))?;
+        Ok(r.take(self.chunk_count() * ENTRY))
+    }
+
+    /// Fills entries from raw bytes received from a peer, starting at entry `first`.
+    pub fn write_raw(&self, first: u64, raw: &[u8]) -> Result<(), IndexError> {
+        if raw.len() as u64 % ENTRY != 0 || first + raw.len() as u64 / ENTRY > self.chunk_count()
+        {
+            return Err(IndexError::Corrupt {
+                path: self.path.clone(),
+                reason: format!("{} entry bytes at entry {first} do not fit", raw.len()),
+            });
+        }
+        self.file
+            .write_all_at(raw, HEADER_LEN + first * ENTRY)
+            .map_err(io_err(&self.path))
+    }
+}
+
+fn header(g: Geometry, generation: u64) -> [u8; HEADER_LEN as usize] {
+    let mut h = [0u8; HEADER_LEN as usize];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&g.chunk_size.to_le_bytes());
+    h[16..24].copy_from_slice(&g.disk_size.to_le_bytes());
+    h[24..32].copy_from_slice(&generation.to_le_bytes());
+    let sum = blake3::hash(&h[..56]);
+    h[56..64].copy_from_slice(&sum.as_bytes()[..8]);
+    h
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> IndexError + '_ {
+    move |source| IndexError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync,
+/// rename, fsync of the directory. Readers see the old contents or the new, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    sync_dir(dir)
+}
+
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ZERO;
+
+    #[test]
+    fn create_set_reopen_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.idx");
+        let g = Geometry::new(100 * 65536 + 1, 65536);
+        let idx = IndexFile::create(&p, g, 3).unwrap();
+        assert_eq!(idx.chunk_count(), 101);
+        assert_eq!(idx.get(100).unwrap(), ZERO);
+        idx.set_many(&mut [(5, [1; 32]), (4, [2; 32]), (100, [3; 32])])
+            .unwrap();
+        let d1 = idx.entries_digest().unwrap();
+        drop(idx);
+        let idx = IndexFile::open(&p).unwrap();
+        assert_eq!(idx.generation(), 3);
+        assert_eq!(idx.geometry(), g);
+        assert_eq!(idx.read(4, 2).unwrap(), vec![[2; 32], [1; 32]]);
+        assert_eq!(idx.entries_digest().unwrap(), d1);
+        let grown = idx
+            .copy_to(&dir.path().join("b.idx"), Geometry::new(200 * 65536, 65536), 4)
+            .unwrap();
+        assert_eq!(grown.get(100).unwrap(), [3; 32]);
+        assert_eq!(grown.get(199).unwrap(), ZERO);
+    }
+
+    #[test]
+    fn damaged_indexes_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.idx");
+        IndexFile::create(&p, Geometry::new(1 << 20, 65536), 1).unwrap();
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(100).unwrap();
+        let err = IndexFile::open(&p).err().unwrap().to_string();
+        assert!(err.contains("truncated"), "{err}");
+        f.write_all_at(b"X", 20).unwrap();
+        let err = IndexFile::open(&p).err().unwrap().to_string();
+        assert!(err.contains("checksum"), "{err}");
+        std::fs::write(&p, b"hello").unwrap();
+        assert!(IndexFile::open(&p).is_err());
+    }
+}

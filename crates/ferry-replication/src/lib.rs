@@ -1,0 +1,81 @@
+//! Ferry's data plane: make a target disk equal to a point in time of a source disk,
+//! again and again, moving as few bytes as possible, and never leave a broken target.
+//!
+//! - [`chunk`]: fixed-size chunks named by BLAKE3 digests; zero chunks are special.
+//! - [`index`]: one index file per target generation (header + digest array).
+//! - [`sender`]: change detection (dirty bitmap, or hash compare against the target's
+//!   index) and parallel streaming.
+//! - [`receiver`] / [`target`]: verification, checkpoints, and crash-safe commits.
+//! - [`local`]: both ends in one process over loopback mutual TLS.
+//!
+//! This crate knows disks, chunks and generations — not workloads, migrations or
+//! platforms.
+
+pub mod chunk;
+mod compress;
+pub mod index;
+pub mod local;
+pub mod proto;
+pub mod receiver;
+pub mod report;
+pub mod sender;
+pub mod target;
+pub mod transport;
+
+pub use local::sync_local;
+pub use proto::Mode;
+pub use receiver::Receiver;
+pub use report::{Progress, SyncReport};
+pub use sender::{send, SendOptions};
+pub use transport::{acceptor, Endpoint};
+
+/// Everything a sync can fail with. Each message names what went wrong and, where there
+/// is one, what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Disk(#[from] ferry_disk::DiskError),
+    #[error("target: {0}")]
+    Target(#[from] target::TargetError),
+    #[error(transparent)]
+    Index(#[from] index::IndexError),
+    #[error(transparent)]
+    Proto(#[from] proto::ProtoError),
+    #[error("cannot reach the receiver at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("chunk {chunk} (offset {offset}) rejected: {reason} (corrupted in transit?); nothing of it was written")]
+    Verification {
+        chunk: u64,
+        offset: u64,
+        reason: String,
+    },
+    #[error("{0}")]
+    Peer(String),
+    #[error("internal task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl From<std::io::Error> for SyncError {
+    fn from(e: std::io::Error) -> Self {
+        SyncError::Proto(proto::ProtoError::Io(e))
+    }
+}
+
+impl SyncError {
+    /// Interruptions worth resuming after: lost connections, and chunks damaged on the
+    /// way (the next attempt sends them again).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SyncError::Connect { .. } => true,
+            SyncError::Proto(proto::ProtoError::Io(_)) => true,
+            SyncError::Proto(proto::ProtoError::Peer(m)) => {
+                m.contains("rejected") || m.contains("superseded") || m.contains("incomplete")
+            }
+            SyncError::Verification { .. } => true,
+            SyncError::Peer(m) => m.contains("superseded") || m.contains("went away"),
+            _ => false,
+        }
+    }
+}

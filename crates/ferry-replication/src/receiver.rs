@@ -1,0 +1,440 @@
+//! The receiving end: accepts mutual-TLS connections for one target disk, verifies every
+//! chunk against its digest before writing it, checkpoints, and commits.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::chunk::{self, Geometry, ZERO};
+use crate::proto::{self, Control, Frame, ProtoError, KIND_CONTROL, KIND_DATA, KIND_ZERO};
+use crate::target::{CommitInfo, Session, Target};
+use crate::SyncError;
+
+/// A committed sync, as seen by the receiver.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub commit: CommitInfo,
+    pub bytes_written: u64,
+}
+
+/// The sync in progress: its session and the connections working on it.
+struct Active {
+    id: String,
+    session: Arc<Session>,
+    cancel: watch::Sender<bool>,
+    conns: watch::Sender<usize>,
+}
+
+impl Active {
+    async fn cancel_and_drain(&self) {
+        self.cancel.send_replace(true);
+        let mut rx = self.conns.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|n| *n == 0)).await;
+    }
+}
+
+/// Serves syncs into one target disk.
+pub struct Receiver {
+    dst: PathBuf,
+    active: Mutex<Option<Arc<Active>>>,
+    committed: watch::Sender<Option<Received>>,
+}
+
+impl Receiver {
+    pub fn new(dst: PathBuf) -> Arc<Self> {
+        Arc::new(Self {
+            dst,
+            active: Mutex::new(None),
+            committed: watch::Sender::new(None),
+        })
+    }
+
+    /// Notified after each commit.
+    pub fn commits(&self) -> watch::Receiver<Option<Received>> {
+        self.committed.subscribe()
+    }
+
+    /// Accepts connections forever.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor) {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            tcp.set_nodelay(true).ok();
+            let acceptor = acceptor.clone();
+            let this = Arc::clone(&self);
+            tokio::spawn(async move {
+                let tls = match acceptor.accept(tcp).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(%peer, "refused a connection: TLS handshake failed: {e}");
+                        return;
+                    }
+                };
+                if let Err(e) = this.handle(tls).await {
+                    tracing::warn!(%peer, "connection ended with an error: {e}");
+                }
+            });
+        }
+    }
+
+    /// Runs one connection (control or data) to its end.
+    pub async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
+        self: Arc<Self>,
+        stream: S,
+    ) -> Result<(), SyncError> {
+        let (r, w) = tokio::io::split(stream);
+        let mut r = BufReader::with_capacity(256 << 10, r);
+        let mut w = BufWriter::with_capacity(64 << 10, w);
+        let result = match proto::expect_control(&mut r).await? {
+            Control::Hello {
+                protocol,
+                disk_size,
+                chunk_size,
+                source,
+                mode,
+            } => {
+                if protocol != proto::PROTOCOL_VERSION {
+                    Err(SyncError::Config(format!(
+                        "the sender speaks protocol {protocol}, this receiver {}: run the same Ferry version on both ends",
+                        proto::PROTOCOL_VERSION
+                    )))
+                } else if let Err(e) = chunk::check_chunk_size(chunk_size) {
+                    Err(SyncError::Config(e))
+                } else {
+                    tracing::info!(%source, ?mode, disk_size, "sync starting");
+                    self.control(&mut r, &mut w, Geometry::new(disk_size, chunk_size), source)
+                        .await
+                }
+            }
+            Control::Join { session } => self.data(&mut r, &mut w, &session).await,
+            other => Err(ProtoError::Violation(format!(
+                "a connection must start with hello or join, not {other:?}"
+            ))
+            .into()),
+        };
+        if let Err(e) = &result {
+            // Best effort: tell the peer why before closing.
+            let _ = proto::write_control(
+                &mut w,
+                &Control::Error {
+                    message: e.to_string(),
+                },
+            )
+            .await;
+            let _ = w.shutdown().await;
+        }
+        result
+    }
+
+    async fn control<R, W>(
+        self: &Arc<Self>,
+        r: &mut R,
+        w: &mut W,
+        geometry: Geometry,
+        source: String,
+    ) -> Result<(), SyncError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        // A new sync supersedes one whose sender went away.
+        let previous = self.active.lock().unwrap().take();
+        if let Some(old) = previous {
+            tracing::info!("superseding sync session {}", old.id);
+            old.cancel_and_drain().await;
+            let s = Arc::clone(&old.session);
+            tokio::task::spawn_blocking(move || s.checkpoint()).await??;
+        }
+        let dst = self.dst.clone();
+        let src = source.clone();
+        let session = tokio::task::spawn_blocking(move || {
+            let target = Target::open(&dst)?;
+            target.begin(geometry, &src)
+        })
+        .await??;
+        let active = Arc::new(Active {
+            id: uuid::Uuid::new_v4().to_string(),
+            session: Arc::new(session),
+            cancel: watch::Sender::new(false),
+            conns: watch::Sender::new(0),
+        });
+        *self.active.lock().unwrap() = Some(Arc::clone(&active));
+        if active.session.resumed() {
+            tracing::info!("resuming the interrupted sync");
+        }
+        proto::write_control(
+            w,
+            &Control::HelloOk {
+                session: active.id.clone(),
+                generation: active.session.base_generation(),
+                resumed: active.session.resumed(),
+            },
+        )
+        .await?;
+        let result = self.control_loop(r, w, &active).await;
+        // However the control connection ended, the data connections end with it, and
+        // what they stored becomes durable for the next attempt.
+        if result.is_err() {
+            let mut slot = self.active.lock().unwrap();
+            if slot.as_ref().is_some_and(|a| a.id == active.id) {
+                *slot = None;
+            }
+        }
+        active.cancel_and_drain().await;
+        let s = Arc::clone(&active.session);
+        let _ = tokio::task::spawn_blocking(move || s.checkpoint()).await;
+        result
+    }
+
+    async fn control_loop<R, W>(
+        self: &Arc<Self>,
+        r: &mut R,
+        w: &mut W,
+        active: &Arc<Active>,
+    ) -> Result<(), SyncError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut cancelled = active.cancel.subscribe();
+        loop {
+            let frame = tokio::select! {
+                f = proto::read_frame(r) => f,
+                _ = until_cancelled(&mut cancelled) => {
+                    return Err(SyncError::Peer("superseded by a newer sync of the same target".into()));
+                }
+            };
+            let msg = match frame {
+                Ok(f) => f.control()?,
+                Err(ProtoError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(SyncError::Peer("the sender went away".into()))
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match msg {
+                Control::GetIndex => self.send_index(w, &active.session).await?,
+                Control::Commit { entries_digest } => {
+                    let mut conns = active.conns.subscribe();
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(30),
+                        conns.wait_for(|n| *n == 0),
+                    )
+                    .await;
+                    let expected = parse_hex(&entries_digest)?;
+                    let s = Arc::clone(&active.session);
+                    let commit =
+                        tokio::task::spawn_blocking(move || s.commit(&expected)).await??;
+                    let bytes_written = active.session.bytes_written();
+                    *self.active.lock().unwrap() = None;
+                    tracing::info!(
+                        generation = commit.generation,
+                        chunks = commit.chunks_applied,
+                        "sync committed"
+                    );
+                    proto::write_control(
+                        w,
+                        &Control::Committed {
+                            generation: commit.generation,
+                            bytes_written,
+                            chunks_applied: commit.chunks_applied,
+                        },
+                    )
+                    .await?;
+                    self.committed.send_replace(Some(Received {
+                        commit,
+                        bytes_written,
+                    }));
+                    return Ok(());
+                }
+                other => {
+                    return Err(ProtoError::Violation(format!(
+                        "unexpected {other:?} on the control connection"
+                    ))
+                    .into())
+                }
+            }
+        }
+    }
+
+    async fn send_index<W: AsyncWrite + Unpin>(
+        &self,
+        w: &mut W,
+        session: &Arc<Session>,
+    ) -> Result<(), SyncError> {
+        const WINDOW: u64 = 32 * 1024; // entries: 1 MiB frames
+        let count = session.index().chunk_count();
+        let mut first = 0;
+        while first < count {
+            let n = WINDOW.min(count - first);
+            let s = Arc::clone(session);
+            let raw: Vec<u8> = tokio::task::spawn_blocking(move || {
+                s.index().read(first, n).map(|v| v.concat())
+            })
+            .await??;
+            proto::write_index(w, &raw).await?;
+            first += n;
+        }
+        proto::write_control(w, &Control::IndexEnd { entries: count }).await?;
+        Ok(())
+    }
+
+    async fn data<R, W>(self: &Arc<Self>, r: &mut R, w: &mut W, id: &str) -> Result<(), SyncError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let active = self
+            .active
+            .lock()
+            .unwrap()
+            .clone()
+            .filter(|a| a.id == id && !*a.cancel.borrow())
+            .ok_or_else(|| {
+                SyncError::Peer(format!(
+                    "no sync session {id} here (it ended or was superseded): start the sync again"
+                ))
+            })?;
+        active.conns.send_modify(|n| *n += 1);
+        struct Leave<'a>(&'a watch::Sender<usize>);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                self.0.send_modify(|n| *n -= 1);
+            }
+        }
+        let _leave = Leave(&active.conns);
+        proto::write_control(w, &Control::JoinOk).await?;
+
+        let mut cancelled = active.cancel.subscribe();
+        let mut batch: Vec<Frame> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut chunks = 0u64;
+        loop {
+            let frame = tokio::select! {
+                f = proto::read_frame(r) => f?,
+                _ = until_cancelled(&mut cancelled) => {
+                    store(&active.session, std::mem::take(&mut batch)).await?;
+                    return Err(SyncError::Peer("superseded by a newer sync of the same target".into()));
+                }
+            };
+            match frame.kind {
+                KIND_DATA | KIND_ZERO => {
+                    batch_bytes += frame.payload.len();
+                    batch.push(frame);
+                    chunks += 1;
+                    if batch_bytes >= 1 << 20 {
+                        store(&active.session, std::mem::take(&mut batch)).await?;
+                        batch_bytes = 0;
+                    }
+                }
+                KIND_CONTROL => match frame.control()? {
+                    Control::End => {
+                        store(&active.session, std::mem::take(&mut batch)).await?;
+                        let s = Arc::clone(&active.session);
+                        tokio::task::spawn_blocking(move || s.checkpoint()).await??;
+                        proto::write_control(w, &Control::EndOk { chunks }).await?;
+                        return Ok(());
+                    }
+                    other => {
+                        return Err(ProtoError::Violation(format!(
+                            "unexpected {other:?} on a data connection"
+                        ))
+                        .into())
+                    }
+                },
+                k => {
+                    return Err(
+                        ProtoError::Violation(format!("unknown frame kind {k}")).into()
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// Verifies and stores a batch of chunk frames (off the async threads: hashing and
+/// decompression are CPU work).
+async fn store(session: &Arc<Session>, batch: Vec<Frame>) -> Result<(), SyncError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let s = Arc::clone(session);
+    tokio::task::spawn_blocking(move || {
+        for frame in &batch {
+            store_one(&s, frame)?;
+        }
+        Ok(())
+    })
+    .await?
+}
+
+fn store_one(session: &Session, frame: &Frame) -> Result<(), SyncError> {
+    let geometry = session.geometry();
+    if frame.kind == KIND_ZERO {
+        let chunk = frame.zero_chunk()?;
+        session.put(chunk, ZERO, None)?;
+        return Ok(());
+    }
+    let d = frame.data()?;
+    if d.chunk >= geometry.chunk_count() {
+        return Err(ProtoError::Violation(format!("chunk {} is past the end of the disk", d.chunk)).into());
+    }
+    let (offset, len) = geometry.chunk(d.chunk);
+    if d.raw_len as usize != len {
+        return Err(SyncError::Verification {
+            chunk: d.chunk,
+            offset,
+            reason: format!("{} bytes announced, the chunk has {len}", d.raw_len),
+        });
+    }
+    let decompressed;
+    let bytes = if frame.flags & proto::FLAG_COMPRESSED != 0 {
+        decompressed = crate::compress::decompress(d.bytes, len).map_err(|e| {
+            SyncError::Verification {
+                chunk: d.chunk,
+                offset,
+                reason: format!("does not decompress ({e})"),
+            }
+        })?;
+        &decompressed[..]
+    } else {
+        d.bytes
+    };
+    if bytes.len() != len || chunk::digest(bytes) != d.digest {
+        return Err(SyncError::Verification {
+            chunk: d.chunk,
+            offset,
+            reason: "its bytes do not match the digest sent with it".into(),
+        });
+    }
+    let stored = if d.digest == ZERO { None } else { Some(bytes) };
+    session.put(d.chunk, d.digest, stored)?;
+    Ok(())
+}
+
+fn parse_hex(s: &str) -> Result<chunk::Digest, SyncError> {
+    let bad = || ProtoError::Violation(format!("{s:?} is not a digest"));
+    if s.len() != 64 {
+        return Err(bad().into());
+    }
+    let mut d = [0u8; 32];
+    for (i, b) in d.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(d)
+}
+
+/// Resolves once the session is cancelled (without holding the watch's lock afterwards).
+async fn until_cancelled(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|c| *c).await;
+}

@@ -1,0 +1,481 @@
+//! The sending end: finds changed chunks (dirty bitmap, or hash compare against the
+//! target's index), and streams them over several mutual-TLS connections.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_disk::{Disk, ExtentKind};
+use tokio::io::{AsyncRead, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, Mutex};
+
+use crate::chunk::{self, Geometry, ZERO};
+use crate::index::IndexFile;
+use crate::proto::{self, Control, Mode, ProtoError, KIND_CONTROL, KIND_INDEX};
+use crate::report::{Progress, SyncReport};
+use crate::transport::Endpoint;
+use crate::SyncError;
+
+/// How to send.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    pub chunk_size: u32,
+    /// Parallel data connections.
+    pub streams: usize,
+    /// zstd on the wire for chunks that compress.
+    pub compress: bool,
+    pub mode: Mode,
+    /// Where the target's index is kept while comparing (default: the system temp dir).
+    pub work_dir: Option<PathBuf>,
+    /// Attempts after an interruption (each resumes where the last stopped).
+    pub retries: u32,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        Self {
+            chunk_size: chunk::DEFAULT_CHUNK_SIZE,
+            streams: 4,
+            compress: true,
+            mode: Mode::HashCompare,
+            work_dir: None,
+            retries: 3,
+        }
+    }
+}
+
+/// Disk bytes per unit of work: big enough to amortise a read and a thread hop, small
+/// enough to spread over the streams and bound memory (streams x 2 units in flight).
+const UNIT_BYTES: u64 = 1 << 20;
+/// Disk bytes whose extents are asked for at once.
+const PLAN_WINDOW: u64 = 1 << 30;
+
+/// A run of chunks and what to do with them.
+#[derive(Debug, Clone, Copy)]
+struct Unit {
+    first: u64,
+    count: u64,
+    /// Read and hash (otherwise: known to read as zeros).
+    read: bool,
+}
+
+/// Sends `disk` to the receiver at `endpoint`, resuming after interruptions up to
+/// `opts.retries` times.
+pub async fn send<D: Disk + Clone + 'static>(
+    disk: &D,
+    endpoint: &Endpoint,
+    opts: &SendOptions,
+    progress: Arc<Progress>,
+) -> Result<SyncReport, SyncError> {
+    let mut attempt = 0;
+    loop {
+        match send_once(disk, endpoint, opts, Arc::clone(&progress), attempt > 0).await {
+            Ok(r) => return Ok(r),
+            Err(e) if e.is_retryable() && attempt < opts.retries => {
+                attempt += 1;
+                let wait = Duration::from_millis(500 << attempt.min(4));
+                tracing::warn!(
+                    "sync interrupted: {e}; resuming in {:.1} s (attempt {} of {})",
+                    wait.as_secs_f64(),
+                    attempt + 1,
+                    opts.retries + 1
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn send_once<D: Disk + Clone + 'static>(
+    disk: &D,
+    endpoint: &Endpoint,
+    opts: &SendOptions,
+    progress: Arc<Progress>,
+    retry: bool,
+) -> Result<SyncReport, SyncError> {
+    let started = Instant::now();
+    chunk::check_chunk_size(opts.chunk_size).map_err(SyncError::Config)?;
+    if opts.mode == Mode::DirtyBitmap && !disk.tracks_changes() {
+        return Err(SyncError::Config(format!(
+            "{}: no dirty bitmap to read changes from",
+            disk.name()
+        )));
+    }
+    let geometry = Geometry::new(disk.size(), opts.chunk_size);
+    // Counters start over on each attempt; the report describes the attempt that won.
+    for c in [
+        &progress.scanned,
+        &progress.bytes_read,
+        &progress.bytes_sent,
+        &progress.chunks_changed,
+        &progress.chunks_zeroed,
+    ] {
+        c.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+    progress
+        .total
+        .store(geometry.disk_size, std::sync::atomic::Ordering::Relaxed);
+
+    let control = endpoint.connect().await?;
+    let (r, w) = tokio::io::split(control);
+    let mut r = BufReader::with_capacity(1 << 20, r);
+    let mut w = BufWriter::new(w);
+    proto::write_control(
+        &mut w,
+        &Control::Hello {
+            protocol: proto::PROTOCOL_VERSION,
+            disk_size: geometry.disk_size,
+            chunk_size: geometry.chunk_size,
+            source: disk.name().to_string(),
+            mode: opts.mode,
+        },
+    )
+    .await?;
+    let (session, base_generation, resumed) = match proto::expect_control(&mut r).await? {
+        Control::HelloOk {
+            session,
+            generation,
+            resumed,
+        } => (session, generation, resumed),
+        other => return Err(unexpected(other)),
+    };
+    if opts.mode == Mode::DirtyBitmap && base_generation == 0 && !resumed {
+        tracing::info!("the target holds no generation yet: the dirty bitmap only narrows what is read, the first sync still copies every changed chunk it marks");
+    }
+
+    // The target's index, as it will be once what it already received is applied.
+    let work = match &opts.work_dir {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir(),
+    }
+    .map_err(|e| SyncError::Config(format!("cannot create a work directory: {e}")))?;
+    let local = Arc::new(IndexFile::create(
+        &work.path().join("target.idx"),
+        geometry,
+        base_generation + 1,
+    )?);
+    proto::write_control(&mut w, &Control::GetIndex).await?;
+    let index_bytes = receive_index(&mut r, &local).await?;
+
+    // Plan → units → streams.
+    let (tx, rx) = mpsc::channel::<Unit>(opts.streams.max(1) * 4);
+    let rx = Arc::new(Mutex::new(rx));
+    let planner = {
+        let disk = disk.clone();
+        let progress = Arc::clone(&progress);
+        let mode = opts.mode;
+        tokio::spawn(async move { plan(&disk, geometry, mode, tx, &progress).await })
+    };
+    let mut streams = tokio::task::JoinSet::new();
+    for _ in 0..opts.streams.max(1) {
+        let s = Stream {
+            disk: disk.clone(),
+            geometry,
+            local: Arc::clone(&local),
+            progress: Arc::clone(&progress),
+            compress: opts.compress,
+        };
+        let endpoint = endpoint.clone();
+        let rx = Arc::clone(&rx);
+        let session = session.clone();
+        streams.spawn(async move { s.run(&endpoint, &session, rx).await });
+    }
+    let mut first_error = None;
+    while let Some(res) = streams.join_next().await {
+        let res = res.map_err(SyncError::from).and_then(|r| r);
+        if let Err(e) = res {
+            if first_error.is_none() {
+                first_error = Some(e);
+                streams.abort_all();
+                planner.abort();
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    planner.await??;
+
+    let digest = {
+        let local = Arc::clone(&local);
+        tokio::task::spawn_blocking(move || local.entries_digest()).await??
+    };
+    proto::write_control(
+        &mut w,
+        &Control::Commit {
+            entries_digest: proto::hex(&digest),
+        },
+    )
+    .await?;
+    let (generation, bytes_written) = match proto::expect_control(&mut r).await? {
+        Control::Committed {
+            generation,
+            bytes_written,
+            ..
+        } => (generation, bytes_written),
+        other => return Err(unexpected(other)),
+    };
+    let _ = w.shutdown().await;
+    let duration = started.elapsed().as_secs_f64();
+    let g = |c: &std::sync::atomic::AtomicU64| Progress::get(c);
+    Ok(SyncReport {
+        source: disk.name().to_string(),
+        target: endpoint.addr().to_string(),
+        mode: opts.mode,
+        generation,
+        full: base_generation == 0 && !resumed,
+        resumed: resumed || retry,
+        disk_size: geometry.disk_size,
+        chunk_size: geometry.chunk_size,
+        chunks_total: geometry.chunk_count(),
+        chunks_changed: g(&progress.chunks_changed),
+        chunks_zeroed: g(&progress.chunks_zeroed),
+        bytes_scanned: g(&progress.scanned),
+        bytes_read: g(&progress.bytes_read),
+        bytes_sent: g(&progress.bytes_sent),
+        bytes_written,
+        index_bytes,
+        streams: opts.streams,
+        compression: opts.compress,
+        duration_s: duration,
+        throughput_mib_s: g(&progress.scanned) as f64 / (1 << 20) as f64 / duration.max(1e-9),
+    })
+}
+
+fn unexpected(msg: Control) -> SyncError {
+    ProtoError::Violation(format!("unexpected {msg:?} from the receiver")).into()
+}
+
+async fn receive_index<R: AsyncRead + Unpin>(
+    r: &mut R,
+    local: &Arc<IndexFile>,
+) -> Result<u64, SyncError> {
+    let mut next = 0u64;
+    loop {
+        let frame = proto::read_frame(r).await?;
+        match frame.kind {
+            KIND_INDEX => {
+                let n = frame.payload.len() as u64 / 32;
+                let l = Arc::clone(local);
+                let first = next;
+                tokio::task::spawn_blocking(move || l.write_raw(first, &frame.payload)).await??;
+                next += n;
+            }
+            KIND_CONTROL => match frame.control()? {
+                Control::IndexEnd { entries } if entries == next && entries == local.chunk_count() => {
+                    return Ok(next * 32)
+                }
+                Control::IndexEnd { entries } => {
+                    return Err(ProtoError::Violation(format!(
+                        "the receiver's index has {entries} entries ({next} received), the disk {} chunks",
+                        local.chunk_count()
+                    ))
+                    .into())
+                }
+                other => return Err(unexpected(other)),
+            },
+            k => return Err(ProtoError::Violation(format!("unexpected frame kind {k}")).into()),
+        }
+    }
+}
+
+/// Walks the disk's extent map (or its dirty bitmap) and hands out units of work.
+async fn plan<D: Disk>(
+    disk: &D,
+    geometry: Geometry,
+    mode: Mode,
+    tx: mpsc::Sender<Unit>,
+    progress: &Progress,
+) -> Result<(), SyncError> {
+    let cs = geometry.chunk_size as u64;
+    let unit_chunks = (UNIT_BYTES / cs).max(1);
+    let mut window = 0u64;
+    while window < geometry.disk_size {
+        let end = (window + PLAN_WINDOW).min(geometry.disk_size);
+        let chunks = geometry.chunks_overlapping(window, end - window);
+        // Per chunk of the window: 0 = skip (unchanged), 1 = zero, 2 = read.
+        let mut class = vec![if mode == Mode::DirtyBitmap { 0u8 } else { 1u8 }; (chunks.end - chunks.start) as usize];
+        let mut pos = window;
+        while pos < end {
+            let extents = match mode {
+                Mode::HashCompare => disk.extents(pos, end - pos).await?,
+                Mode::DirtyBitmap => disk
+                    .changed_extents(pos, end - pos)
+                    .await?
+                    .unwrap_or_default(),
+            };
+            let Some(last) = extents.last() else {
+                return Err(SyncError::Config(format!(
+                    "{}: the disk did not describe the range from byte {pos}",
+                    disk.name()
+                )));
+            };
+            let reached = last.end().min(end);
+            for e in extents.iter().filter(|e| matches!(e.kind, ExtentKind::Data | ExtentKind::Dirty)) {
+                let e_end = e.end().min(end);
+                if e_end <= e.offset {
+                    continue;
+                }
+                for c in geometry.chunks_overlapping(e.offset, e_end - e.offset) {
+                    class[(c - chunks.start) as usize] = 2;
+                }
+            }
+            if reached <= pos {
+                return Err(SyncError::Config(format!(
+                    "{}: the disk's extent map made no progress at byte {pos}",
+                    disk.name()
+                )));
+            }
+            pos = reached;
+        }
+        // Runs of the same class, at most one unit long.
+        let mut i = 0usize;
+        while i < class.len() {
+            let k = class[i];
+            let mut j = i + 1;
+            let max = if k == 2 { unit_chunks as usize } else { 64 * unit_chunks as usize };
+            while j < class.len() && class[j] == k && j - i < max {
+                j += 1;
+            }
+            let first = chunks.start + i as u64;
+            let count = (j - i) as u64;
+            if k == 0 {
+                let (o, _) = geometry.chunk(first);
+                let (lo, ll) = geometry.chunk(first + count - 1);
+                Progress::add(&progress.scanned, lo + ll as u64 - o);
+            } else if tx
+                .send(Unit {
+                    first,
+                    count,
+                    read: k == 2,
+                })
+                .await
+                .is_err()
+            {
+                return Ok(()); // the streams stopped; their error is reported
+            }
+            i = j;
+        }
+        window = end;
+    }
+    Ok(())
+}
+
+/// One data connection and the work it takes from the shared queue.
+struct Stream<D> {
+    disk: D,
+    geometry: Geometry,
+    local: Arc<IndexFile>,
+    progress: Arc<Progress>,
+    compress: bool,
+}
+
+impl<D: Disk> Stream<D> {
+    async fn run(
+        &self,
+        endpoint: &Endpoint,
+        session: &str,
+        rx: Arc<Mutex<mpsc::Receiver<Unit>>>,
+    ) -> Result<(), SyncError> {
+        let conn = endpoint.connect().await?;
+        let (r, w) = tokio::io::split(conn);
+        let mut r = BufReader::new(r);
+        let mut w = BufWriter::with_capacity(256 << 10, w);
+        proto::write_control(
+            &mut w,
+            &Control::Join {
+                session: session.to_string(),
+            },
+        )
+        .await?;
+        match proto::expect_control(&mut r).await? {
+            Control::JoinOk => {}
+            other => return Err(unexpected(other)),
+        }
+        let result = async {
+            loop {
+                let unit = rx.lock().await.recv().await;
+                let Some(unit) = unit else { break };
+                let frames = self.process(unit).await?;
+                if !frames.is_empty() {
+                    w.write_all(&frames).await?;
+                    Progress::add(&self.progress.bytes_sent, frames.len() as u64);
+                }
+            }
+            proto::write_control(&mut w, &Control::End).await?;
+            Ok::<_, SyncError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => match proto::expect_control(&mut r).await? {
+                Control::EndOk { .. } => Ok(()),
+                other => Err(unexpected(other)),
+            },
+            // A write that failed because the receiver hung up: its reason is the better
+            // error to report.
+            Err(e) => match tokio::time::timeout(Duration::from_secs(2), proto::read_frame(&mut r)).await {
+                Ok(Ok(f)) if f.kind == KIND_CONTROL => match f.control() {
+                    Err(peer) => Err(peer.into()),
+                    Ok(_) => Err(e),
+                },
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Reads a unit, finds its changed chunks and encodes their frames.
+    async fn process(&self, unit: Unit) -> Result<Vec<u8>, SyncError> {
+        let g = self.geometry;
+        let (start, _) = g.chunk(unit.first);
+        let (last_off, last_len) = g.chunk(unit.first + unit.count - 1);
+        let span = last_off + last_len as u64 - start;
+        let data = if unit.read {
+            let d = self.disk.read_at(start, span as usize).await?;
+            Progress::add(&self.progress.bytes_read, span);
+            Some(d)
+        } else {
+            None
+        };
+        let local = Arc::clone(&self.local);
+        let compress = self.compress;
+        let (frames, changed, zeroed) = tokio::task::spawn_blocking(move || {
+            let before = local.read(unit.first, unit.count)?;
+            let mut frames = Vec::new();
+            let mut changed = Vec::new();
+            let mut zeroed = 0u64;
+            let mut packed = Vec::new();
+            for i in 0..unit.count {
+                let c = unit.first + i;
+                let (off, len) = g.chunk(c);
+                let bytes = data
+                    .as_ref()
+                    .map(|d| &d[(off - start) as usize..(off - start) as usize + len]);
+                let digest = bytes.map(chunk::digest).unwrap_or(ZERO);
+                if digest == before[i as usize] {
+                    continue;
+                }
+                changed.push((c, digest));
+                match bytes {
+                    Some(b) if digest != ZERO => {
+                        let compressed = compress && crate::compress::compress_if_worth_it(b, &mut packed);
+                        let payload = if compressed { &packed[..] } else { b };
+                        proto::encode_data(&mut frames, c, &digest, len as u32, payload, compressed);
+                    }
+                    _ => {
+                        proto::encode_zero(&mut frames, c);
+                        zeroed += 1;
+                    }
+                }
+            }
+            let n = changed.len() as u64;
+            local.set_many(&mut changed)?;
+            Ok::<_, SyncError>((frames, n, zeroed))
+        })
+        .await??;
+        Progress::add(&self.progress.chunks_changed, changed);
+        Progress::add(&self.progress.chunks_zeroed, zeroed);
+        Progress::add(&self.progress.scanned, span);
+        Ok(frames)
+    }
+}

@@ -1,0 +1,539 @@
+//! The receiving side's disk: a raw image `DST` and its sidecar directory `DST.ferry/`.
+//!
+//! Invariant: **the path DST exists only while it holds a complete, verified generation.**
+//! Everything in flight lives in the sidecar:
+//!
+//! ```text
+//! DST.ferry/state.json      last committed generation, geometry, DST's size and mtime
+//! DST.ferry/gen-N.idx       chunk index of generation N (what DST holds)
+//! DST.ferry/pending/        the sync in progress (resumable after any crash):
+//!     session.json          its base generation and geometry
+//!     data                  received chunks at their own offsets (sparse)
+//!     index.idx             index of "DST with the received chunks applied"
+//!     COMMIT                present once the sync is whole and verified: from then on
+//!                           the commit is finished by whoever opens the target next
+//! DST.ferry/applying        DST while a commit copies chunks into it
+//! ```
+//!
+//! A received chunk's index entry is written only after its data is on stable storage,
+//! so after a crash `pending/index.idx` never claims a chunk that is not there.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{self, Digest, Geometry, ZERO};
+use crate::index::{sync_dir, write_atomic, IndexError, IndexFile};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error("{0}")]
+    State(String),
+    #[error("the sync is incomplete: the target's index does not match the sender's ({missing}); the received chunks are kept and the next sync resumes from them")]
+    Incomplete { missing: String },
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> TargetError + '_ {
+    move |source| TargetError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    generation: u64,
+    chunk_size: u32,
+    disk_size: u64,
+    dst_size: u64,
+    dst_mtime_ns: i128,
+    source: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct SessionInfo {
+    base_generation: u64,
+    /// Whether a committed index exists for the base (false: DST does not exist yet).
+    has_base: bool,
+    chunk_size: u32,
+    disk_size: u64,
+    source: String,
+}
+
+/// A target disk with its sidecar.
+pub struct Target {
+    dst: PathBuf,
+    sidecar: PathBuf,
+}
+
+impl Target {
+    /// Opens the target at `dst`, finishing a commit that a crash interrupted.
+    pub fn open(dst: &Path) -> Result<Self, TargetError> {
+        let name = dst.file_name().ok_or_else(|| {
+            TargetError::State(format!("{}: not a file path", dst.display()))
+        })?;
+        let mut side = name.to_os_string();
+        side.push(".ferry");
+        let sidecar = dst.with_file_name(side);
+        std::fs::create_dir_all(&sidecar).map_err(io(&sidecar))?;
+        let t = Self {
+            dst: std::path::absolute(dst).map_err(io(dst))?,
+            sidecar: std::path::absolute(&sidecar).map_err(io(&sidecar))?,
+        };
+        if t.pending_dir().join("COMMIT").exists() {
+            tracing::warn!(target = %t.dst.display(), "finishing a commit interrupted by a crash");
+            t.finish_commit()?;
+        }
+        Ok(t)
+    }
+
+    pub fn dst(&self) -> &Path {
+        &self.dst
+    }
+
+    fn pending_dir(&self) -> PathBuf {
+        self.sidecar.join("pending")
+    }
+
+    fn applying(&self) -> PathBuf {
+        self.sidecar.join("applying")
+    }
+
+    fn index_path(&self, generation: u64) -> PathBuf {
+        self.sidecar.join(format!("gen-{generation}.idx"))
+    }
+
+    fn load_state(&self) -> Option<State> {
+        let text = std::fs::read(self.sidecar.join("state.json")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// The last committed generation, 0 when the target holds none.
+    pub fn generation(&self) -> u64 {
+        match self.load_state() {
+            Some(s) if self.dst.exists() => s.generation,
+            _ => 0,
+        }
+    }
+
+    /// The committed index that truly describes DST, or `None` when DST does not exist.
+    /// A DST changed behind Ferry's back (other size or mtime), or one Ferry never wrote,
+    /// is read and indexed again: correct first, fast when possible.
+    fn committed_index(&self, chunk_size: u32) -> Result<Option<IndexFile>, TargetError> {
+        let meta = match std::fs::metadata(&self.dst) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(&self.dst)(e)),
+        };
+        if let Some(state) = self.load_state() {
+            let same_file =
+                state.dst_size == meta.len() && state.dst_mtime_ns == mtime_ns(&meta);
+            if same_file && state.chunk_size == chunk_size {
+                match IndexFile::open(&self.index_path(state.generation)) {
+                    Ok(idx) => return Ok(Some(idx)),
+                    Err(e) => tracing::warn!("{e}; indexing the target again"),
+                }
+            } else if !same_file {
+                tracing::warn!(
+                    target = %self.dst.display(),
+                    "the target changed since Ferry last wrote it; indexing it again"
+                );
+            }
+        }
+        let generation = self.load_state().map(|s| s.generation).unwrap_or(0);
+        let idx = self.index_existing(chunk_size, generation)?;
+        Ok(Some(idx))
+    }
+
+    /// Reads and hashes DST (skipping holes) into `gen-N.idx`, and records it as
+    /// generation N.
+    fn index_existing(&self, chunk_size: u32, generation: u64) -> Result<IndexFile, TargetError> {
+        let disk = ferry_disk::RawDisk::open(&self.dst)
+            .map_err(|e| TargetError::State(e.to_string()))?;
+        let geometry = Geometry::new(ferry_disk::Disk::size(&disk), chunk_size);
+        let path = self.index_path(generation);
+        let idx = IndexFile::create(&path, geometry, generation)?;
+        let extents = disk
+            .extents_blocking(0, geometry.disk_size)
+            .map_err(|e| TargetError::State(e.to_string()))?;
+        let mut buf = vec![0u8; chunk_size as usize];
+        let mut entries = Vec::new();
+        for e in extents
+            .iter()
+            .filter(|e| e.kind == ferry_disk::ExtentKind::Data)
+        {
+            for n in geometry.chunks_overlapping(e.offset, e.length) {
+                let (off, len) = geometry.chunk(n);
+                disk.read_at_blocking(off, &mut buf[..len])
+                    .map_err(|e| TargetError::State(e.to_string()))?;
+                entries.push((n, chunk::digest(&buf[..len])));
+                if entries.len() >= 4096 {
+                    idx.set_many(&mut entries)?;
+                    entries.clear();
+                }
+            }
+        }
+        idx.set_many(&mut entries)?;
+        idx.sync()?;
+        self.write_state(generation, geometry, "(existing target)")?;
+        Ok(idx)
+    }
+
+    fn write_state(
+        &self,
+        generation: u64,
+        geometry: Geometry,
+        source: &str,
+    ) -> Result<(), TargetError> {
+        let meta = std::fs::metadata(&self.dst).map_err(io(&self.dst))?;
+        let state = State {
+            generation,
+            chunk_size: geometry.chunk_size,
+            disk_size: geometry.disk_size,
+            dst_size: meta.len(),
+            dst_mtime_ns: mtime_ns(&meta),
+            source: source.to_string(),
+        };
+        let path = self.sidecar.join("state.json");
+        write_atomic(&path, &serde_json::to_vec_pretty(&state).unwrap()).map_err(io(&path))
+    }
+
+    /// Starts a sync towards a disk of `geometry`, or resumes the interrupted one when it
+    /// has the same base and geometry.
+    pub fn begin(&self, geometry: Geometry, source: &str) -> Result<Session, TargetError> {
+        let committed = self.committed_index(geometry.chunk_size)?;
+        let base_generation = committed.as_ref().map(|i| i.generation()).unwrap_or(0);
+        let info = SessionInfo {
+            base_generation,
+            has_base: committed.is_some(),
+            chunk_size: geometry.chunk_size,
+            disk_size: geometry.disk_size,
+            source: source.to_string(),
+        };
+        let pending = self.pending_dir();
+        let info_path = pending.join("session.json");
+        let previous: Option<SessionInfo> = std::fs::read(&info_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let resumed = previous.as_ref().is_some_and(|p| {
+            p.base_generation == info.base_generation
+                && p.has_base == info.has_base
+                && p.chunk_size == info.chunk_size
+                && p.disk_size == info.disk_size
+        }) && IndexFile::open(&pending.join("index.idx")).is_ok();
+        if !resumed {
+            if pending.exists() {
+                tracing::info!("discarding an interrupted sync of another base or size");
+                std::fs::remove_dir_all(&pending).map_err(io(&pending))?;
+            }
+            std::fs::create_dir_all(&pending).map_err(io(&pending))?;
+            let data = File::create(pending.join("data")).map_err(io(&pending))?;
+            data.set_len(geometry.disk_size).map_err(io(&pending))?;
+            let idx_path = pending.join("index.idx");
+            match &committed {
+                Some(c) => c.copy_to(&idx_path, geometry, base_generation + 1)?,
+                None => IndexFile::create(&idx_path, geometry, base_generation + 1)?,
+            }
+            .sync()?;
+            write_atomic(&info_path, &serde_json::to_vec_pretty(&info).unwrap())
+                .map_err(io(&info_path))?;
+        }
+        let data_path = pending.join("data");
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&data_path)
+            .map_err(io(&data_path))?;
+        let index = IndexFile::open(&pending.join("index.idx"))?;
+        Ok(Session {
+            target: Target {
+                dst: self.dst.clone(),
+                sidecar: self.sidecar.clone(),
+            },
+            geometry,
+            base_generation,
+            resumed,
+            data,
+            data_path,
+            index,
+            unrecorded: Mutex::new(Vec::new()),
+            unrecorded_bytes: AtomicU64::new(0),
+            checkpoint_lock: Mutex::new(()),
+            bytes_written: AtomicU64::new(0),
+        })
+    }
+
+    /// Completes a decided commit. Idempotent: safe to run again after a crash at any
+    /// point inside it.
+    fn finish_commit(&self) -> Result<CommitInfo, TargetError> {
+        let pending = self.pending_dir();
+        let info: SessionInfo = serde_json::from_slice(
+            &std::fs::read(pending.join("session.json")).map_err(io(&pending))?,
+        )
+        .map_err(|e| TargetError::State(format!("pending/session.json: {e}")))?;
+        let geometry = Geometry::new(info.disk_size, info.chunk_size);
+        let generation = info.base_generation + 1;
+        let applying = self.applying();
+        let new_index_path = pending.join("index.idx");
+        let committed_path = self.index_path(generation);
+        let mut applied = 0;
+        // Each step checks what is already done, so a crash anywhere in here is finished
+        // by running this again.
+        if new_index_path.exists() {
+            let new_index = IndexFile::open(&new_index_path)?;
+            if !info.has_base {
+                // First generation: the pending data file *is* the new disk.
+                if pending.join("data").exists() {
+                    std::fs::rename(pending.join("data"), &applying).map_err(io(&applying))?;
+                }
+                applied = new_index.chunk_count();
+            } else {
+                if !applying.exists() {
+                    std::fs::rename(&self.dst, &applying).map_err(io(&self.dst))?;
+                }
+                let base = IndexFile::open(&self.index_path(info.base_generation))?;
+                applied = apply(&base, &new_index, &pending.join("data"), &applying, geometry)?;
+            }
+            if applying.exists() {
+                File::open(&applying)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io(&applying))?;
+                std::fs::rename(&applying, &self.dst).map_err(io(&self.dst))?;
+                sync_dir(self.dst.parent().unwrap_or(Path::new("/"))).map_err(io(&self.dst))?;
+            }
+            drop(new_index);
+            std::fs::rename(&new_index_path, &committed_path).map_err(io(&committed_path))?;
+            sync_dir(&self.sidecar).map_err(io(&self.sidecar))?;
+        }
+        self.write_state(generation, geometry, &info.source)?;
+        std::fs::remove_dir_all(&pending).map_err(io(&pending))?;
+        if info.has_base && info.base_generation != generation {
+            let _ = std::fs::remove_file(self.index_path(info.base_generation));
+        }
+        Ok(CommitInfo {
+            generation,
+            chunks_applied: applied,
+        })
+    }
+}
+
+/// Copies every chunk whose digest differs between `base` and `new` from the pending data
+/// file into the target (zero chunks become holes). Idempotent.
+fn apply(
+    base: &IndexFile,
+    new: &IndexFile,
+    data_path: &Path,
+    target_path: &Path,
+    geometry: Geometry,
+) -> Result<u64, TargetError> {
+    let data = File::open(data_path).map_err(io(data_path))?;
+    let target = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(target_path)
+        .map_err(io(target_path))?;
+    target
+        .set_len(geometry.disk_size)
+        .map_err(io(target_path))?;
+    let mut buf = vec![0u8; geometry.chunk_size as usize];
+    let mut applied = 0;
+    let base_count = base.chunk_count();
+    let index_io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| IndexError::Io {
+            path: path.clone(),
+            source,
+        }
+    };
+    new.for_each_window(|first, raw| {
+        let n = raw.len() as u64 / 32;
+        let old = if first < base_count {
+            base.read(first, n)?
+        } else {
+            Vec::new()
+        };
+        for i in 0..n {
+            let c = first + i;
+            let d: Digest = raw[(i * 32) as usize..(i * 32 + 32) as usize]
+                .try_into()
+                .unwrap();
+            let before = old.get(i as usize).copied().unwrap_or(ZERO);
+            if d == before {
+                continue;
+            }
+            let (off, len) = geometry.chunk(c);
+            if d == ZERO {
+                punch_zero(&target, off, len as u64).map_err(index_io(target_path))?;
+            } else {
+                data.read_exact_at(&mut buf[..len], off)
+                    .map_err(index_io(data_path))?;
+                target
+                    .write_all_at(&buf[..len], off)
+                    .map_err(index_io(target_path))?;
+            }
+            applied += 1;
+        }
+        Ok(())
+    })
+    .map_err(|e| match e {
+        IndexError::Io { path, source } => TargetError::Io { path, source },
+        other => TargetError::Index(other),
+    })?;
+    target.sync_all().map_err(io(target_path))?;
+    Ok(applied)
+}
+
+/// Makes a range read as zeros, freeing its space where the filesystem can.
+fn punch_zero(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    file.write_all_at(&vec![0u8; len as usize], offset)
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
+    meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitInfo {
+    pub generation: u64,
+    pub chunks_applied: u64,
+}
+
+/// A sync in progress on the receiving side. Shared by all connections of the sync.
+pub struct Session {
+    target: Target,
+    geometry: Geometry,
+    base_generation: u64,
+    resumed: bool,
+    data: File,
+    data_path: PathBuf,
+    index: IndexFile,
+    /// Chunks written but whose index entries wait for the next checkpoint.
+    unrecorded: Mutex<Vec<(u64, Digest)>>,
+    unrecorded_bytes: AtomicU64,
+    checkpoint_lock: Mutex<()>,
+    bytes_written: AtomicU64,
+}
+
+/// Checkpoint after this many received bytes: bounds what a receiver crash costs in
+/// re-sent data.
+const CHECKPOINT_BYTES: u64 = 32 << 20;
+
+impl Session {
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    pub fn base_generation(&self) -> u64 {
+        self.base_generation
+    }
+
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// The index of what the target holds once this sync's received chunks are applied:
+    /// what the sender compares against.
+    pub fn index(&self) -> &IndexFile {
+        &self.index
+    }
+
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written.load(Ordering::Relaxed)
+    }
+
+    /// Stores a verified chunk (or, with `None`, a chunk that is now all zeros).
+    pub fn put(&self, chunk: u64, digest: Digest, bytes: Option<&[u8]>) -> Result<(), TargetError> {
+        if chunk >= self.geometry.chunk_count() {
+            return Err(TargetError::State(format!(
+                "chunk {chunk} is past the end of the disk ({} chunks)",
+                self.geometry.chunk_count()
+            )));
+        }
+        let (off, len) = self.geometry.chunk(chunk);
+        match bytes {
+            Some(b) => {
+                if b.len() != len {
+                    return Err(TargetError::State(format!(
+                        "chunk {chunk} has {} bytes, expected {len}",
+                        b.len()
+                    )));
+                }
+                self.data
+                    .write_all_at(b, off)
+                    .map_err(io(&self.data_path))?;
+                self.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+            }
+            None => {
+                punch_zero(&self.data, off, len as u64).map_err(io(&self.data_path))?;
+            }
+        }
+        self.unrecorded.lock().unwrap().push((chunk, digest));
+        let pending = self
+            .unrecorded_bytes
+            .fetch_add(len as u64, Ordering::Relaxed)
+            + len as u64;
+        if pending >= CHECKPOINT_BYTES {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Makes every chunk stored so far durable and records it in the pending index.
+    pub fn checkpoint(&self) -> Result<(), TargetError> {
+        let _one_at_a_time = self.checkpoint_lock.lock().unwrap();
+        let mut entries = std::mem::take(&mut *self.unrecorded.lock().unwrap());
+        self.unrecorded_bytes.store(0, Ordering::Relaxed);
+        if entries.is_empty() {
+            return Ok(());
+        }
+        // Data first, then the entries that claim it.
+        self.data.sync_data().map_err(io(&self.data_path))?;
+        self.index.set_many(&mut entries)?;
+        self.index.sync()?;
+        Ok(())
+    }
+
+    /// Commits the sync if the pending index equals the sender's (`expected`, the digest
+    /// over all entries); otherwise keeps everything for a resume.
+    pub fn commit(&self, expected: &Digest) -> Result<CommitInfo, TargetError> {
+        self.checkpoint()?;
+        let actual = self.index.entries_digest()?;
+        if &actual != expected {
+            return Err(TargetError::Incomplete {
+                missing: format!(
+                    "target {} != sender {}",
+                    &crate::proto::hex(&actual)[..16],
+                    &crate::proto::hex(expected)[..16]
+                ),
+            });
+        }
+        let commit = self.target.pending_dir().join("COMMIT");
+        write_atomic(&commit, format!("{}\n", self.base_generation + 1).as_bytes())
+            .map_err(io(&commit))?;
+        self.target.finish_commit()
+    }
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what Ferry's test suite and benchmarks need on a fresh Debian 12 machine.
+# Idempotent: packages already present are left alone; safe to run on every CI run.
+set -euo pipefail
+
+need=()
+have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+# qemu-utils (qemu-img, qemu-nbd, qemu-storage-daemon, qemu-io) and the NBD tools;
+# rsync is the baseline the delta benchmark compares against; PostgreSQL for the store suite.
+for p in qemu-utils libnbd-bin rsync postgresql postgresql-contrib ca-certificates; do
+  have "$p" || need+=("$p")
+done
+
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  echo "install-deps: installing ${need[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# Python tools used by the API conformance test (schemathesis), kept in a venv outside the repo.

@@ -1,0 +1,29 @@
+//! An asynchronous NBD client (fixed newstyle handshake, structured replies,
+//! block status with meta contexts such as `base:allocation` and
+//! `qemu:dirty-bitmap:NAME`, pipelined requests on one connection) and a
+//! launcher for `qemu-nbd`, so that every image format QEMU knows is read and
+//! written the same way.
+//!
+//! The client does not time out by itself; callers wrap calls in their own
+//! timeouts. Cancelling a call while its request is half written closes the
+//! connection (the stream could not be resynchronised).
+
+mod client;
+mod error;
+mod handshake;
+mod proto;
+mod qemu_nbd;
+mod uri;
+
+pub use client::{ConnectOptions, Extent, NbdClient, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
+pub use error::NbdError;
+pub use qemu_nbd::{detect_format, QemuNbd, QemuNbdOptions};
+pub use uri::{NbdAddr, NbdTarget, DEFAULT_PORT};
+
+/// The `base:allocation` meta context.
+pub const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
+
+/// The meta context name of a qemu dirty bitmap.
+pub fn dirty_bitmap_context(bitmap: &str) -> String {
+    format!("qemu:dirty-bitmap:{bitmap}")
+}

@@ -64,6 +64,18 @@ pub struct NbdClient {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for NbdClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let info = &self.inner.info;
+        f.debug_struct("NbdClient")
+            .field("size", &info.size)
+            .field("flags", &format_args!("{:#x}", info.flags))
+            .field("structured", &info.structured)
+            .field("contexts", &info.contexts)
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner {
     info: ExportInfo,
     writer: Mutex<BoxWrite>,

@@ -15,8 +15,7 @@ async fn missing_socket_names_the_path() {
     };
     let err = NbdClient::connect(&target, ConnectOptions::default())
         .await
-        .err()
-        .expect("must fail");
+        .expect_err("must fail");
     assert!(matches!(err, NbdError::Connect { .. }), "{err:?}");
     assert!(err.to_string().contains(sock.to_str().unwrap()), "{err}");
 }
@@ -30,8 +29,7 @@ async fn unknown_export_carries_the_server_message() {
     target.export = "no-such-export".into();
     let err = NbdClient::connect(&target, ConnectOptions::default())
         .await
-        .err()
-        .expect("must fail");
+        .expect_err("must fail");
     match &err {
         NbdError::Refused {
             option,
@@ -74,8 +72,7 @@ async fn launch_failures_include_qemu_output() {
     // Format detection fails first, with qemu-img's complaint.
     let err = QemuNbd::start(&missing, QemuNbdOptions::default())
         .await
-        .err()
-        .expect("must fail");
+        .expect_err("must fail");
     assert!(matches!(err, NbdError::Launch(_)), "{err:?}");
     assert!(err.to_string().contains("missing.qcow2"), "{err}");
 
@@ -88,8 +85,7 @@ async fn launch_failures_include_qemu_output() {
         },
     )
     .await
-    .err()
-    .expect("must fail");
+    .expect_err("must fail");
     let text = err.to_string();
     assert!(
         text.contains("exited") && text.contains("missing.qcow2"),
@@ -108,7 +104,6 @@ async fn launch_failures_include_qemu_output() {
         },
     )
     .await
-    .err()
-    .expect("must fail");
+    .expect_err("must fail");
     assert!(err.to_string().contains("nope"), "{err}");
 }

@@ -7,7 +7,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Move workloads from VMware and KVM into HPE Morpheus VM Essentials")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Move workloads from VMware and KVM into HPE Morpheus VM Essentials"
+)]
 struct Cli {
     /// Log filter, e.g. `info`, `ferry_replication=debug` (also FERRY_LOG).
     #[arg(long, global = true, env = "FERRY_LOG", default_value = "warn")]

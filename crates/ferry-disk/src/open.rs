@@ -31,9 +31,13 @@ pub async fn open(spec: &str, opts: &OpenOptions) -> Result<AnyDisk, DiskError> 
             disk: spec.to_string(),
             source,
         })?;
-        let disk =
-            NbdDisk::connect(spec.to_string(), &target, opts.dirty_bitmap.as_deref(), None)
-                .await?;
+        let disk = NbdDisk::connect(
+            spec.to_string(),
+            &target,
+            opts.dirty_bitmap.as_deref(),
+            None,
+        )
+        .await?;
         return Ok(AnyDisk::Nbd(disk));
     }
     let path = Path::new(spec);

@@ -86,7 +86,11 @@ impl RawDisk {
                 break;
             }
             let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-            let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+            let hole = if hole < 0 {
+                end
+            } else {
+                (hole as u64).min(end)
+            };
             out.push(data_ext(data, hole - data));
             pos = hole;
         }

@@ -30,8 +30,14 @@ impl std::fmt::Debug for IssuedCert {
 impl CertificateAuthority {
     /// A fresh CA named `name` (ECDSA P-256).
     pub fn generate(name: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::generate()?;
+        // Two CAs must never share a subject: peers find a certificate's issuer by name,
+        // and a namesake CA would turn "unknown issuer" into a confusing signature error.
+        let id = blake3::hash(key.public_key_raw()).to_hex();
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} {}", &id[..8]));
         params
             .distinguished_name
             .push(DnType::OrganizationName, "Ferry");
@@ -41,7 +47,6 @@ impl CertificateAuthority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         Ok(Self { cert, key })
     }

@@ -23,12 +23,10 @@ fn roots(identity: &Identity) -> Result<RootCertStore, PkiError> {
 
 /// A server that only accepts clients whose certificate chains to the identity's CA.
 pub fn server_config(identity: &Identity) -> Result<Arc<ServerConfig>, PkiError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots(identity)?),
-        provider(),
-    )
-    .build()
-    .map_err(|e| PkiError::Tls(e.to_string()))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(identity)?), provider())
+            .build()
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
     let config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| PkiError::Tls(e.to_string()))?

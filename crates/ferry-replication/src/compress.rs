@@ -62,7 +62,12 @@ mod tests {
 
     #[test]
     fn compressible_shrinks_random_is_left_alone() {
-        let text: Vec<u8> = b"ferry moves disks ".iter().cycle().take(65536).copied().collect();
+        let text: Vec<u8> = b"ferry moves disks "
+            .iter()
+            .cycle()
+            .take(65536)
+            .copied()
+            .collect();
         let mut out = Vec::new();
         assert!(compress_if_worth_it(&text, &mut out));
         assert!(out.len() < 8192);

@@ -233,8 +233,7 @@ impl IndexFile {
 
     /// Fills entries from raw bytes received from a peer, starting at entry `first`.
     pub fn write_raw(&self, first: u64, raw: &[u8]) -> Result<(), IndexError> {
-        if raw.len() as u64 % ENTRY != 0 || first + raw.len() as u64 / ENTRY > self.chunk_count()
-        {
+        if raw.len() as u64 % ENTRY != 0 || first + raw.len() as u64 / ENTRY > self.chunk_count() {
             return Err(IndexError::Corrupt {
                 path: self.path.clone(),
                 reason: format!("{} entry bytes at entry {first} do not fit", raw.len()),
@@ -303,7 +302,11 @@ mod tests {
         assert_eq!(idx.read(4, 2).unwrap(), vec![[2; 32], [1; 32]]);
         assert_eq!(idx.entries_digest().unwrap(), d1);
         let grown = idx
-            .copy_to(&dir.path().join("b.idx"), Geometry::new(200 * 65536, 65536), 4)
+            .copy_to(
+                &dir.path().join("b.idx"),
+                Geometry::new(200 * 65536, 65536),
+                4,
+            )
             .unwrap();
         assert_eq!(grown.get(100).unwrap(), [3; 32]);
         assert_eq!(grown.get(199).unwrap(), ZERO);

@@ -74,7 +74,11 @@ impl SyncError {
                 m.contains("rejected") || m.contains("superseded") || m.contains("incomplete")
             }
             SyncError::Verification { .. } => true,
-            SyncError::Peer(m) => m.contains("superseded") || m.contains("went away"),
+            SyncError::Peer(m) => {
+                m.contains("superseded")
+                    || m.contains("went away")
+                    || m.contains("corrupted in transit")
+            }
             _ => false,
         }
     }

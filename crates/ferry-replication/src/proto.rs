@@ -145,7 +145,14 @@ pub async fn write_control<W: AsyncWrite + Unpin>(
 }
 
 /// Encodes a data frame into `out` (appended), ready to be written.
-pub fn encode_data(out: &mut Vec<u8>, chunk: u64, digest: &Digest, raw_len: u32, bytes: &[u8], compressed: bool) {
+pub fn encode_data(
+    out: &mut Vec<u8>,
+    chunk: u64,
+    digest: &Digest,
+    raw_len: u32,
+    bytes: &[u8],
+    compressed: bool,
+) {
     let flags = if compressed { FLAG_COMPRESSED } else { 0 };
     out.extend_from_slice(&header(KIND_DATA, flags, DATA_HEADER + bytes.len()));
     out.extend_from_slice(&chunk.to_le_bytes());

@@ -226,15 +226,12 @@ impl Receiver {
                 Control::GetIndex => self.send_index(w, &active.session).await?,
                 Control::Commit { entries_digest } => {
                     let mut conns = active.conns.subscribe();
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(30),
-                        conns.wait_for(|n| *n == 0),
-                    )
-                    .await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(30), conns.wait_for(|n| *n == 0))
+                            .await;
                     let expected = parse_hex(&entries_digest)?;
                     let s = Arc::clone(&active.session);
-                    let commit =
-                        tokio::task::spawn_blocking(move || s.commit(&expected)).await??;
+                    let commit = tokio::task::spawn_blocking(move || s.commit(&expected)).await??;
                     let bytes_written = active.session.bytes_written();
                     *self.active.lock().unwrap() = None;
                     tracing::info!(
@@ -278,10 +275,9 @@ impl Receiver {
         while first < count {
             let n = WINDOW.min(count - first);
             let s = Arc::clone(session);
-            let raw: Vec<u8> = tokio::task::spawn_blocking(move || {
-                s.index().read(first, n).map(|v| v.concat())
-            })
-            .await??;
+            let raw: Vec<u8> =
+                tokio::task::spawn_blocking(move || s.index().read(first, n).map(|v| v.concat()))
+                    .await??;
             proto::write_index(w, &raw).await?;
             first += n;
         }
@@ -352,11 +348,7 @@ impl Receiver {
                         .into())
                     }
                 },
-                k => {
-                    return Err(
-                        ProtoError::Violation(format!("unknown frame kind {k}")).into()
-                    )
-                }
+                k => return Err(ProtoError::Violation(format!("unknown frame kind {k}")).into()),
             }
         }
     }
@@ -387,7 +379,11 @@ fn store_one(session: &Session, frame: &Frame) -> Result<(), SyncError> {
     }
     let d = frame.data()?;
     if d.chunk >= geometry.chunk_count() {
-        return Err(ProtoError::Violation(format!("chunk {} is past the end of the disk", d.chunk)).into());
+        return Err(ProtoError::Violation(format!(
+            "chunk {} is past the end of the disk",
+            d.chunk
+        ))
+        .into());
     }
     let (offset, len) = geometry.chunk(d.chunk);
     if d.raw_len as usize != len {
@@ -399,13 +395,12 @@ fn store_one(session: &Session, frame: &Frame) -> Result<(), SyncError> {
     }
     let decompressed;
     let bytes = if frame.flags & proto::FLAG_COMPRESSED != 0 {
-        decompressed = crate::compress::decompress(d.bytes, len).map_err(|e| {
-            SyncError::Verification {
+        decompressed =
+            crate::compress::decompress(d.bytes, len).map_err(|e| SyncError::Verification {
                 chunk: d.chunk,
                 offset,
                 reason: format!("does not decompress ({e})"),
-            }
-        })?;
+            })?;
         &decompressed[..]
     } else {
         d.bytes

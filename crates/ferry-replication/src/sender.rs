@@ -29,6 +29,8 @@ pub struct SendOptions {
     pub work_dir: Option<PathBuf>,
     /// Attempts after an interruption (each resumes where the last stopped).
     pub retries: u32,
+    /// Bandwidth limit over all streams, in bytes of frames per second.
+    pub max_rate: Option<u64>,
 }
 
 impl Default for SendOptions {
@@ -40,6 +42,7 @@ impl Default for SendOptions {
             mode: Mode::HashCompare,
             work_dir: None,
             retries: 3,
+            max_rate: None,
         }
     }
 }
@@ -69,7 +72,10 @@ pub async fn send<D: Disk + Clone + 'static>(
 ) -> Result<SyncReport, SyncError> {
     let mut attempt = 0;
     loop {
-        match send_once(disk, endpoint, opts, Arc::clone(&progress), attempt > 0).await {
+        match send_once(disk, endpoint, opts, Arc::clone(&progress), attempt > 0)
+            .await
+            .map_err(explain)
+        {
             Ok(r) => return Ok(r),
             Err(e) if e.is_retryable() && attempt < opts.retries => {
                 attempt += 1;
@@ -167,6 +173,7 @@ async fn send_once<D: Disk + Clone + 'static>(
         let mode = opts.mode;
         tokio::spawn(async move { plan(&disk, geometry, mode, tx, &progress).await })
     };
+    let limiter = opts.max_rate.map(|r| Arc::new(RateLimit::new(r)));
     let mut streams = tokio::task::JoinSet::new();
     for _ in 0..opts.streams.max(1) {
         let s = Stream {
@@ -175,6 +182,7 @@ async fn send_once<D: Disk + Clone + 'static>(
             local: Arc::clone(&local),
             progress: Arc::clone(&progress),
             compress: opts.compress,
+            limiter: limiter.clone(),
         };
         let endpoint = endpoint.clone();
         let rx = Arc::clone(&rx);
@@ -295,7 +303,10 @@ async fn plan<D: Disk>(
         let end = (window + PLAN_WINDOW).min(geometry.disk_size);
         let chunks = geometry.chunks_overlapping(window, end - window);
         // Per chunk of the window: 0 = skip (unchanged), 1 = zero, 2 = read.
-        let mut class = vec![if mode == Mode::DirtyBitmap { 0u8 } else { 1u8 }; (chunks.end - chunks.start) as usize];
+        let mut class = vec![
+            if mode == Mode::DirtyBitmap { 0u8 } else { 1u8 };
+            (chunks.end - chunks.start) as usize
+        ];
         let mut pos = window;
         while pos < end {
             let extents = match mode {
@@ -312,7 +323,10 @@ async fn plan<D: Disk>(
                 )));
             };
             let reached = last.end().min(end);
-            for e in extents.iter().filter(|e| matches!(e.kind, ExtentKind::Data | ExtentKind::Dirty)) {
+            for e in extents
+                .iter()
+                .filter(|e| matches!(e.kind, ExtentKind::Data | ExtentKind::Dirty))
+            {
                 let e_end = e.end().min(end);
                 if e_end <= e.offset {
                     continue;
@@ -334,7 +348,11 @@ async fn plan<D: Disk>(
         while i < class.len() {
             let k = class[i];
             let mut j = i + 1;
-            let max = if k == 2 { unit_chunks as usize } else { 64 * unit_chunks as usize };
+            let max = if k == 2 {
+                unit_chunks as usize
+            } else {
+                64 * unit_chunks as usize
+            };
             while j < class.len() && class[j] == k && j - i < max {
                 j += 1;
             }
@@ -369,6 +387,37 @@ struct Stream<D> {
     local: Arc<IndexFile>,
     progress: Arc<Progress>,
     compress: bool,
+    limiter: Option<Arc<RateLimit>>,
+}
+
+/// A bandwidth limit shared by all streams: each write waits until the average rate since
+/// the start is back under the limit.
+struct RateLimit {
+    rate: u64,
+    start: Instant,
+    sent: std::sync::Mutex<u64>,
+}
+
+impl RateLimit {
+    fn new(rate: u64) -> Self {
+        Self {
+            rate: rate.max(1),
+            start: Instant::now(),
+            sent: std::sync::Mutex::new(0),
+        }
+    }
+
+    async fn take(&self, n: u64) {
+        let due = {
+            let mut sent = self.sent.lock().unwrap();
+            *sent += n;
+            Duration::from_secs_f64(*sent as f64 / self.rate as f64)
+        };
+        let elapsed = self.start.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+    }
 }
 
 impl<D: Disk> Stream<D> {
@@ -399,6 +448,9 @@ impl<D: Disk> Stream<D> {
                 let Some(unit) = unit else { break };
                 let frames = self.process(unit).await?;
                 if !frames.is_empty() {
+                    if let Some(l) = &self.limiter {
+                        l.take(frames.len() as u64).await;
+                    }
                     w.write_all(&frames).await?;
                     Progress::add(&self.progress.bytes_sent, frames.len() as u64);
                 }
@@ -407,21 +459,27 @@ impl<D: Disk> Stream<D> {
             Ok::<_, SyncError>(())
         }
         .await;
-        match result {
-            Ok(()) => match proto::expect_control(&mut r).await? {
-                Control::EndOk { .. } => Ok(()),
-                other => Err(unexpected(other)),
+        let result = match result {
+            Ok(()) => match proto::expect_control(&mut r).await {
+                Ok(Control::EndOk { .. }) => Ok(()),
+                Ok(other) => Err(unexpected(other)),
+                Err(e) => Err(e.into()),
             },
             // A write that failed because the receiver hung up: its reason is the better
             // error to report.
-            Err(e) => match tokio::time::timeout(Duration::from_secs(2), proto::read_frame(&mut r)).await {
+            Err(e) => match tokio::time::timeout(Duration::from_secs(2), proto::read_frame(&mut r))
+                .await
+            {
                 Ok(Ok(f)) if f.kind == KIND_CONTROL => match f.control() {
                     Err(peer) => Err(peer.into()),
                     Ok(_) => Err(e),
                 },
+                // A TLS alert says more than the broken pipe it caused.
+                Ok(Err(read)) if read.to_string().contains("alert") => Err(read.into()),
                 _ => Err(e),
             },
-        }
+        };
+        result.map_err(explain)
     }
 
     /// Reads a unit, finds its changed chunks and encodes their frames.
@@ -458,9 +516,17 @@ impl<D: Disk> Stream<D> {
                 changed.push((c, digest));
                 match bytes {
                     Some(b) if digest != ZERO => {
-                        let compressed = compress && crate::compress::compress_if_worth_it(b, &mut packed);
+                        let compressed =
+                            compress && crate::compress::compress_if_worth_it(b, &mut packed);
                         let payload = if compressed { &packed[..] } else { b };
-                        proto::encode_data(&mut frames, c, &digest, len as u32, payload, compressed);
+                        proto::encode_data(
+                            &mut frames,
+                            c,
+                            &digest,
+                            len as u32,
+                            payload,
+                            compressed,
+                        );
                     }
                     _ => {
                         proto::encode_zero(&mut frames, c);
@@ -477,5 +543,30 @@ impl<D: Disk> Stream<D> {
         Progress::add(&self.progress.chunks_zeroed, zeroed);
         Progress::add(&self.progress.scanned, span);
         Ok(frames)
+    }
+}
+
+/// Turns TLS alerts into what they mean for a sync.
+fn explain(e: SyncError) -> SyncError {
+    let text = e.to_string();
+    if text.contains("BadRecordMac") {
+        SyncError::Peer(format!(
+            "data was rejected: corrupted in transit (TLS record authentication failed: {text}); nothing corrupt was written, and the next attempt sends it again"
+        ))
+    } else if [
+        "certificate",
+        "UnknownCA",
+        "BadCertificate",
+        "DecryptError",
+        "CertificateUnknown",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
+    {
+        SyncError::Config(format!(
+            "the receiver refused this sender's certificate ({text}): both ends need certificates from the same Ferry CA"
+        ))
+    } else {
+        e
     }
 }

@@ -80,9 +80,9 @@ pub struct Target {
 impl Target {
     /// Opens the target at `dst`, finishing a commit that a crash interrupted.
     pub fn open(dst: &Path) -> Result<Self, TargetError> {
-        let name = dst.file_name().ok_or_else(|| {
-            TargetError::State(format!("{}: not a file path", dst.display()))
-        })?;
+        let name = dst
+            .file_name()
+            .ok_or_else(|| TargetError::State(format!("{}: not a file path", dst.display())))?;
         let mut side = name.to_os_string();
         side.push(".ferry");
         let sidecar = dst.with_file_name(side);
@@ -137,8 +137,7 @@ impl Target {
             Err(e) => return Err(io(&self.dst)(e)),
         };
         if let Some(state) = self.load_state() {
-            let same_file =
-                state.dst_size == meta.len() && state.dst_mtime_ns == mtime_ns(&meta);
+            let same_file = state.dst_size == meta.len() && state.dst_mtime_ns == mtime_ns(&meta);
             if same_file && state.chunk_size == chunk_size {
                 match IndexFile::open(&self.index_path(state.generation)) {
                     Ok(idx) => return Ok(Some(idx)),
@@ -159,8 +158,8 @@ impl Target {
     /// Reads and hashes DST (skipping holes) into `gen-N.idx`, and records it as
     /// generation N.
     fn index_existing(&self, chunk_size: u32, generation: u64) -> Result<IndexFile, TargetError> {
-        let disk = ferry_disk::RawDisk::open(&self.dst)
-            .map_err(|e| TargetError::State(e.to_string()))?;
+        let disk =
+            ferry_disk::RawDisk::open(&self.dst).map_err(|e| TargetError::State(e.to_string()))?;
         let geometry = Geometry::new(ferry_disk::Disk::size(&disk), chunk_size);
         let path = self.index_path(generation);
         let idx = IndexFile::create(&path, geometry, generation)?;
@@ -303,7 +302,13 @@ impl Target {
                     std::fs::rename(&self.dst, &applying).map_err(io(&self.dst))?;
                 }
                 let base = IndexFile::open(&self.index_path(info.base_generation))?;
-                applied = apply(&base, &new_index, &pending.join("data"), &applying, geometry)?;
+                applied = apply(
+                    &base,
+                    &new_index,
+                    &pending.join("data"),
+                    &applying,
+                    geometry,
+                )?;
             }
             if applying.exists() {
                 File::open(&applying)
@@ -532,8 +537,11 @@ impl Session {
             });
         }
         let commit = self.target.pending_dir().join("COMMIT");
-        write_atomic(&commit, format!("{}\n", self.base_generation + 1).as_bytes())
-            .map_err(io(&commit))?;
+        write_atomic(
+            &commit,
+            format!("{}\n", self.base_generation + 1).as_bytes(),
+        )
+        .map_err(io(&commit))?;
         self.target.finish_commit()
     }
 }

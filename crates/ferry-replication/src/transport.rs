@@ -23,7 +23,11 @@ pub struct Endpoint {
 impl Endpoint {
     /// `addr` is `host:port`; `server_name` must be one of the names in the receiver's
     /// certificate (by default the host part of `addr`).
-    pub fn new(addr: &str, server_name: Option<&str>, identity: &Identity) -> Result<Self, SyncError> {
+    pub fn new(
+        addr: &str,
+        server_name: Option<&str>,
+        identity: &Identity,
+    ) -> Result<Self, SyncError> {
         let host = server_name.map(str::to_string).unwrap_or_else(|| {
             addr.rsplit_once(':')
                 .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string())
@@ -31,7 +35,8 @@ impl Endpoint {
         });
         let server_name = ServerName::try_from(host.clone())
             .map_err(|e| SyncError::Config(format!("{host:?} is not a valid server name: {e}")))?;
-        let config = ferry_pki::client_config(identity).map_err(|e| SyncError::Config(e.to_string()))?;
+        let config =
+            ferry_pki::client_config(identity).map_err(|e| SyncError::Config(e.to_string()))?;
         Ok(Self {
             addr: addr.to_string(),
             server_name,
@@ -62,6 +67,7 @@ impl Endpoint {
 }
 
 pub fn acceptor(identity: &Identity) -> Result<TlsAcceptor, SyncError> {
-    let config = ferry_pki::server_config(identity).map_err(|e| SyncError::Config(e.to_string()))?;
+    let config =
+        ferry_pki::server_config(identity).map_err(|e| SyncError::Config(e.to_string()))?;
     Ok(TlsAcceptor::from(Arc::clone(&config)))
 }

@@ -56,13 +56,21 @@ impl Disk for MemDisk {
             };
             match out.last_mut() {
                 Some(l) if l.kind == kind => l.length += n,
-                _ => out.push(Extent { offset: pos, length: n, kind }),
+                _ => out.push(Extent {
+                    offset: pos,
+                    length: n,
+                    kind,
+                }),
             }
             pos += n;
         }
         Ok(out)
     }
-    async fn changed_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<Extent>>, DiskError> {
+    async fn changed_extents(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<Extent>>, DiskError> {
         if !self.track {
             return Ok(None);
         }
@@ -73,10 +81,18 @@ impl Disk for MemDisk {
         while pos < end {
             let g = pos / GRAIN;
             let next = ((g + 1) * GRAIN).min(end);
-            let kind = if d.contains(&g) { ExtentKind::Dirty } else { ExtentKind::Clean };
+            let kind = if d.contains(&g) {
+                ExtentKind::Dirty
+            } else {
+                ExtentKind::Clean
+            };
             match out.last_mut() {
                 Some(l) if l.kind == kind => l.length += next - pos,
-                _ => out.push(Extent { offset: pos, length: next - pos, kind }),
+                _ => out.push(Extent {
+                    offset: pos,
+                    length: next - pos,
+                    kind,
+                }),
             }
             pos = next;
         }
@@ -95,11 +111,15 @@ enum Fill {
 }
 
 fn write_strategy(size: u64) -> impl Strategy<Value = (u64, u64, Fill)> {
-    (0..size, 1..=(size / 3).max(1), prop_oneof![
-        Just(Fill::Zero),
-        any::<u8>().prop_map(Fill::Byte),
-        any::<u64>().prop_map(Fill::Random),
-    ])
+    (
+        0..size,
+        1..=(size / 3).max(1),
+        prop_oneof![
+            Just(Fill::Zero),
+            any::<u8>().prop_map(Fill::Byte),
+            any::<u64>().prop_map(Fill::Random),
+        ],
+    )
         .prop_map(move |(off, len, fill)| (off, len.min(size - off), fill))
 }
 
@@ -127,7 +147,13 @@ fn scenario() -> impl Strategy<Value = (u64, Vec<(bool, Vec<(u64, u64, Fill)>)>)
         let size = chunks * 4096 + tail;
         (
             Just(size),
-            prop::collection::vec((any::<bool>(), prop::collection::vec(write_strategy(size), 0..6)), 5..8),
+            prop::collection::vec(
+                (
+                    any::<bool>(),
+                    prop::collection::vec(write_strategy(size), 0..6),
+                ),
+                5..8,
+            ),
         )
     })
 }

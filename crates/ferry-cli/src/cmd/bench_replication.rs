@@ -95,12 +95,28 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let (mut t_qemu, mut t_ferry) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {
         remove(&d("qemu.raw"));
-        t_qemu.push(time(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(&src).arg(d("qemu.raw")))?.0);
+        t_qemu.push(
+            time(
+                Command::new("qemu-img")
+                    .args(["convert", "-f", "raw", "-O", "raw"])
+                    .arg(&src)
+                    .arg(d("qemu.raw")),
+            )?
+            .0,
+        );
         remove_target(&d("ferry.raw"));
-        let (t, out) = time(Command::new(&ferry).args(["disk", "sync", "--json"]).arg(&src).arg(d("ferry.raw")))?;
+        let (t, out) = time(
+            Command::new(&ferry)
+                .args(["disk", "sync", "--json"])
+                .arg(&src)
+                .arg(d("ferry.raw")),
+        )?;
         t_ferry.push(t);
         r.full_ferry_bytes_sent = json_u64(&out, "bytes_sent")?;
-        say(format!("full {round}: qemu-img convert {:.2} s, ferry {t:.2} s", t_qemu[round]));
+        say(format!(
+            "full {round}: qemu-img convert {:.2} s, ferry {t:.2} s",
+            t_qemu[round]
+        ));
     }
     same(&src, &d("qemu.raw"))?;
     same(&src, &d("ferry.raw"))?;
@@ -110,13 +126,28 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
     // Baselines for the deltas: rsync's copy, and a qcow2 twin carrying a dirty bitmap.
     remove(&d("rsync.raw"));
-    run_ok(Command::new("cp").arg("--sparse=always").arg(&src).arg(d("rsync.raw")))?;
+    run_ok(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&src)
+            .arg(d("rsync.raw")),
+    )?;
     let qcow = d("source.qcow2");
     if !args.skip_bitmap {
         remove(&qcow);
-        run_ok(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&src).arg(&qcow))?;
+        run_ok(
+            Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "qcow2"])
+                .arg(&src)
+                .arg(&qcow),
+        )?;
         remove_target(&d("bitmap.raw"));
-        run_ok(Command::new(&ferry).args(["disk", "sync", "--json"]).arg(&qcow).arg(d("bitmap.raw")))?;
+        run_ok(
+            Command::new(&ferry)
+                .args(["disk", "sync", "--json"])
+                .arg(&qcow)
+                .arg(d("bitmap.raw")),
+        )?;
     }
 
     let (mut t_rsync, mut t_hash, mut t_bitmap) = (Vec::new(), Vec::new(), Vec::new());
@@ -124,24 +155,53 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let rt = runtime()?;
     for round in 0..args.rounds {
         if !args.skip_bitmap {
-            let _ = Command::new("qemu-img").args(["bitmap", "--remove"]).arg(&qcow).arg("bm0").output();
-            run_ok(Command::new("qemu-img").args(["bitmap", "--add"]).arg(&qcow).arg("bm0"))?;
+            let _ = Command::new("qemu-img")
+                .args(["bitmap", "--remove"])
+                .arg(&qcow)
+                .arg("bm0")
+                .output();
+            run_ok(
+                Command::new("qemu-img")
+                    .args(["bitmap", "--add"])
+                    .arg(&qcow)
+                    .arg("bm0"),
+            )?;
         }
         let changes = make_changes(&mut rng, args.size, args.change_percent);
         r.changed_bytes = changes.len() as u64 * BLOCK;
         apply_raw(&src, &changes)?;
         if !args.skip_bitmap {
             rt.block_on(apply_qcow2(&qcow, &changes))?;
-            run_ok(Command::new("qemu-img").args(["bitmap", "--disable"]).arg(&qcow).arg("bm0"))?;
+            run_ok(
+                Command::new("qemu-img")
+                    .args(["bitmap", "--disable"])
+                    .arg(&qcow)
+                    .arg("bm0"),
+            )?;
         }
-        let (tr, _) = time(Command::new("rsync").args(["-I", "--inplace", "--no-whole-file"]).arg(&src).arg(d("rsync.raw")))?;
+        let (tr, _) = time(
+            Command::new("rsync")
+                .args(["-I", "--inplace", "--no-whole-file"])
+                .arg(&src)
+                .arg(d("rsync.raw")),
+        )?;
         t_rsync.push(tr);
-        let (th, out) = time(Command::new(&ferry).args(["disk", "sync", "--json"]).arg(&src).arg(d("ferry.raw")))?;
+        let (th, out) = time(
+            Command::new(&ferry)
+                .args(["disk", "sync", "--json"])
+                .arg(&src)
+                .arg(d("ferry.raw")),
+        )?;
         t_hash.push(th);
         r.delta_hash_bytes_sent = json_u64(&out, "bytes_sent")?;
         let mut line = format!("delta {round}: rsync {tr:.2} s, ferry hash compare {th:.2} s");
         if !args.skip_bitmap {
-            let (tb, out) = time(Command::new(&ferry).args(["disk", "sync", "--json", "--dirty-bitmap", "bm0"]).arg(&qcow).arg(d("bitmap.raw")))?;
+            let (tb, out) = time(
+                Command::new(&ferry)
+                    .args(["disk", "sync", "--json", "--dirty-bitmap", "bm0"])
+                    .arg(&qcow)
+                    .arg(d("bitmap.raw")),
+            )?;
             t_bitmap.push(tb);
             r.delta_bitmap_bytes_sent = Some(json_u64(&out, "bytes_sent")?);
             line += &format!(", ferry dirty bitmap {tb:.2} s");
@@ -176,7 +236,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
 fn print_table(r: &Results) {
     let mut t = comfy_table::Table::new();
-    t.set_header(vec!["measure", "baseline", "ferry", "ratio", "bytes sent / changed"]);
+    t.set_header(vec![
+        "measure",
+        "baseline",
+        "ferry",
+        "ratio",
+        "bytes sent / changed",
+    ]);
     t.add_row(vec![
         "full copy".to_string(),
         format!("qemu-img convert {:.2} s", r.full_qemu_img_s),
@@ -251,7 +317,11 @@ fn synthetic_disk(path: &Path, size: u64, seed: u64) -> Result<u64> {
                     buf[pos..pos + n].copy_from_slice(&w[..n]);
                     pos += n;
                     if pos < len {
-                        buf[pos] = if rng.random_range(0..12) == 0 { b'\n' } else { b' ' };
+                        buf[pos] = if rng.random_range(0..12) == 0 {
+                            b'\n'
+                        } else {
+                            b' '
+                        };
                         pos += 1;
                     }
                 }
@@ -333,16 +403,27 @@ fn run_ok(cmd: &mut Command) -> Result<()> {
 }
 
 fn same(a: &Path, b: &Path) -> Result<()> {
-    let ok = Command::new("cmp").arg("-s").arg(a).arg(b).status()?.success();
+    let ok = Command::new("cmp")
+        .arg("-s")
+        .arg(a)
+        .arg(b)
+        .status()?
+        .success();
     if !ok {
-        bail!("{} differs from {}: the copy is wrong", b.display(), a.display());
+        bail!(
+            "{} differs from {}: the copy is wrong",
+            b.display(),
+            a.display()
+        );
     }
     Ok(())
 }
 
 fn json_u64(out: &str, key: &str) -> Result<u64> {
     let v: serde_json::Value = serde_json::from_str(out.trim()).context("ferry --json output")?;
-    v[key].as_u64().with_context(|| format!("no {key} in {out}"))
+    v[key]
+        .as_u64()
+        .with_context(|| format!("no {key} in {out}"))
 }
 
 fn median(v: &[f64]) -> f64 {

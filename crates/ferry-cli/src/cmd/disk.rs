@@ -76,6 +76,9 @@ pub struct SendArgs {
     /// Times to resume after an interruption before giving up.
     #[arg(long, default_value_t = 3)]
     retries: u32,
+    /// Bandwidth limit, bytes per second over all streams (e.g. 100M).
+    #[arg(long, value_parser = parse_size)]
+    max_rate: Option<u64>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -171,10 +174,10 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
                 );
                 let receiver = ferry_replication::Receiver::new(dst.clone());
                 let mut commits = receiver.commits();
-                let server = tokio::spawn(std::sync::Arc::clone(&receiver).serve(
-                    listener,
-                    ferry_replication::acceptor(&identity)?,
-                ));
+                let server = tokio::spawn(
+                    std::sync::Arc::clone(&receiver)
+                        .serve(listener, ferry_replication::acceptor(&identity)?),
+                );
                 loop {
                     commits.changed().await?;
                     if let Some(r) = commits.borrow().clone() {
@@ -226,6 +229,7 @@ fn send_options(args: &SendArgs, remote: bool) -> Result<SendOptions> {
         },
         work_dir: None,
         retries: args.retries,
+        max_rate: args.max_rate,
     })
 }
 
@@ -285,7 +289,10 @@ fn print_report(r: &SyncReport, json: bool) {
     let rows: Vec<(&str, String)> = vec![
         ("source", r.source.clone()),
         ("target", r.target.clone()),
-        ("sync", format!("{kind}{}", if r.resumed { ", resumed" } else { "" })),
+        (
+            "sync",
+            format!("{kind}{}", if r.resumed { ", resumed" } else { "" }),
+        ),
         ("generation", r.generation.to_string()),
         ("disk size", human_bytes(r.disk_size)),
         ("scanned", human_bytes(r.bytes_scanned)),

@@ -1,0 +1,191 @@
+//! Helpers for tests that run the real `ferry` binary.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn ferry() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    c.env("FERRY_LOG", "info");
+    c
+}
+
+/// Runs ferry with `args`, asserting success; returns stdout.
+pub fn ok(args: &[&str]) -> String {
+    let out = ferry().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ferry {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn run(args: &[&str]) -> Output {
+    ferry().args(args).output().unwrap()
+}
+
+pub fn json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+/// Fills `len` bytes at `offset` with pseudo-random data (seeded, incompressible).
+pub fn fill_random(path: &Path, offset: u64, len: u64, seed: u64) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap();
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(buf.len() as u64) as usize;
+        for w in buf[..n].chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let b = x.to_le_bytes();
+            w.copy_from_slice(&b[..w.len()]);
+        }
+        f.write_all_at(&buf[..n], offset + pos).unwrap();
+        pos += n as u64;
+    }
+}
+
+pub fn sparse(path: &Path, size: u64) {
+    File::create(path).unwrap().set_len(size).unwrap();
+}
+
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    Command::new("cmp")
+        .arg("-s")
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Whether `path` reads as `size` zero bytes.
+pub fn all_zero(path: &Path, size: u64) -> bool {
+    Command::new("cmp")
+        .arg("-s")
+        .arg("-n")
+        .arg(size.to_string())
+        .arg(path)
+        .arg("/dev/zero")
+        .status()
+        .unwrap()
+        .success()
+        && std::fs::metadata(path).unwrap().len() == size
+}
+
+pub fn sidecar(dst: &Path) -> PathBuf {
+    let mut s = dst.as_os_str().to_owned();
+    s.push(".ferry");
+    PathBuf::from(s)
+}
+
+/// Non-zero entries of the pending index: chunks the receiver holds durably.
+pub fn pending_chunks(dst: &Path) -> u64 {
+    let idx = sidecar(dst).join("pending/index.idx");
+    let Ok(bytes) = std::fs::read(&idx) else {
+        return 0;
+    };
+    bytes[64..]
+        .chunks_exact(32)
+        .filter(|e| e.iter().any(|&b| b != 0))
+        .count() as u64
+}
+
+/// Bytes allocated to the pending data file (grows as chunks arrive).
+pub fn pending_bytes(dst: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(sidecar(dst).join("pending/data"))
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A CA in `dir` with certificates `receiver` (for localhost) and `sender`.
+pub fn pki(dir: &Path) {
+    let d = dir.to_str().unwrap();
+    ok(&["pki", "init", "--dir", d]);
+    ok(&[
+        "pki",
+        "issue",
+        "--dir",
+        d,
+        "receiver",
+        "--san",
+        "localhost",
+        "--san",
+        "127.0.0.1",
+    ]);
+    ok(&["pki", "issue", "--dir", d, "sender"]);
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `ferry disk receive`, killed on drop.
+pub struct ReceiverProc {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl ReceiverProc {
+    pub fn start(dst: &Path, pki: &Path, port: u16, extra: &[&str]) -> Self {
+        let mut cmd = ferry();
+        cmd.args(["disk", "receive"])
+            .arg(dst)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--pki-dir", pki.to_str().unwrap(), "--name", "receiver"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().unwrap();
+        wait_until("the receiver to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Self { child, port }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ReceiverProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn send_cmd(src: &Path, pki: &Path, port: u16, extra: &[&str]) -> Command {
+    let mut cmd = ferry();
+    cmd.args(["disk", "send", "--json"])
+        .arg(src)
+        .args(["--to", &format!("localhost:{port}")])
+        .args(["--pki-dir", pki.to_str().unwrap(), "--name", "sender"])
+        .args(extra);
+    cmd
+}

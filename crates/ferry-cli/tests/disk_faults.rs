@@ -1,0 +1,267 @@
+//! Fault tests of the replication engine, with real processes: SIGKILL of the sender and
+//! of the receiver in the middle of a 1 GiB sync, bytes corrupted between them, and a
+//! sender with a certificate from another CA.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+const GIB: u64 = 1 << 30;
+const CHUNK: u64 = 64 << 10;
+
+#[test]
+fn sender_killed_mid_delta_resumes_and_target_stays_at_last_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst, pki_dir) = (
+        dir.path().join("src.raw"),
+        dir.path().join("dst.raw"),
+        dir.path().join("pki"),
+    );
+    pki(&pki_dir);
+    // Generation 1: an empty disk.
+    sparse(&src, GIB);
+    ok(&["disk", "sync", src.to_str().unwrap(), dst.to_str().unwrap()]);
+    assert!(all_zero(&dst, GIB));
+    // Generation 2: 1 GiB of new data, sent by a sender that dies half-way.
+    fill_random(&src, 0, GIB, 7);
+    let rx = ReceiverProc::start(&dst, &pki_dir, free_port(), &[]);
+    let mut sender = send_cmd(
+        &src,
+        &pki_dir,
+        rx.port,
+        &["--max-rate", "256M", "--streams", "2"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    wait_until(
+        "40% of the delta to arrive",
+        Duration::from_secs(60),
+        || pending_bytes(&dst) > GIB * 2 / 5,
+    );
+    sender.kill().unwrap();
+    sender.wait().unwrap();
+    // The receiver notices, makes what it got durable; the target is still generation 1.
+    std::thread::sleep(Duration::from_millis(300));
+    let held = pending_chunks(&dst) * CHUNK;
+    assert!(held > GIB / 4, "only {held} bytes held after the kill");
+    assert!(
+        all_zero(&dst, GIB),
+        "the committed target changed before the commit"
+    );
+
+    let out = send_cmd(&src, &pki_dir, rx.port, &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(report["generation"], 2);
+    assert_eq!(report["resumed"], true);
+    let resent = report["bytes_sent"].as_u64().unwrap() + held;
+    assert!(
+        resent as f64 <= 1.1 * GIB as f64,
+        "sent {resent} bytes in all for a 1 GiB delta (more than 10% extra)"
+    );
+    assert!(same_file(&src, &dst));
+}
+
+#[test]
+fn receiver_killed_mid_full_sync_resumes_and_target_never_half_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst, pki_dir) = (
+        dir.path().join("src.raw"),
+        dir.path().join("dst.raw"),
+        dir.path().join("pki"),
+    );
+    pki(&pki_dir);
+    fill_random(&src, 0, GIB, 11);
+    let port = free_port();
+    let mut rx = ReceiverProc::start(&dst, &pki_dir, port, &[]);
+    let sender = send_cmd(
+        &src,
+        &pki_dir,
+        port,
+        &["--max-rate", "256M", "--retries", "5"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_until("40% of the sync to arrive", Duration::from_secs(60), || {
+        pending_bytes(&dst) > GIB * 2 / 5
+    });
+    rx.kill();
+    assert!(
+        !dst.exists(),
+        "a half-written target must not appear at its path"
+    );
+    let held = pending_chunks(&dst) * CHUNK;
+    assert!(held > GIB / 5, "only {held} bytes durable after the kill");
+    let _rx = ReceiverProc::start(&dst, &pki_dir, port, &[]);
+    let out = sender.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(report["generation"], 1);
+    let resent = report["bytes_sent"].as_u64().unwrap() + held;
+    assert!(
+        resent as f64 <= 1.1 * GIB as f64,
+        "sent {resent} bytes in all for 1 GiB (more than 10% extra)"
+    );
+    assert!(same_file(&src, &dst));
+}
+
+/// Forwards connections to `to`, flipping one byte of the client's stream after 2 MiB on
+/// the first connection that gets that far.
+fn corrupting_proxy(to: u16) -> (u16, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let armed = Arc::new(AtomicBool::new(true));
+    let a = Arc::clone(&armed);
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { break };
+            let server = TcpStream::connect(("127.0.0.1", to)).unwrap();
+            let (mut c_r, mut s_w) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (mut s_r, mut c_w) = (server, client);
+            let armed = Arc::clone(&a);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut total = 0usize;
+                loop {
+                    let n = match c_r.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if total + n > 2 << 20
+                        && total <= 2 << 20
+                        && armed.swap(false, Ordering::SeqCst)
+                    {
+                        let at = (2 << 20) - total;
+                        buf[at.min(n - 1)] ^= 0x40;
+                    }
+                    total += n;
+                    if s_w.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = s_w.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s_r, &mut c_w);
+                let _ = c_w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (port, armed)
+}
+
+#[test]
+fn bytes_corrupted_in_transit_are_rejected_and_the_sync_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst, pki_dir) = (
+        dir.path().join("src.raw"),
+        dir.path().join("dst.raw"),
+        dir.path().join("pki"),
+    );
+    pki(&pki_dir);
+    fill_random(&src, 0, 64 << 20, 3);
+    let rx = ReceiverProc::start(&dst, &pki_dir, free_port(), &[]);
+    let (proxy, armed) = corrupting_proxy(rx.port);
+
+    // Without retries: a clear error, and nothing corrupt anywhere.
+    let out = send_cmd(&src, &pki_dir, proxy, &["--retries", "0", "--streams", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        !armed.load(Ordering::SeqCst),
+        "the proxy never corrupted anything"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("corrupted in transit"), "unclear error: {err}");
+    assert!(!dst.exists());
+    assert_pending_chunks_are_intact(&dst);
+
+    // With retries (the default), the same corruption is survived.
+    armed.store(true, Ordering::SeqCst);
+    let out = send_cmd(&src, &pki_dir, proxy, &["--streams", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!armed.load(Ordering::SeqCst));
+    assert!(same_file(&src, &dst));
+}
+
+/// Every chunk the pending index claims is in the pending data file with that digest.
+fn assert_pending_chunks_are_intact(dst: &Path) {
+    let side = sidecar(dst);
+    let Ok(idx) = std::fs::read(side.join("pending/index.idx")) else {
+        return;
+    };
+    let data = std::fs::read(side.join("pending/data")).unwrap();
+    for (n, e) in idx[64..].chunks_exact(32).enumerate() {
+        if e.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let off = n * CHUNK as usize;
+        let chunk = &data[off..(off + CHUNK as usize).min(data.len())];
+        assert_eq!(
+            blake3::hash(chunk).as_bytes(),
+            e,
+            "chunk {n} is corrupt on the target"
+        );
+    }
+}
+
+#[test]
+fn a_sender_with_a_certificate_from_another_ca_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+    let (ours, theirs) = (dir.path().join("ours"), dir.path().join("theirs"));
+    pki(&ours);
+    pki(&theirs);
+    fill_random(&src, 0, 1 << 20, 5);
+    let rx = ReceiverProc::start(&dst, &ours, free_port(), &[]);
+    // Trusts our receiver, but presents a certificate from another CA.
+    let out = ferry()
+        .args(["disk", "send", "--retries", "0"])
+        .arg(&src)
+        .args(["--to", &format!("localhost:{}", rx.port)])
+        .arg("--cert")
+        .arg(theirs.join("sender.pem"))
+        .arg("--key")
+        .arg(theirs.join("sender.key"))
+        .arg("--ca")
+        .arg(ours.join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("certificate"), "unclear error: {err}");
+    assert!(!dst.exists());
+    // And a receiver from another CA is not trusted by our sender.
+    let out = send_cmd(&src, &theirs, rx.port, &["--retries", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TLS handshake failed"));
+}

@@ -114,18 +114,32 @@ impl ConnState {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Refuse new requests and fail every waiting one with `reason`.
-    fn close(&self, reason: &str) {
+    /// Refuse new requests and fail every waiting one with (a copy of) `cause`.
+    fn close(&self, cause: NbdError) {
         let waiters: Vec<Waiter> = {
             let mut t = self.lock();
             if t.closed.is_none() {
-                t.closed = Some(reason.to_string());
+                t.closed = Some(match &cause {
+                    NbdError::Disconnected(reason) => reason.clone(),
+                    other => other.to_string(),
+                });
             }
             t.waiting.drain().map(|(_, w)| w).collect()
         };
         for w in waiters {
-            let _ = w.tx.send(Err(NbdError::Disconnected(reason.to_string())));
+            let _ = w.tx.send(Err(duplicate(&cause)));
         }
+    }
+}
+
+/// NbdError is not Clone (io::Error is not); make an equivalent error of the same
+/// kind for each request a connection failure affects.
+fn duplicate(e: &NbdError) -> NbdError {
+    match e {
+        NbdError::Protocol(m) => NbdError::Protocol(m.clone()),
+        NbdError::Io(io) => NbdError::Io(std::io::Error::new(io.kind(), io.to_string())),
+        NbdError::Disconnected(m) => NbdError::Disconnected(m.clone()),
+        other => NbdError::Disconnected(other.to_string()),
     }
 }
 
@@ -211,8 +225,9 @@ impl Drop for SendGuard<'_> {
             }
             Stage::Writing => {
                 warn!("request cancelled while being written; closing the NBD connection");
-                self.conn
-                    .close("a request was cancelled halfway through being sent");
+                self.conn.close(NbdError::Disconnected(
+                    "a request was cancelled halfway through being sent".into(),
+                ));
             }
             Stage::Sent => {}
         }
@@ -604,9 +619,9 @@ impl NbdClient {
             }
             Err(e) => {
                 guard.stage = Stage::Sent;
-                self.inner
-                    .conn
-                    .close(&format!("sending a request failed: {e}"));
+                self.inner.conn.close(NbdError::Disconnected(format!(
+                    "sending a request failed: {e}"
+                )));
                 Err(NbdError::Io(e))
             }
         }
@@ -680,11 +695,13 @@ async fn reader_task<R: AsyncRead + Unpin>(mut r: R, conn: Arc<ConnState>) {
             } else {
                 warn!("the NBD server closed the connection");
             }
-            conn.close("the server closed the connection");
+            conn.close(NbdError::Disconnected(
+                "the server closed the connection".into(),
+            ));
         }
         ReaderEnd::Failed(e) => {
             warn!(error = %e, "NBD connection failed");
-            conn.close(&e.to_string());
+            conn.close(e);
         }
     }
 }
@@ -742,7 +759,7 @@ async fn read_simple<R: AsyncRead + Unpin>(r: &mut R, conn: &ConnState) -> Resul
             let e = NbdError::Protocol(
                 "simple reply to NBD_CMD_BLOCK_STATUS (needs a structured reply)".into(),
             );
-            let _ = w.tx.send(Err(NbdError::Protocol(e.to_string())));
+            let _ = w.tx.send(Err(duplicate(&e)));
             return Err(e.into());
         }
     }
@@ -763,7 +780,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, conn: &ConnState) -> Result
         Ok(()) => {}
         Err(e) => {
             // Give the request itself the precise error; the rest learn it from close().
-            let _ = w.tx.send(Err(NbdError::Protocol(e.to_string())));
+            let _ = w.tx.send(Err(duplicate(&e)));
             return Err(e.into());
         }
     }

@@ -54,6 +54,9 @@ const MAX_CHUNK: u32 = 64 * 1024 * 1024;
 /// stays aligned to any power-of-two minimum block size.
 const MAX_STATUS_LEN: u64 = 1 << 31;
 
+/// How long disconnect waits for the server to close its end after NBD_CMD_DISC.
+const DISCONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
@@ -514,8 +517,16 @@ impl NbdClient {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if let Some(task) = task {
-            let _ = task.await;
+        if let Some(mut task) = task {
+            // Bounded so that a server that never closes cannot keep the reader (and
+            // its socket) alive after the caller has moved on.
+            if tokio::time::timeout(DISCONNECT_GRACE, &mut task)
+                .await
+                .is_err()
+            {
+                debug!("server did not close the connection after NBD_CMD_DISC");
+                task.abort();
+            }
         }
         Ok(())
     }

@@ -171,6 +171,11 @@ impl QemuNbd {
         }
     }
 
+    /// Process id of qemu-nbd while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
     /// Path of the unix socket.
     pub fn socket(&self) -> &Path {
         &self.socket

@@ -7,6 +7,34 @@
 //! The client does not time out by itself; callers wrap calls in their own
 //! timeouts. Cancelling a call while its request is half written closes the
 //! connection (the stream could not be resynchronised).
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), ferry_nbd::NbdError> {
+//! use ferry_nbd::*;
+//!
+//! let nbd = QemuNbd::start(
+//!     std::path::Path::new("disk.qcow2"),
+//!     QemuNbdOptions { read_only: true, bitmap: Some("bm0".into()), ..Default::default() },
+//! )
+//! .await?;
+//! let dirty = dirty_bitmap_context("bm0");
+//! let client = NbdClient::connect(
+//!     &nbd.target(),
+//!     ConnectOptions { meta_contexts: vec![CONTEXT_BASE_ALLOCATION.into(), dirty.clone()] },
+//! )
+//! .await?;
+//! let mut buf = vec![0u8; 1 << 20];
+//! for extent in client.block_status(&dirty, 0, client.size()).await? {
+//!     if extent.flags & STATE_DIRTY != 0 {
+//!         let n = extent.length.min(buf.len() as u64) as usize;
+//!         client.read(extent.offset, &mut buf[..n]).await?;
+//!     }
+//! }
+//! client.disconnect().await?;
+//! nbd.stop().await?;
+//! # Ok(())
+//! # }
+//! ```
 
 mod client;
 mod error;

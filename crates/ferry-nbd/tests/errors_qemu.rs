@@ -107,3 +107,53 @@ async fn launch_failures_include_qemu_output() {
     .expect_err("must fail");
     assert!(err.to_string().contains("nope"), "{err}");
 }
+
+#[tokio::test]
+async fn connects_over_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create_image(dir.path(), "tcp.raw", "raw", MIB);
+    qemu_io(&img, "raw", &["write -P 0x7e 4k 4k".into()]);
+    // A port the kernel just handed out is very likely still free.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new("qemu-nbd")
+        .args([
+            "--persistent",
+            "--read-only",
+            "-f",
+            "raw",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-x",
+            "disk 1",
+        ])
+        .arg(&img)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let target = NbdTarget::parse_uri(&format!("nbd://127.0.0.1:{port}/disk%201")).unwrap();
+    let mut client = None;
+    for _ in 0..250 {
+        match NbdClient::connect(&target, ConnectOptions::default()).await {
+            Ok(c) => {
+                client = Some(c);
+                break;
+            }
+            Err(NbdError::Connect { .. }) => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let client = client.expect("qemu-nbd listening on TCP");
+    let mut buf = [0u8; 8192];
+    client.read(0, &mut buf).await.unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 0) && buf[4096..].iter().all(|&b| b == 0x7e));
+    client.disconnect().await.unwrap();
+    child.kill().await.unwrap();
+}

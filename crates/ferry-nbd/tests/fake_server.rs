@@ -583,3 +583,42 @@ async fn handshake_errors_are_clear() {
         "{e:?}"
     );
 }
+
+#[tokio::test]
+async fn a_request_abandoned_by_its_caller_does_not_disturb_the_next_one() {
+    let client = with_server(&[], |mut s| async move {
+        let slow = read_request(&mut s).await;
+        let next = read_request(&mut s).await;
+        // Reply to the abandoned request late, then to the next one.
+        s.write_all(&data_chunk(
+            DONE,
+            slow.cookie,
+            slow.offset,
+            &vec![1u8; slow.len as usize],
+        ))
+        .await
+        .unwrap();
+        s.write_all(&data_chunk(
+            DONE,
+            next.cookie,
+            next.offset,
+            &vec![2u8; next.len as usize],
+        ))
+        .await
+        .unwrap();
+        park(s).await;
+    })
+    .await;
+    let mut buf = [0u8; 64];
+    let abandoned = tokio::time::timeout(
+        std::time::Duration::from_millis(50),
+        client.read(0, &mut buf),
+    )
+    .await;
+    assert!(
+        abandoned.is_err(),
+        "the server never answers before the second request"
+    );
+    client.read(512, &mut buf).await.unwrap();
+    assert_eq!(buf, [2u8; 64]);
+}

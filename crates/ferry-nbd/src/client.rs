@@ -492,6 +492,38 @@ impl NbdClient {
         Ok(out)
     }
 
+    /// Extents of `context` covering all of `[offset, offset+len)`, asking again
+    /// where the server answered for less, with neighbours of equal flags merged.
+    pub async fn block_status_all(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Extent>, NbdError> {
+        let end = offset.checked_add(len).ok_or(NbdError::OutOfRange {
+            offset,
+            len,
+            size: self.size(),
+        })?;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let extents = self.block_status(context, pos, end - pos).await?;
+            if extents.is_empty() {
+                // Cannot happen with a conforming server (extents are never empty).
+                return Err(NbdError::Protocol(format!("no extents at offset {pos}")));
+            }
+            for e in extents {
+                pos = e.offset + e.length;
+                match out.last_mut() {
+                    Some(last) if last.flags == e.flags => last.length += e.length,
+                    _ => out.push(e),
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Send NBD_CMD_DISC and close the connection. Further requests on any clone
     /// fail with [`NbdError::Disconnected`]. Calling it twice is harmless.
     pub async fn disconnect(&self) -> Result<(), NbdError> {

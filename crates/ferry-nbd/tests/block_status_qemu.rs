@@ -39,6 +39,16 @@ async fn base_allocation_shows_holes_and_data() {
         ]
     );
 
+    let merged = client
+        .block_status_all(CONTEXT_BASE_ALLOCATION, 0, size)
+        .await
+        .unwrap();
+    let merged: Vec<(u64, u64, u32)> = merged
+        .iter()
+        .map(|e| (e.offset, e.length, e.flags))
+        .collect();
+    assert_eq!(merged, map);
+
     // A sub-range is clipped to what was asked.
     let extents = client
         .block_status(CONTEXT_BASE_ALLOCATION, MIB + 4096, 8192)

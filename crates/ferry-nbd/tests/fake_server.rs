@@ -622,3 +622,40 @@ async fn a_request_abandoned_by_its_caller_does_not_disturb_the_next_one() {
     client.read(512, &mut buf).await.unwrap();
     assert_eq!(buf, [2u8; 64]);
 }
+
+#[tokio::test]
+async fn block_status_all_asks_again_until_the_range_is_covered() {
+    static CONTEXTS: [(&str, u32); 1] = [("base:allocation", 9)];
+    let client = with_server(&CONTEXTS, |mut s| async move {
+        // Each answer covers only 4 KiB: data, data, hole, ...
+        for i in 0..4u32 {
+            let req = read_request(&mut s).await;
+            assert_eq!(req.offset, u64::from(i) * 4096);
+            let flags = if i < 2 { 0 } else { 3 };
+            s.write_all(&status_chunk(DONE, req.cookie, 9, &[(4096, flags)]))
+                .await
+                .unwrap();
+        }
+        park(s).await;
+    })
+    .await;
+    let extents = client
+        .block_status_all("base:allocation", 0, 16384)
+        .await
+        .unwrap();
+    assert_eq!(
+        extents,
+        vec![
+            Extent {
+                offset: 0,
+                length: 8192,
+                flags: 0
+            },
+            Extent {
+                offset: 8192,
+                length: 8192,
+                flags: 3
+            }
+        ]
+    );
+}

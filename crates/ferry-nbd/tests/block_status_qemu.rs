@@ -99,7 +99,8 @@ async fn dirty_bitmap_reports_written_extents() {
             "write -P 0x4 5238784 8192".into(), // 5M - 4k, straddles two granules
         ],
     );
-    // A read-only export of an enabled bitmap is refused, as it could still change.
+    // Disabled, as Ferry does before exporting a bitmap, so it is a fixed point in
+    // time (qemu's block-export-add refuses enabled bitmaps; qemu-nbd allows them).
     run("qemu-img", &["bitmap", "--disable", path, "bm0"]);
 
     let nbd = QemuNbd::start(
@@ -165,4 +166,47 @@ async fn unknown_meta_context_is_not_supported() {
     // The connection is still fine.
     let mut buf = [0u8; 512];
     client.read(0, &mut buf).await.unwrap();
+}
+
+#[tokio::test]
+async fn writes_through_our_client_land_in_the_persistent_bitmap() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    let img = create_image(dir.path(), "w.qcow2", "qcow2", size);
+    let path = img.to_str().unwrap();
+    run("qemu-img", &["bitmap", "--add", path, "bm1"]);
+
+    // qemu-nbd tracks writes in the enabled persistent bitmap, and stores it when
+    // it is stopped with SIGTERM (as QemuNbd::stop does).
+    let nbd = export(&img, "qcow2", false).await;
+    let client = connect(&nbd, &[]).await;
+    client.write(256 * KIB + 1, &[5u8; 100]).await.unwrap();
+    client.write_zeroes(3 * MIB, 64 * KIB, false).await.unwrap();
+    client.flush().await.unwrap();
+    client.disconnect().await.unwrap();
+    nbd.stop().await.unwrap();
+    run("qemu-img", &["bitmap", "--disable", path, "bm1"]);
+
+    let nbd = QemuNbd::start(
+        &img,
+        QemuNbdOptions {
+            format: Some("qcow2".into()),
+            read_only: true,
+            bitmap: Some("bm1".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let ctx = dirty_bitmap_context("bm1");
+    let client = connect(&nbd, &[&ctx]).await;
+    let dirty: Vec<(u64, u64)> = client
+        .block_status_all(&ctx, 0, size)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.flags & STATE_DIRTY != 0)
+        .map(|e| (e.offset, e.length))
+        .collect();
+    assert_eq!(dirty, vec![(256 * KIB, 64 * KIB), (3 * MIB, 64 * KIB)]);
 }

@@ -795,7 +795,11 @@ async fn read_simple<R: AsyncRead + Unpin>(r: &mut R, conn: &ConnState) -> Resul
     match &mut w.accum {
         Accum::Plain => {}
         Accum::Read { data, covered } => {
-            r.read_exact(data).await?;
+            if let Err(e) = r.read_exact(data).await {
+                let e = mid_reply_io(e);
+                let _ = w.tx.send(Err(duplicate(&e)));
+                return Err(e.into());
+            }
             *covered = data.len() as u64;
         }
         Accum::Status { .. } => {

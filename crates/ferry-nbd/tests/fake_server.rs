@@ -659,3 +659,51 @@ async fn block_status_all_asks_again_until_the_range_is_covered() {
         ]
     );
 }
+
+#[tokio::test]
+async fn truncated_simple_read_reply_is_an_error() {
+    let (client_end, mut server_end) = tokio::io::duplex(1 << 20);
+    tokio::spawn(async move {
+        // A server without structured replies: reads get simple replies plus data.
+        server_end.write_u64(NBDMAGIC).await.unwrap();
+        server_end.write_u64(IHAVEOPT).await.unwrap();
+        server_end.write_u16(3).await.unwrap();
+        server_end.read_u32().await.unwrap();
+        let _ = read_option(&mut server_end).await;
+        server_end
+            .write_all(&opt_reply(8, 0x8000_0001, &[]))
+            .await
+            .unwrap();
+        let _ = read_option(&mut server_end).await;
+        let mut export = 0u16.to_be_bytes().to_vec();
+        export.extend_from_slice(&SIZE.to_be_bytes());
+        export.extend_from_slice(&TFLAGS.to_be_bytes());
+        server_end
+            .write_all(&opt_reply(7, 3, &export))
+            .await
+            .unwrap();
+        server_end.write_all(&opt_reply(7, 1, &[])).await.unwrap();
+        let req = read_request(&mut server_end).await;
+        server_end.write_all(&simple(0, req.cookie)).await.unwrap();
+        server_end
+            .write_all(&vec![3u8; req.len as usize])
+            .await
+            .unwrap();
+        let req = read_request(&mut server_end).await;
+        server_end.write_all(&simple(0, req.cookie)).await.unwrap();
+        server_end.write_all(&[3u8; 10]).await.unwrap();
+        drop(server_end);
+    });
+    let opts = ConnectOptions {
+        meta_contexts: vec!["base:allocation".into()],
+    };
+    let client = NbdClient::connect_stream(client_end, "", opts)
+        .await
+        .unwrap();
+    assert!(!client.structured_replies());
+    assert!(!client.supports("base:allocation"));
+    let mut buf = [0u8; 100];
+    client.read(0, &mut buf).await.unwrap();
+    assert_eq!(buf, [3u8; 100]);
+    assert_protocol(client.read(0, &mut buf).await, "middle of a reply");
+}

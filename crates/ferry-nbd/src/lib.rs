@@ -55,3 +55,39 @@ pub const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
 pub fn dirty_bitmap_context(bitmap: &str) -> String {
     format!("qemu:dirty-bitmap:{bitmap}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>(_: &T) {}
+
+    /// The replication engine spawns these futures onto a multi-threaded runtime.
+    #[allow(dead_code)]
+    async fn futures_are_send(c: NbdClient, mut buf: Vec<u8>) {
+        send_sync(&c.clone());
+        fn send<F: std::future::Future + Send>(_: F) {}
+        send(c.read(0, &mut buf));
+        send(c.write(0, &buf));
+        send(c.write_zeroes(0, 1, true));
+        send(c.trim(0, 1));
+        send(c.flush());
+        send(c.block_status("base:allocation", 0, 1));
+        send(c.block_status_all("base:allocation", 0, 1));
+        send(c.disconnect());
+        send(NbdClient::connect(
+            &NbdTarget::parse_uri("nbd://h/").unwrap(),
+            ConnectOptions::default(),
+        ));
+        send(QemuNbd::start(
+            std::path::Path::new("x"),
+            QemuNbdOptions::default(),
+        ));
+        send(detect_format(std::path::Path::new("x")));
+    }
+
+    #[test]
+    fn errors_are_send_sync() {
+        send_sync(&NbdError::Protocol(String::new()));
+    }
+}

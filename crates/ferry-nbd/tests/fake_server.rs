@@ -36,6 +36,10 @@ async fn read_option(s: &mut DuplexStream) -> (u32, Vec<u8>) {
 
 /// A well-behaved handshake offering structured replies and the given contexts.
 async fn handshake(s: &mut DuplexStream, contexts: &[(&str, u32)]) {
+    handshake_with_flags(s, contexts, TFLAGS).await
+}
+
+async fn handshake_with_flags(s: &mut DuplexStream, contexts: &[(&str, u32)], tflags: u16) {
     s.write_u64(NBDMAGIC).await.unwrap();
     s.write_u64(IHAVEOPT).await.unwrap();
     s.write_u16(3).await.unwrap();
@@ -56,7 +60,7 @@ async fn handshake(s: &mut DuplexStream, contexts: &[(&str, u32)]) {
             7 => {
                 let mut export = 0u16.to_be_bytes().to_vec();
                 export.extend_from_slice(&SIZE.to_be_bytes());
-                export.extend_from_slice(&TFLAGS.to_be_bytes());
+                export.extend_from_slice(&tflags.to_be_bytes());
                 s.write_all(&opt_reply(7, 3, &export)).await.unwrap();
                 let mut sizes = 3u16.to_be_bytes().to_vec();
                 for v in [1u32, 4096, 65536] {
@@ -706,4 +710,38 @@ async fn truncated_simple_read_reply_is_an_error() {
     client.read(0, &mut buf).await.unwrap();
     assert_eq!(buf, [3u8; 100]);
     assert_protocol(client.read(0, &mut buf).await, "middle of a reply");
+}
+
+#[tokio::test]
+async fn commands_the_server_does_not_advertise() {
+    let (client_end, mut server_end) = tokio::io::duplex(1 << 20);
+    let server = tokio::spawn(async move {
+        // HAS_FLAGS only: no flush, trim or write zeroes.
+        handshake_with_flags(&mut server_end, &[], 1).await;
+        let mut zeroed = 0u64;
+        while zeroed < 100_000 {
+            let req = read_request(&mut server_end).await;
+            assert_eq!(
+                req.command, 1,
+                "zeroes must arrive as plain writes: {req:?}"
+            );
+            zeroed += u64::from(req.len);
+            server_end.write_all(&simple(0, req.cookie)).await.unwrap();
+        }
+        // Nothing else may be sent: the next thing is the disconnect.
+        let req = read_request(&mut server_end).await;
+        assert_eq!(req.command, 2, "{req:?}");
+        zeroed
+    });
+    let client = NbdClient::connect_stream(client_end, "", ConnectOptions::default())
+        .await
+        .unwrap();
+    client.write_zeroes(1000, 100_000, true).await.unwrap();
+    assert!(matches!(
+        client.trim(0, 4096).await,
+        Err(NbdError::Unsupported(_))
+    ));
+    client.flush().await.unwrap();
+    client.disconnect().await.unwrap();
+    assert_eq!(server.await.unwrap(), 100_000);
 }

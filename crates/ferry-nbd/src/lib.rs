@@ -87,7 +87,10 @@ mod tests {
     }
 
     #[test]
-    fn errors_are_send_sync() {
+    fn errors_and_launcher_are_send_sync() {
         send_sync(&NbdError::Protocol(String::new()));
+        fn is_send_sync<T: Send + Sync>() {}
+        is_send_sync::<QemuNbd>();
+        is_send_sync::<NbdTarget>();
     }
 }

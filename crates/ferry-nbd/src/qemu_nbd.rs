@@ -4,9 +4,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tracing::{debug, warn};
 
+use crate::proto;
 use crate::uri::{NbdAddr, NbdTarget};
 use crate::NbdError;
 
@@ -134,9 +136,7 @@ impl QemuNbd {
                     self.stderr()
                 )));
             }
-            // qemu-nbd binds before it listens: a successful connect, not the socket
-            // file appearing, is what says it is ready.
-            if tokio::net::UnixStream::connect(&self.socket).await.is_ok() {
+            if probe(&self.socket).await {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -245,6 +245,33 @@ impl Drop for QemuNbd {
     fn drop(&mut self) {
         self.kill_and_wait_blocking();
     }
+}
+
+/// Whether an NBD server behind `socket` is serving: it greets us and accepts
+/// NBD_OPT_ABORT. A connect alone is not enough: qemu-nbd listens before it opens
+/// the image, and may still exit because the image (or bitmap) cannot be opened.
+async fn probe(socket: &Path) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::UnixStream::connect(socket).await?;
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).await?;
+        if greeting[0..8] != proto::NBDMAGIC.to_be_bytes() {
+            return Ok::<bool, std::io::Error>(false);
+        }
+        s.write_all(&proto::CLIENT_FLAG_FIXED_NEWSTYLE.to_be_bytes())
+            .await?;
+        s.write_all(&proto::encode_option(proto::OPT_ABORT, &[]))
+            .await?;
+        // Wait for the server's answer (or its close) so that it does not log a
+        // client that vanished mid-handshake.
+        let mut reply = [0u8; 20];
+        let _ = s.read_exact(&mut reply).await;
+        Ok(true)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), attempt).await,
+        Ok(Ok(true))
+    )
 }
 
 /// The format of `image` as `qemu-img info` sees it ("raw", "qcow2", "vmdk", ...).

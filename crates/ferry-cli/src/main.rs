@@ -33,6 +33,20 @@ enum Command {
     Bench(cmd::bench::BenchCommand),
     // Control-plane commands (appliance, source, target, inventory, group, profile, migration)
     // are added below this line.
+    /// The control plane: REST API, orchestrator and scheduler.
+    Appliance(cmd::appliance::ApplianceArgs),
+    /// Where workloads come from (vSphere, KVM hosts, agents, disk images).
+    Source(cmd::source::SourceArgs),
+    /// Where workloads go (VME, libvirt, a local directory).
+    Target(cmd::source::SourceArgs),
+    /// Workloads: list, show, add, import from CSV.
+    Inventory(cmd::inventory::InventoryArgs),
+    /// Move groups (waves).
+    Group(cmd::inventory::GroupArgs),
+    /// Migration profiles from TOML files.
+    Profile(cmd::profile::ProfileArgs),
+    /// Start, watch and steer migrations.
+    Migration(cmd::migration::MigrationArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,6 +56,13 @@ fn main() -> std::process::ExitCode {
         Command::Disk(c) => cmd::disk::run(c),
         Command::Pki(c) => cmd::pki::run(c),
         Command::Bench(c) => cmd::bench::run(c),
+        Command::Appliance(c) => cmd::appliance::run(c),
+        Command::Source(c) => cmd::source::run_source(c),
+        Command::Target(c) => cmd::source::run_target(c),
+        Command::Inventory(c) => cmd::inventory::run_inventory(c),
+        Command::Group(c) => cmd::inventory::run_group(c),
+        Command::Profile(c) => cmd::profile::run(c),
+        Command::Migration(c) => cmd::migration::run(c),
     };
     match result {
         Ok(code) => code,

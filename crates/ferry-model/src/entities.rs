@@ -556,6 +556,7 @@ pub struct Profile {
 pub struct Migration {
     pub id: Uuid,
     pub workload_id: Uuid,
+    pub workload_name: String,
     pub profile_id: Uuid,
     pub target_id: Uuid,
     pub status: Status,

@@ -745,9 +745,20 @@ impl Store {
         schedule: DeltaSchedule,
     ) -> Result<Migration> {
         let now = now_ms();
+        let mut w = self.write().await?;
+        let workload_name: String = sqlx::query("SELECT name FROM workloads WHERE id = $1")
+            .bind(workload_id.to_string())
+            .fetch_optional(&mut *w.tx)
+            .await?
+            .ok_or(StoreError::NotFound {
+                what: "workload",
+                id: workload_id.to_string(),
+            })?
+            .get(0);
         let m = Migration {
             id: Uuid::new_v4(),
             workload_id,
+            workload_name,
             profile_id,
             target_id,
             status,
@@ -758,7 +769,6 @@ impl Store {
             created_at: now,
             updated_at: now,
         };
-        let mut w = self.write().await?;
         let active = sqlx::query("SELECT id FROM migrations WHERE workload_id = $1 AND state NOT IN ('completed', 'rolled_back', 'cancelled')")
             .bind(workload_id.to_string())
             .fetch_optional(&mut *w.tx)
@@ -770,9 +780,10 @@ impl Store {
                 key: id,
             });
         }
-        sqlx::query("INSERT INTO migrations (id, workload_id, profile_id, target_id, state, status, schedule, next_sync_at, last_error, version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, NULL, 1, $8, $9)")
+        sqlx::query("INSERT INTO migrations (id, workload_id, workload_name, profile_id, target_id, state, status, schedule, next_sync_at, last_error, version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL, 1, $9, $10)")
             .bind(m.id.to_string())
             .bind(workload_id.to_string())
+            .bind(&m.workload_name)
             .bind(profile_id.to_string())
             .bind(target_id.to_string())
             .bind(m.status.state.as_str())
@@ -1057,7 +1068,7 @@ impl Store {
     }
 }
 
-pub(crate) const MIGRATION_COLS: &str = "SELECT id, workload_id, profile_id, target_id, status, schedule, next_sync_at, last_error, version, created_at, updated_at FROM migrations";
+pub(crate) const MIGRATION_COLS: &str = "SELECT id, workload_id, workload_name, profile_id, target_id, status, schedule, next_sync_at, last_error, version, created_at, updated_at FROM migrations";
 
 /// One valid CSV row, ready to store.
 #[derive(Debug, Clone)]

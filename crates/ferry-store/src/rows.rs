@@ -109,6 +109,7 @@ pub fn migration(r: &AnyRow) -> Result<Migration> {
     Ok(Migration {
         id: uuid(r, "id")?,
         workload_id: uuid(r, "workload_id")?,
+        workload_name: r.try_get("workload_name")?,
         profile_id: uuid(r, "profile_id")?,
         target_id: uuid(r, "target_id")?,
         status: from_json(&r.try_get::<String, _>("status")?, "migration status")?,

@@ -5,3 +5,10 @@ mod bench_replication;
 pub mod disk;
 pub mod pki;
 pub mod util;
+// Control plane.
+pub mod appliance;
+pub mod client;
+pub mod inventory;
+pub mod migration;
+pub mod profile;
+pub mod source;

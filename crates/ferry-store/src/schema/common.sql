@@ -52,6 +52,7 @@ CREATE TABLE profiles (
 CREATE TABLE migrations (
     id TEXT PRIMARY KEY,
     workload_id TEXT NOT NULL REFERENCES workloads(id),
+    workload_name TEXT NOT NULL,
     profile_id TEXT NOT NULL REFERENCES profiles(id),
     target_id TEXT NOT NULL REFERENCES targets(id),
     state TEXT NOT NULL,

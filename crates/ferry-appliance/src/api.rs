@@ -1,0 +1,1205 @@
+//! The REST API: the only code that knows the public HTTP and JSON shapes.
+//!
+//! Every route but `GET /api/openapi.json` needs `Authorization: Bearer TOKEN`. Lists take
+//! `limit` (1-500, default 50) and `offset` and answer `{items, total, limit, offset}`.
+//! Errors answer `{"error": {"code", "message", "details"?}}`.
+
+use crate::csv_import::{self, LineError};
+use crate::engine::Engine;
+use crate::error::{ApiError, ErrorBody};
+use crate::secrets::{hash_token, new_token, SecretBox};
+use axum::extract::{FromRequest, FromRequestParts, Request, State as AxState};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use ferry_model::*;
+use ferry_store::{ImportRow, MigrationFilter, Page, Store, TokenRecord, WorkloadFilter};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use uuid::Uuid;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub secrets: SecretBox,
+    pub tokens: Arc<RwLock<HashMap<String, TokenRecord>>>,
+}
+
+impl AppState {
+    fn store(&self) -> &Store {
+        &self.engine.store
+    }
+}
+
+// ---- extractors that answer with the JSON error body ------------------------------
+
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+fn parse_id(s: &str, what: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(s)
+        .map_err(|_| ApiError::bad_request(format!("'{s}' is not a {what} id (a UUID)")))
+}
+
+// ---- shapes ------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageParams {
+    /// Items per page, 1-500 (default 50).
+    pub limit: Option<i64>,
+    /// Items to skip (default 0).
+    pub offset: Option<i64>,
+}
+
+impl PageParams {
+    fn page(&self) -> Result<Page, ApiError> {
+        let limit = self.limit.unwrap_or(50);
+        let offset = self.offset.unwrap_or(0);
+        if !(1..=500).contains(&limit) {
+            return Err(ApiError::bad_request(format!(
+                "limit {limit} is outside 1-500"
+            )));
+        }
+        if !(0..=i64::from(i32::MAX)).contains(&offset) {
+            return Err(ApiError::bad_request(format!(
+                "offset {offset} must be 0 or more"
+            )));
+        }
+        Ok(Page { limit, offset })
+    }
+}
+
+macro_rules! paged {
+    ($name:ident, $t:ty) => {
+        #[derive(Debug, Serialize, Deserialize, ToSchema)]
+        pub struct $name {
+            pub items: Vec<$t>,
+            pub total: i64,
+            pub limit: i64,
+            pub offset: i64,
+        }
+        impl $name {
+            fn new((items, total): (Vec<$t>, i64), p: Page) -> Self {
+                $name {
+                    items,
+                    total,
+                    limit: p.limit,
+                    offset: p.offset,
+                }
+            }
+        }
+    };
+}
+
+paged!(SourcePage, Source);
+paged!(TargetPage, Target);
+paged!(CredentialPage, Credential);
+paged!(WorkloadPage, Workload);
+paged!(GroupPage, MoveGroup);
+paged!(ProfilePage, Profile);
+paged!(MigrationPage, Migration);
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub schema_version: i64,
+    pub backend: String,
+    pub open_jobs: i64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenInfo {
+    pub id: Uuid,
+    pub name: String,
+    pub admin: bool,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedToken {
+    pub id: Uuid,
+    pub name: String,
+    /// Shown once; only its hash is stored.
+    pub token: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WorkloadQuery {
+    /// Name contains this text.
+    pub name: Option<String>,
+    /// Move group name or id.
+    pub group: Option<String>,
+    /// Source name or id.
+    pub source: Option<String>,
+    pub tag: Option<String>,
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImportReport {
+    pub imported: usize,
+    pub rejected: usize,
+    pub errors: Vec<LineError>,
+    pub workload_ids: Vec<Uuid>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewMigration {
+    /// Workload name or id.
+    pub workload: String,
+    /// Profile name or id.
+    pub profile: String,
+    /// Start at once (pre-flight, then the initial sync). Default true.
+    #[serde(default = "yes")]
+    pub start: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupMigrations {
+    /// Profile name or id applied to every member without an active migration.
+    pub profile: String,
+    #[serde(default = "yes")]
+    pub start: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GroupMigrationsReport {
+    pub created: Vec<Migration>,
+    /// Members skipped, with the reason.
+    pub skipped: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GroupCommandReport {
+    pub move_group: MoveGroup,
+    pub applied: Vec<Uuid>,
+    pub skipped: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MigrationQuery {
+    pub state: Option<String>,
+    /// Workload name or id.
+    pub workload: Option<String>,
+    /// Move group name or id.
+    pub group: Option<String>,
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MigrationDetail {
+    pub migration: Migration,
+    /// Commands accepted in the current state.
+    pub allowed_commands: Vec<Command>,
+    /// The step running now, if any.
+    pub running_step: Option<Step>,
+    pub syncs: Vec<SyncRun>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommandRequest {
+    pub command: Command,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CursorQuery {
+    /// Only items with a greater id.
+    pub after: Option<i64>,
+    /// 1-1000, default 100.
+    pub limit: Option<i64>,
+    /// Only this migration's events.
+    pub migration_id: Option<String>,
+}
+
+impl CursorQuery {
+    fn parts(&self) -> Result<(i64, i64, Option<Uuid>), ApiError> {
+        let limit = self.limit.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(ApiError::bad_request(format!(
+                "limit {limit} is outside 1-1000"
+            )));
+        }
+        let mid = match &self.migration_id {
+            Some(s) => Some(parse_id(s, "migration")?),
+            None => None,
+        };
+        Ok((self.after.unwrap_or(0).max(0), limit, mid))
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StateCount {
+    pub state: State,
+    pub count: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobInfo {
+    pub id: Uuid,
+    pub step: Step,
+    pub status: String,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub run_at: i64,
+    pub lease_owner: Option<String>,
+    pub last_error: Option<String>,
+}
+
+// ---- the document ------------------------------------------------------------------
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Ferry appliance API", description = "Control plane of Ferry: inventory, move groups, profiles and migrations."),
+    paths(
+        openapi_json, health, list_tokens, create_token,
+        list_credentials, create_credential,
+        list_sources, create_source, get_source, delete_source,
+        list_targets, create_target, get_target, delete_target,
+        list_workloads, create_workload, get_workload, import_workloads,
+        list_groups, create_group, get_group, group_migrations, group_cutover, group_sync,
+        list_profiles, create_profile, get_profile,
+        list_migrations, create_migration, get_migration, migration_command, migration_schedule,
+        migration_events, migration_logs, migration_jobs,
+        list_events, event_stream, stats,
+    ),
+    components(schemas(ErrorBody, Status, State, Step, Command, UatVerdict)),
+    tags((name = "ferry"))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document with bearer auth and the error responses on every operation.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::path::Operation;
+    use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    let comps = doc.components.get_or_insert_with(Default::default);
+    comps.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+    );
+    let err = |d: &str| {
+        ResponseBuilder::new()
+            .description(d)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                        "ErrorBody",
+                    ))))
+                    .build(),
+            )
+            .build()
+    };
+    let add = |op: &mut Operation, public: bool| {
+        let mut codes = vec![
+            ("400", "Bad request"),
+            ("404", "Not found"),
+            ("409", "Conflict"),
+            ("500", "Internal error"),
+        ];
+        if !public {
+            codes.push(("401", "Missing or unknown token"));
+            op.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+                "bearer",
+                Vec::<String>::new(),
+            )]);
+        }
+        for (c, d) in codes {
+            op.responses
+                .responses
+                .entry(c.to_string())
+                .or_insert_with(|| RefOr::T(err(d)));
+        }
+    };
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let public = path == "/api/openapi.json";
+        for op in [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.delete,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            add(op, public);
+        }
+    }
+    doc
+}
+
+#[utoipa::path(get, path = "/api/openapi.json", responses((status = 200, description = "This document", body = Object)))]
+async fn openapi_json() -> Response {
+    Json(openapi()).into_response()
+}
+
+// ---- auth ----------------------------------------------------------------------------
+
+pub async fn auth(AxState(st): AxState<AppState>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/api/openapi.json" {
+        return next.run(req).await;
+    }
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let Some(token) = header
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    else {
+        return ApiError::unauthorized("send 'Authorization: Bearer TOKEN' (the admin token is in the appliance's data directory, file admin-token)").into_response();
+    };
+    let hash = hash_token(token);
+    let known = st
+        .tokens
+        .read()
+        .map(|m| m.contains_key(&hash))
+        .unwrap_or(false);
+    if !known {
+        match st.store().token_by_hash(&hash).await {
+            Ok(Some(rec)) => {
+                if let Ok(mut m) = st.tokens.write() {
+                    m.insert(hash, rec);
+                }
+            }
+            Ok(None) => return ApiError::unauthorized("unknown token").into_response(),
+            Err(e) => return ApiError::from(e).into_response(),
+        }
+    }
+    next.run(req).await
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; the API is described at /api/openapi.json")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route; see /api/openapi.json",
+    )
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/openapi.json", get(openapi_json))
+        .route("/api/health", get(health))
+        .route("/api/stats", get(stats))
+        .route("/api/tokens", get(list_tokens).post(create_token))
+        .route(
+            "/api/credentials",
+            get(list_credentials).post(create_credential),
+        )
+        .route("/api/sources", get(list_sources).post(create_source))
+        .route("/api/sources/{key}", get(get_source).delete(delete_source))
+        .route("/api/targets", get(list_targets).post(create_target))
+        .route("/api/targets/{key}", get(get_target).delete(delete_target))
+        .route("/api/workloads", get(list_workloads).post(create_workload))
+        .route("/api/workloads/import", post(import_workloads))
+        .route("/api/workloads/{key}", get(get_workload))
+        .route("/api/groups", get(list_groups).post(create_group))
+        .route("/api/groups/{key}", get(get_group))
+        .route("/api/groups/{key}/migrations", post(group_migrations))
+        .route("/api/groups/{key}/cutover", post(group_cutover))
+        .route("/api/groups/{key}/sync", post(group_sync))
+        .route("/api/profiles", get(list_profiles).post(create_profile))
+        .route("/api/profiles/{key}", get(get_profile))
+        .route(
+            "/api/migrations",
+            get(list_migrations).post(create_migration),
+        )
+        .route("/api/migrations/{id}", get(get_migration))
+        .route("/api/migrations/{id}/commands", post(migration_command))
+        .route("/api/migrations/{id}/schedule", put(migration_schedule))
+        .route("/api/migrations/{id}/events", get(migration_events))
+        .route("/api/migrations/{id}/logs", get(migration_logs))
+        .route("/api/migrations/{id}/jobs", get(migration_jobs))
+        .route("/api/events", get(list_events))
+        .route("/api/events/stream", get(event_stream))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+// ---- handlers ------------------------------------------------------------------------
+
+#[utoipa::path(get, path = "/api/health", responses((status = 200, body = Health)))]
+async fn health(AxState(st): AxState<AppState>) -> ApiResult<Json<Health>> {
+    Ok(Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        schema_version: st.store().schema_version().await?,
+        backend: format!("{:?}", st.store().backend()).to_lowercase(),
+        open_jobs: st.store().count_open_jobs().await?,
+    }))
+}
+
+#[utoipa::path(get, path = "/api/stats", responses((status = 200, body = Vec<StateCount>)))]
+async fn stats(AxState(st): AxState<AppState>) -> ApiResult<Json<Vec<StateCount>>> {
+    let counts = st.store().count_by_state().await?;
+    Ok(Json(
+        counts
+            .into_iter()
+            .map(|(state, count)| StateCount { state, count })
+            .collect(),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/tokens", responses((status = 200, body = Vec<TokenInfo>)))]
+async fn list_tokens(AxState(st): AxState<AppState>) -> ApiResult<Json<Vec<TokenInfo>>> {
+    let list = st.store().list_tokens().await?;
+    Ok(Json(
+        list.into_iter()
+            .map(|t| TokenInfo {
+                id: t.id,
+                name: t.name,
+                admin: t.admin,
+                created_at: t.created_at,
+            })
+            .collect(),
+    ))
+}
+
+#[utoipa::path(post, path = "/api/tokens", request_body = NewToken, responses((status = 201, body = CreatedToken)))]
+async fn create_token(
+    AxState(st): AxState<AppState>,
+    ApiJson(t): ApiJson<NewToken>,
+) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
+    validate_name(&t.name).map_err(|m| ApiError::bad_request(format!("name {m}")))?;
+    let token = new_token();
+    let id = st
+        .store()
+        .insert_token(&t.name, &hash_token(&token), false)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedToken {
+            id,
+            name: t.name,
+            token,
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/credentials", params(PageParams), responses((status = 200, body = CredentialPage)))]
+async fn list_credentials(
+    AxState(st): AxState<AppState>,
+    ApiQuery(p): ApiQuery<PageParams>,
+) -> ApiResult<Json<CredentialPage>> {
+    let page = p.page()?;
+    Ok(Json(CredentialPage::new(
+        st.store().list_credentials(page).await?,
+        page,
+    )))
+}
+
+#[utoipa::path(post, path = "/api/credentials", request_body = NewCredential, responses((status = 201, body = Credential)))]
+async fn create_credential(
+    AxState(st): AxState<AppState>,
+    ApiJson(c): ApiJson<NewCredential>,
+) -> ApiResult<(StatusCode, Json<Credential>)> {
+    validate_name(&c.name).map_err(|m| ApiError::bad_request(format!("name {m}")))?;
+    if c.secret.is_empty() {
+        return Err(ApiError::bad_request("secret must not be empty"));
+    }
+    let sealed = st.secrets.seal(&c.secret);
+    let cred = st
+        .store()
+        .insert_credential(&c.name, c.kind, c.username.as_deref(), &sealed)
+        .await?;
+    Ok((StatusCode::CREATED, Json(cred)))
+}
+
+async fn check_credential(st: &AppState, id: Option<Uuid>) -> ApiResult<()> {
+    if let Some(id) = id {
+        st.store()
+            .credential_secret(id)
+            .await
+            .map_err(|_| ApiError::bad_request(format!("credential {id} does not exist")))?;
+    }
+    Ok(())
+}
+
+fn check_config(config: &serde_json::Value) -> ApiResult<()> {
+    if !config.is_object() {
+        return Err(ApiError::bad_request("config must be a JSON object"));
+    }
+    if let Some(p) = config.get("path") {
+        if !p.is_string() && !p.is_null() {
+            return Err(ApiError::bad_request("config.path must be a string"));
+        }
+    }
+    Ok(())
+}
+
+#[utoipa::path(get, path = "/api/sources", params(PageParams), responses((status = 200, body = SourcePage)))]
+async fn list_sources(
+    AxState(st): AxState<AppState>,
+    ApiQuery(p): ApiQuery<PageParams>,
+) -> ApiResult<Json<SourcePage>> {
+    let page = p.page()?;
+    Ok(Json(SourcePage::new(
+        st.store().list_sources(page).await?,
+        page,
+    )))
+}
+
+#[utoipa::path(post, path = "/api/sources", request_body = NewSource, responses((status = 201, body = Source)))]
+async fn create_source(
+    AxState(st): AxState<AppState>,
+    ApiJson(s): ApiJson<NewSource>,
+) -> ApiResult<(StatusCode, Json<Source>)> {
+    validate_name(&s.name).map_err(|m| ApiError::bad_request(format!("name {m}")))?;
+    check_config(&s.config)?;
+    check_credential(&st, s.credential_id).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(st.store().insert_source(&s).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/sources/{key}", params(("key" = String, Path, description = "Name or id")), responses((status = 200, body = Source)))]
+async fn get_source(
+    AxState(st): AxState<AppState>,
+    ApiPath(key): ApiPath<String>,
+) -> ApiResult<Json<Source>> {
+    Ok(Json(st.store().get_source(&key).await?))
+}
+
+#[utoipa::path(delete, path = "/api/sources/{key}", params(("key" = String, Path, description = "Name or id")), responses((status = 204, description = "Deleted")))]
+async fn delete_source(
+    AxState(st): AxState<AppState>,
+    ApiPath(key): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    let s = st.store().get_source(&key).await?;
+    st.store().delete_source(s.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/targets", params(PageParams), responses((status = 200, body = TargetPage)))]
+async fn list_targets(
+    AxState(st): AxState<AppState>,
+    ApiQuery(p): ApiQuery<PageParams>,
+) -> ApiResult<Json<TargetPage>> {
+    let page = p.page()?;
+    Ok(Json(TargetPage::new(
+        st.store().list_targets(page).await?,
+        page,
+    )))
+}
+
+#[utoipa::path(post, path = "/api/targets", request_body = NewTarget, responses((status = 201, body = Target)))]
+async fn create_target(
+    AxState(st): AxState<AppState>,
+    ApiJson(t): ApiJson<NewTarget>,
+) -> ApiResult<(StatusCode, Json<Target>)> {
+    validate_name(&t.name).map_err(|m| ApiError::bad_request(format!("name {m}")))?;
+    check_config(&t.config)?;
+    if t.kind == TargetKind::LocalDir && !t.config.get("path").is_some_and(|p| p.is_string()) {
+        return Err(ApiError::bad_request(
+            "a local_dir target needs config.path: the directory to write instances into",
+        ));
+    }
+    check_credential(&st, t.credential_id).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(st.store().insert_target(&t).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/targets/{key}", params(("key" = String, Path, description = "Name or id")), responses((status = 200, body = Target)))]
+async fn get_target(
+    AxState(st): AxState<AppState>,
+    ApiPath(key): ApiPath<String>,
+) -> ApiResult<Json<Target>> {
+    Ok(Json(st.store().get_target(&key).await?))
+}
+
+#[utoipa::path(delete, path = "/api/targets/{key}", params(("key" = String, Path, description = "Name or id")), responses((status = 204, description = "Deleted")))]
+async fn delete_target(
+    AxState(st): AxState<AppState>,
+    ApiPath(key): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    let t = st.store().get_target(&key).await?;
+    st.store().delete_target(t.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/workloads", params(WorkloadQuery), responses((status = 200, body = WorkloadPage)))]
+async fn list_workloads(
+    AxState(st): AxState<AppState>,
+    ApiQuery(q): ApiQuery<WorkloadQuery>,
+) -> ApiResult<Json<WorkloadPage>> {
+    let page = PageParams {
+        limit: q.limit,
+        offset: q.offset,
+    }
+    .page()?;
+    let mut f = WorkloadFilter {
+        name_contains: q.name.clone(),
+        tag: q.tag.clone(),
+        ..Default::default()
+    };
+    if let Some(g) = &q.group {
+        f.move_group_id = Some(st.store().get_group(g).await?.id);
+    }
+    if let Some(s) = &q.source {
+        f.source_id = Some(st.store().get_source(s).await?.id);
+    }
+    Ok(Json(WorkloadPage::new(
+        st.store().list_workloads(&f, page).await?,
+        page,
+    )))
+}
+
+#[utoipa::path(post, path = "/api/workloads", request_body = NewWorkload, responses((status = 201, body = Workload)))]
+async fn create_workload(
+    AxState(st): AxState<AppState>,
+    ApiJson(w): ApiJson<NewWorkload>,
+) -> ApiResult<(StatusCode, Json<Workload>)> {
+    validate_name(&w.name).map_err(|m| ApiError::bad_request(format!("name {m}")))?;
+    if let Some(d) = &w.target_migration_date {
+        validate_date(d)
+            .map_err(|m| ApiError::bad_request(format!("target_migration_date: {m}")))?;
+    }
+    if let Some(s) = w.source_id {
+        st.store()
+            .get_source(&s.to_string())
+            .await
+            .map_err(|_| ApiError::bad_request(format!("source {s} does not exist")))?;
+    }
+    if let Some(g) = w.move_group_id {
+        st.store()
+            .get_group(&g.to_string())
+            .await
+            .map_err(|_| ApiError::bad_request(format!("move group {g} does not exist")))?;
+    }
+    check_credential(&st, w.credential_id).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(st.store().insert_workload(&w).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/workloads/{key}", params(("key" = String, Path, description = "Name or id")), responses((status = 200, body = Workload)))]
+async fn get_workload(
+    AxState(st): AxState<AppState>,
+    ApiPath(key): ApiPath<String>,
+) -> ApiResult<Json<Workload>> {
+    Ok(Json(st.store().get_workload(&key).await?))
+}
+
+/// Imports a CSV in RiverMeadow's columns. Valid rows are imported together; rows with
+/// errors are reported by line and imported not at all.
+#[utoipa::path(post, path = "/api/workloads/import", request_body(content = String, content_type = "text/csv"), responses((status = 200, body = ImportReport)))]
+async fn import_workloads(
+    AxState(st): AxState<AppState>,
+    body: String,
+) -> ApiResult<Json<ImportReport>> {
+    if body.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "the CSV body is empty; send the file with a header line",
+        ));
+    }
+    let (rows, mut errors) = csv_import::parse(&body).map_err(|e| {
+        ApiError::bad_request(format!("line {}: {}", e.line, e.message))
+            .with_details(serde_json::json!({"errors": [e]}))
+    })?;
+    let names: Vec<String> = rows.iter().map(|r| r.workload.name.clone()).collect();
+    let existing: std::collections::HashSet<String> = st
+        .store()
+        .workload_names_existing(&names)
+        .await?
+        .into_iter()
+        .collect();
+    let mut valid = vec![];
+    for r in rows {
+        if existing.contains(&r.workload.name) {
+            errors.push(LineError {
+                line: r.line,
+                message: format!("workload '{}' is already in the inventory", r.workload.name),
+            });
+            continue;
+        }
+        let group_target_date = r.workload.target_migration_date.clone();
+        valid.push(ImportRow {
+            credential: r
+                .credential
+                .map(|(k, u, secret)| (k, u, st.secrets.seal(&secret))),
+            workload: r.workload,
+            move_group_name: r.move_group_name,
+            group_target_date,
+        });
+    }
+    errors.sort_by_key(|e| e.line);
+    let created = if valid.is_empty() {
+        vec![]
+    } else {
+        st.store().import_workloads(valid).await?
+    };
+    Ok(Json(ImportReport {
+        imported: created.len(),
+        rejected: errors.len(),
+        errors,
+        workload_ids: created.iter().map(|w| w.id).collect(),
+    }))
+}
+
+#[utoipa::path(get, path = "/api/groups", params(PageParams), responses((status = 200, body = GroupPage)))]
+async fn list_groups(
+    AxState(st): AxState<AppState>,
+    ApiQuery(p): ApiQuery<PageParams>,
+) -> ApiResult<Json<GroupPage>> {
+    let page = p.page()?;
+    Ok(Json(GroupPage::new(
+        st.store().list_groups(page).await?,
+        page,
+    )))
+}
+
+#[utoipa::path(post, path = "/api/groups", request_body = NewMoveGroup, responses((status = 201, body = MoveGroup)))]
+async fn create_group(
+    AxState(st): AxState<AppState>,
+    ApiJson(g): ApiJson<NewMoveGroup>,
+) -> ApiResult<(StatusCode, Json<MoveGroup>)> {
+    validate_name(&g.name).map_err(|m| ApiError::bad_request(format!("name {m}")))?;
+    if let Some(d) = &g.target_date {
+        validate_date(d).map_err(|m| ApiError::bad_request(format!("target_date: {m}")))?;
+    }
+    if g.concurrency == 0 || g.concurrency > 1000 {
+        return Err(ApiError::bad_request("concurrency must be 1-1000"));
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(st.store().insert_group(&g).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/groups/{key}", params(("key" = String, Path, description = "Name or id")), responses((status = 200, body = MoveGroup)))]
+async fn get_group(
+    AxState(st): AxState<AppState>,
+    ApiPath(key): ApiPath<String>,
+) -> ApiResult<Json<MoveGroup>> {
+    Ok(Json(st.store().get_group(&key).await?))
+}
+
+async fn all_group_workloads(st: &AppState, g: &MoveGroup) -> ApiResult<Vec<Workload>> {
+    let f = WorkloadFilter {
+        move_group_id: Some(g.id),
+        ..Default::default()
+    };
+    let mut out = vec![];
+    loop {
+        let (page, total) = st
+            .store()
+            .list_workloads(
+                &f,
+                Page {
+                    limit: 500,
+                    offset: out.len() as i64,
+                },
+            )
+            .await?;
+        let n = page.len();
+        out.extend(page);
+        if n == 0 || out.len() as i64 >= total {
+            return Ok(out);
+        }
+    }
+}
+
+/// Applies a profile to every member of the group (those without an active migration).
+#[utoipa::path(post, path = "/api/groups/{key}/migrations", params(("key" = String, Path, description = "Name or id")), request_body = GroupMigrations, responses((status = 201, body = GroupMigrationsReport)))]
+async fn group_migrations(
+    AxState(st): AxState<AppState>,
+    ApiPath(key): ApiPath<String>,
+    ApiJson(req): ApiJson<GroupMigrations>,
+) -> ApiResult<(StatusCode, Json<GroupMigrationsReport>)> {
+    let g = st.store().get_group(&key).await?;
+    let profile = st.store().get_profile(&req.profile).await?;
+    let mut report = GroupMigrationsReport {
+        created: vec![],
+        skipped: vec![],
+    };
+    for w in all_group_workloads(&st, &g).await? {
+        match new_migration(&st, &w, &profile, req.start).await {
+            Ok(m) => report.created.push(m),
+            Err(e) => report.skipped.push(format!("{}: {}", w.name, e.message)),
+        }
+    }
+    Ok((StatusCode::CREATED, Json(report)))
+}
+
+/// Cuts the group over: members in `synced` cut over by `group_order`, at most
+/// `concurrency` at a time; a later order starts when the earlier ones finished.
+#[utoipa::path(post, path = "/api/groups/{key}/cutover", params(("key" = String, Path, description = "Name or id")), responses((status = 202, body = MoveGroup)))]
+async fn group_cutover(
+    AxState(st): AxState<AppState>,
+    ApiPath(key): ApiPath<String>,
+) -> ApiResult<(StatusCode, Json<MoveGroup>)> {
+    let g = st.store().get_group(&key).await?;
+    st.store().set_group_cutover(g.id, true).await?;
+    let mut ev = NewEvent::new(
+        None,
+        "group.cutover.requested",
+        format!("cutover of move group {} requested", g.name),
+    );
+    ev.data = serde_json::json!({"move_group_id": g.id});
+    st.store().insert_event(&ev).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(st.store().get_group(&key).await?),
+    ))
+}
+
+/// A delta sync now for every member that can take one.
+#[utoipa::path(post, path = "/api/groups/{key}/sync", params(("key" = String, Path, description = "Name or id")), responses((status = 202, body = GroupCommandReport)))]
+async fn group_sync(
+    AxState(st): AxState<AppState>,
+    ApiPath(key): ApiPath<String>,
+) -> ApiResult<(StatusCode, Json<GroupCommandReport>)> {
+    let g = st.store().get_group(&key).await?;
+    let f = MigrationFilter {
+        move_group_id: Some(g.id),
+        ..Default::default()
+    };
+    let mut applied = vec![];
+    let mut skipped = vec![];
+    let mut offset = 0;
+    loop {
+        let (page, total) = st
+            .store()
+            .list_migrations(&f, Page { limit: 500, offset })
+            .await?;
+        for m in page.iter().filter(|m| !m.state().is_terminal()) {
+            match st.engine.command(m.id, Command::Sync, "api").await {
+                Ok(_) => applied.push(m.id),
+                Err(e) => skipped.push(format!("{}: {}", m.workload_name, e.message)),
+            }
+        }
+        offset += 500;
+        if offset >= total {
+            break;
+        }
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(GroupCommandReport {
+            move_group: g,
+            applied,
+            skipped,
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/profiles", params(PageParams), responses((status = 200, body = ProfilePage)))]
+async fn list_profiles(
+    AxState(st): AxState<AppState>,
+    ApiQuery(p): ApiQuery<PageParams>,
+) -> ApiResult<Json<ProfilePage>> {
+    let page = p.page()?;
+    Ok(Json(ProfilePage::new(
+        st.store().list_profiles(page).await?,
+        page,
+    )))
+}
+
+#[utoipa::path(post, path = "/api/profiles", request_body = ProfileSpec, responses((status = 201, body = Profile)))]
+async fn create_profile(
+    AxState(st): AxState<AppState>,
+    ApiJson(spec): ApiJson<ProfileSpec>,
+) -> ApiResult<(StatusCode, Json<Profile>)> {
+    let errs = spec.validate();
+    if !errs.is_empty() {
+        let msg = errs
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(ApiError::bad_request(format!("invalid profile: {msg}"))
+            .with_details(serde_json::json!({"fields": errs})));
+    }
+    st.store().get_target(&spec.target).await.map_err(|_| {
+        ApiError::bad_request(format!(
+            "target: no target named '{}'; create it first (ferry target add)",
+            spec.target
+        ))
+        .with_details(
+            serde_json::json!({"fields": [{"field": "target", "message": "unknown target"}]}),
+        )
+    })?;
+    Ok((
+        StatusCode::CREATED,
+        Json(st.store().insert_profile(&spec).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/profiles/{key}", params(("key" = String, Path, description = "Name or id")), responses((status = 200, body = Profile)))]
+async fn get_profile(
+    AxState(st): AxState<AppState>,
+    ApiPath(key): ApiPath<String>,
+) -> ApiResult<Json<Profile>> {
+    Ok(Json(st.store().get_profile(&key).await?))
+}
+
+async fn new_migration(
+    st: &AppState,
+    w: &Workload,
+    p: &Profile,
+    start: bool,
+) -> ApiResult<Migration> {
+    let target = st.store().get_target(&p.spec.target).await.map_err(|_| {
+        ApiError::conflict(format!(
+            "profile '{}' names target '{}', which no longer exists",
+            p.spec.name, p.spec.target
+        ))
+    })?;
+    let m = st
+        .store()
+        .insert_migration(
+            w.id,
+            p.id,
+            target.id,
+            Status::new(p.spec.uat.required),
+            p.spec.schedule.clone(),
+        )
+        .await?;
+    if start {
+        return st.engine.command(m.id, Command::Start, "api").await;
+    }
+    Ok(m)
+}
+
+#[utoipa::path(get, path = "/api/migrations", params(MigrationQuery), responses((status = 200, body = MigrationPage)))]
+async fn list_migrations(
+    AxState(st): AxState<AppState>,
+    ApiQuery(q): ApiQuery<MigrationQuery>,
+) -> ApiResult<Json<MigrationPage>> {
+    let page = PageParams {
+        limit: q.limit,
+        offset: q.offset,
+    }
+    .page()?;
+    let mut f = MigrationFilter::default();
+    if let Some(s) = &q.state {
+        f.state = Some(State::parse(s).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "unknown state '{s}'; states are: {}",
+                State::ALL
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?);
+    }
+    if let Some(w) = &q.workload {
+        f.workload_id = Some(st.store().get_workload(w).await?.id);
+    }
+    if let Some(g) = &q.group {
+        f.move_group_id = Some(st.store().get_group(g).await?.id);
+    }
+    Ok(Json(MigrationPage::new(
+        st.store().list_migrations(&f, page).await?,
+        page,
+    )))
+}
+
+#[utoipa::path(post, path = "/api/migrations", request_body = NewMigration, responses((status = 201, body = Migration)))]
+async fn create_migration(
+    AxState(st): AxState<AppState>,
+    ApiJson(req): ApiJson<NewMigration>,
+) -> ApiResult<(StatusCode, Json<Migration>)> {
+    let w = st.store().get_workload(&req.workload).await?;
+    let p = st.store().get_profile(&req.profile).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(new_migration(&st, &w, &p, req.start).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/migrations/{id}", params(("id" = String, Path, description = "Migration id")), responses((status = 200, body = MigrationDetail)))]
+async fn get_migration(
+    AxState(st): AxState<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<MigrationDetail>> {
+    let id = parse_id(&id, "migration")?;
+    let m = st.store().get_migration(id).await?;
+    let syncs = st.store().list_syncs(id).await?;
+    Ok(Json(MigrationDetail {
+        allowed_commands: allowed_commands(&m.status),
+        running_step: m.status.running_step(),
+        migration: m,
+        syncs,
+    }))
+}
+
+/// Sends a command: `start`, `preflight`, `sync`, `uat_start`, `uat_stop`, `uat_pass`,
+/// `uat_fail`, `cutover`, `rollback`, `retry`, `cancel`. Refused with 409 and the allowed
+/// commands when the current state does not accept it.
+#[utoipa::path(post, path = "/api/migrations/{id}/commands", params(("id" = String, Path, description = "Migration id")), request_body = CommandRequest, responses((status = 202, body = Migration)))]
+async fn migration_command(
+    AxState(st): AxState<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<CommandRequest>,
+) -> ApiResult<(StatusCode, Json<Migration>)> {
+    let id = parse_id(&id, "migration")?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(st.engine.command(id, req.command, "api").await?),
+    ))
+}
+
+#[utoipa::path(put, path = "/api/migrations/{id}/schedule", params(("id" = String, Path, description = "Migration id")), request_body = DeltaSchedule, responses((status = 200, body = Migration)))]
+async fn migration_schedule(
+    AxState(st): AxState<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(s): ApiJson<DeltaSchedule>,
+) -> ApiResult<Json<Migration>> {
+    let id = parse_id(&id, "migration")?;
+    Ok(Json(st.engine.set_schedule(id, s).await?))
+}
+
+#[utoipa::path(get, path = "/api/migrations/{id}/events", params(("id" = String, Path, description = "Migration id"), CursorQuery), responses((status = 200, body = Vec<Event>)))]
+async fn migration_events(
+    AxState(st): AxState<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<CursorQuery>,
+) -> ApiResult<Json<Vec<Event>>> {
+    let id = parse_id(&id, "migration")?;
+    let (after, limit, _) = q.parts()?;
+    st.store().get_migration(id).await?;
+    Ok(Json(st.store().list_events(Some(id), after, limit).await?))
+}
+
+#[utoipa::path(get, path = "/api/migrations/{id}/logs", params(("id" = String, Path, description = "Migration id"), CursorQuery), responses((status = 200, body = Vec<LogLine>)))]
+async fn migration_logs(
+    AxState(st): AxState<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<CursorQuery>,
+) -> ApiResult<Json<Vec<LogLine>>> {
+    let id = parse_id(&id, "migration")?;
+    let (after, limit, _) = q.parts()?;
+    st.store().get_migration(id).await?;
+    Ok(Json(st.store().list_logs(id, after, limit).await?))
+}
+
+#[utoipa::path(get, path = "/api/migrations/{id}/jobs", params(("id" = String, Path, description = "Migration id")), responses((status = 200, body = Vec<JobInfo>)))]
+async fn migration_jobs(
+    AxState(st): AxState<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<Vec<JobInfo>>> {
+    let id = parse_id(&id, "migration")?;
+    st.store().get_migration(id).await?;
+    let jobs = st.store().list_jobs(id).await?;
+    Ok(Json(
+        jobs.into_iter()
+            .map(|j| JobInfo {
+                id: j.id,
+                step: j.step,
+                status: serde_json::to_value(j.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                attempts: j.attempts,
+                max_attempts: j.max_attempts,
+                run_at: j.run_at,
+                lease_owner: j.lease_owner,
+                last_error: j.last_error,
+            })
+            .collect(),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/events", params(CursorQuery), responses((status = 200, body = Vec<Event>)))]
+async fn list_events(
+    AxState(st): AxState<AppState>,
+    ApiQuery(q): ApiQuery<CursorQuery>,
+) -> ApiResult<Json<Vec<Event>>> {
+    let (after, limit, mid) = q.parts()?;
+    Ok(Json(st.store().list_events(mid, after, limit).await?))
+}
+
+/// Server-sent events: every new event as `data: {Event JSON}` with `id:` the event id.
+/// Resume with `after` (or the `Last-Event-ID` header).
+#[utoipa::path(get, path = "/api/events/stream", params(CursorQuery), responses((status = 200, description = "text/event-stream of Event objects", content_type = "text/event-stream", body = String)))]
+async fn event_stream(
+    AxState(st): AxState<AppState>,
+    headers: axum::http::HeaderMap,
+    ApiQuery(q): ApiQuery<CursorQuery>,
+) -> ApiResult<Sse<impl futures::Stream<Item = Result<SseEvent, std::convert::Infallible>>>> {
+    let (mut after, _, mid) = q.parts()?;
+    if let Some(last) = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+    {
+        after = after.max(last);
+    }
+    let store = st.store().clone();
+    let stream = futures::stream::unfold(
+        (store, after, std::collections::VecDeque::<Event>::new()),
+        move |(store, mut after, mut buf)| async move {
+            loop {
+                if let Some(e) = buf.pop_front() {
+                    let ev = SseEvent::default()
+                        .id(e.id.to_string())
+                        .event(e.kind.clone())
+                        .data(serde_json::to_string(&e).unwrap_or_default());
+                    return Some((Ok(ev), (store, after, buf)));
+                }
+                match store.list_events(mid, after, 200).await {
+                    Ok(list) if !list.is_empty() => {
+                        after = list.last().map(|e| e.id).unwrap_or(after);
+                        buf.extend(list);
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(300)).await,
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

@@ -1,0 +1,529 @@
+//! The orchestrator (claims jobs with leases, runs steps through the adapters, retries
+//! with backoff, honours cancellation) and the operations that change a migration.
+//!
+//! Every change goes through the pure state machine and is stored with its jobs and
+//! events in one transaction (`Store::apply`); concurrent changes are detected by the
+//! migration's version and retried.
+
+use crate::adapters::{AdapterError, Adapters, SourceDisk, StepContext, SyncStats};
+use crate::error::ApiError;
+use ferry_model::*;
+use ferry_store::{Change, ClaimedJob, NewJob, Store, StoreError};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify, Semaphore};
+use uuid::Uuid;
+
+/// Tuning of the orchestrator.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Identifies this appliance as a lease owner (stable across restarts).
+    pub owner: String,
+    pub lease_ms: i64,
+    pub workers: usize,
+    pub max_attempts: i64,
+    pub backoff_base_ms: i64,
+    pub backoff_max_ms: i64,
+    /// Extra time each step takes (simulated work, for tests and demos).
+    pub step_delay_ms: u64,
+    pub poll_ms: u64,
+    pub work_dir: PathBuf,
+}
+
+pub struct Engine {
+    pub store: Store,
+    pub adapters: Adapters,
+    pub config: EngineConfig,
+    pub wake: Notify,
+}
+
+fn run_effects(c: &mut Change, effects: &[Effect], max_attempts: i64) {
+    for e in effects {
+        match e {
+            Effect::Run(step) => c.enqueue.push(NewJob {
+                step: *step,
+                run_at: 0,
+                max_attempts,
+            }),
+            Effect::CancelRunning => c.cancel_running = true,
+        }
+    }
+}
+
+fn state_event(m: &Migration, from: State, to: State, why: &str) -> NewEvent {
+    let mut e = NewEvent::new(
+        Some(m.id),
+        "state.changed",
+        format!("{from} → {to} ({why})"),
+    );
+    e.data = serde_json::json!({"from": from, "to": to});
+    e
+}
+
+/// When the next scheduled delta is due, for a migration now at `status`.
+fn next_sync(schedule: &DeltaSchedule, status: &Status, now: i64) -> Option<i64> {
+    match status.state {
+        State::Synced | State::Uat => schedule.next_due(now),
+        _ => None,
+    }
+}
+
+impl Engine {
+    /// Applies an operator or scheduler command.
+    pub async fn command(
+        &self,
+        id: Uuid,
+        cmd: Command,
+        actor: &str,
+    ) -> Result<Migration, ApiError> {
+        for _ in 0..10 {
+            let m = self.store.get_migration(id).await?;
+            let (status, effects) = transition(&m.status, Input::Command(cmd))?;
+            let mut c = Change::new(&m, status.clone());
+            run_effects(&mut c, &effects, self.config.max_attempts);
+            let mut ev = NewEvent::new(Some(m.id), "command", format!("{cmd} by {actor}"));
+            ev.data = serde_json::json!({"command": cmd, "actor": actor});
+            c.events.push(ev);
+            c.events
+                .push(state_event(&m, m.status.state, status.state, cmd.as_str()));
+            c.next_sync_at = Some(next_sync(&m.schedule, &status, ferry_store::now_ms()));
+            if status.state != State::Failed {
+                c.last_error = Some(None);
+            }
+            match self.store.apply(c).await {
+                Ok(m) => {
+                    self.wake.notify_waiters();
+                    return Ok(m);
+                }
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::conflict(format!(
+            "migration {id} is changing too often to apply {cmd}; try again"
+        )))
+    }
+
+    pub async fn set_schedule(
+        &self,
+        id: Uuid,
+        schedule: DeltaSchedule,
+    ) -> Result<Migration, ApiError> {
+        schedule
+            .validate()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        for _ in 0..10 {
+            let m = self.store.get_migration(id).await?;
+            let mut c = Change::new(&m, m.status.clone());
+            c.next_sync_at = Some(next_sync(&schedule, &m.status, ferry_store::now_ms()));
+            c.schedule = Some(schedule.clone());
+            let mut ev = NewEvent::new(
+                Some(m.id),
+                "schedule.changed",
+                format!("delta schedule: {}", schedule.mode),
+            );
+            ev.data = serde_json::to_value(&schedule).unwrap_or_default();
+            c.events.push(ev);
+            match self.store.apply(c).await {
+                Ok(m) => return Ok(m),
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::conflict(
+            "migration is changing too often; try again",
+        ))
+    }
+
+    /// Runs the orchestrator until `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        match self.store.release_owned(&self.config.owner).await {
+            Ok(n) if n > 0 => tracing::info!(jobs = n, "resuming steps interrupted by a restart"),
+            Ok(_) => {}
+            Err(e) => tracing::error!("cannot release interrupted jobs: {e}"),
+        }
+        let slots = Arc::new(Semaphore::new(self.config.workers.max(1)));
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+                _ = shutdown.changed() => break,
+            };
+            match self
+                .store
+                .claim_job(&self.config.owner, self.config.lease_ms)
+                .await
+            {
+                Ok(Some(job)) => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        me.run_job(job).await;
+                        drop(permit);
+                    });
+                    continue;
+                }
+                Ok(None) => drop(permit),
+                Err(e) => {
+                    drop(permit);
+                    tracing::warn!("claiming a job failed: {e}");
+                }
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(self.config.poll_ms)) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    async fn context(&self, m: Migration) -> Result<StepContext, AdapterError> {
+        let perm = |e: StoreError| AdapterError::transient(e.to_string());
+        let workload = self
+            .store
+            .get_workload(&m.workload_id.to_string())
+            .await
+            .map_err(perm)?;
+        let profile = self
+            .store
+            .get_profile(&m.profile_id.to_string())
+            .await
+            .map_err(perm)?;
+        let target = self
+            .store
+            .get_target(&m.target_id.to_string())
+            .await
+            .map_err(perm)?;
+        let source = match workload.source_id {
+            Some(s) => Some(self.store.get_source(&s.to_string()).await.map_err(perm)?),
+            None => None,
+        };
+        let work_dir = self.config.work_dir.join(m.id.to_string());
+        Ok(StepContext {
+            migration: m,
+            workload,
+            profile,
+            source,
+            target,
+            work_dir,
+        })
+    }
+
+    async fn run_job(self: Arc<Self>, c: ClaimedJob) {
+        let started = Instant::now();
+        let (lost_tx, mut lost_rx) = watch::channel(false);
+        let hb = {
+            let me = self.clone();
+            let c = c.clone();
+            tokio::spawn(async move {
+                let every = Duration::from_millis((me.config.lease_ms / 3).max(50) as u64);
+                loop {
+                    tokio::time::sleep(every).await;
+                    match me.store.heartbeat(&c, me.config.lease_ms).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            let _ = lost_tx.send(true);
+                            break;
+                        }
+                        Err(e) => tracing::warn!("heartbeat failed: {e}"),
+                    }
+                }
+            })
+        };
+        let outcome = tokio::select! {
+            r = self.execute(&c) => Some(r),
+            _ = lost_rx.wait_for(|v| *v) => None,
+        };
+        hb.abort();
+        match outcome {
+            None => {
+                tracing::info!(job = %c.job.id, step = %c.job.step, "step stopped: its job was cancelled or taken over")
+            }
+            Some(r) => {
+                if let Err(e) = self.finish(&c, r, started.elapsed()).await {
+                    tracing::warn!(job = %c.job.id, "recording the step's result failed: {e}");
+                }
+            }
+        }
+        self.wake.notify_waiters();
+    }
+
+    async fn execute(&self, c: &ClaimedJob) -> Result<Option<SyncRun>, AdapterError> {
+        let m = self
+            .store
+            .get_migration(c.job.migration_id)
+            .await
+            .map_err(|e| AdapterError::transient(e.to_string()))?;
+        let ctx = self.context(m).await?;
+        tokio::fs::create_dir_all(&ctx.work_dir).await?;
+        if self.config.step_delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.config.step_delay_ms)).await;
+        }
+        let _ = self
+            .store
+            .insert_log(
+                Some(ctx.migration.id),
+                &self.config.owner,
+                "info",
+                &format!("running step {} (attempt {})", c.job.step, c.job.attempts),
+            )
+            .await;
+        let source = || self.adapters.source(&ctx);
+        let target = || self.adapters.target(&ctx);
+        match c.job.step {
+            Step::Preflight => {
+                source()?.preflight(&ctx).await?;
+                target()?.preflight(&ctx).await?;
+                Ok(None)
+            }
+            Step::FullSync | Step::DeltaSync | Step::FinalDelta => {
+                let full = c.job.step == Step::FullSync;
+                let started = ferry_store::now_ms();
+                let disks = source()?.disks(&ctx).await?;
+                let mut total = SyncStats::default();
+                for d in &disks {
+                    let dst = target()?.disk_destination(&ctx, d).await?;
+                    let s = self.adapters.replicator.sync(&d.path, &dst, full).await?;
+                    total.bytes_total += s.bytes_total;
+                    total.bytes_sent += s.bytes_sent;
+                }
+                Ok(Some(SyncRun {
+                    id: Uuid::new_v4(),
+                    migration_id: ctx.migration.id,
+                    kind: if full {
+                        SyncKind::Full
+                    } else {
+                        SyncKind::Delta
+                    },
+                    generation: ctx.migration.status.generation + 1,
+                    bytes_total: total.bytes_total,
+                    bytes_sent: total.bytes_sent,
+                    started_at: started,
+                    finished_at: ferry_store::now_ms(),
+                }))
+            }
+            Step::StartTestInstance => target()?.start_test_instance(&ctx).await.map(|_| None),
+            Step::StopTestInstance => target()?.stop_test_instance(&ctx).await.map(|_| None),
+            Step::StopServices => {
+                let mut services = ctx.profile.spec.services_to_stop.clone();
+                services.extend(ctx.workload.services.iter().cloned());
+                source()?.stop_services(&ctx, &services).await.map(|_| None)
+            }
+            Step::ShutdownSource => source()?.shutdown(&ctx).await.map(|_| None),
+            Step::StartTarget => target()?.start_production(&ctx).await.map(|_| None),
+            Step::PostCutover => target()?
+                .post_cutover(&ctx, &ctx.profile.spec.post_cutover)
+                .await
+                .map(|_| None),
+            Step::FinalValidation => {
+                let disks: Vec<SourceDisk> = source()?.disks(&ctx).await?;
+                target()?.validate(&ctx, &disks).await.map(|_| None)
+            }
+            Step::Rollback => {
+                target()?.remove(&ctx).await?;
+                if let Ok(src) = source() {
+                    src.restart(&ctx).await?;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn backoff_ms(&self, attempt: i64) -> i64 {
+        let exp = self
+            .config
+            .backoff_base_ms
+            .saturating_mul(1i64 << (attempt.clamp(1, 20) - 1));
+        exp.min(self.config.backoff_max_ms)
+    }
+
+    async fn finish(
+        &self,
+        c: &ClaimedJob,
+        result: Result<Option<SyncRun>, AdapterError>,
+        took: Duration,
+    ) -> Result<(), StoreError> {
+        let step = c.job.step;
+        if let Err(e) = &result {
+            let _ = self
+                .store
+                .insert_log(
+                    Some(c.job.migration_id),
+                    &self.config.owner,
+                    "error",
+                    &format!("step {step} attempt {} failed: {e}", c.job.attempts),
+                )
+                .await;
+            if e.retryable && c.job.attempts < c.job.max_attempts {
+                let at = ferry_store::now_ms() + self.backoff_ms(c.job.attempts);
+                self.store.retry_job_later(c, at, &e.message).await?;
+                return Ok(());
+            }
+        }
+        for _ in 0..10 {
+            let m = self.store.get_migration(c.job.migration_id).await?;
+            let input = match &result {
+                Ok(_) => Input::StepSucceeded(step),
+                Err(_) => Input::StepFailed(step),
+            };
+            let (status, effects) = match transition(&m.status, input) {
+                Ok(t) => t,
+                Err(refusal) => {
+                    tracing::info!(job = %c.job.id, "step result no longer applies: {refusal}");
+                    return Ok(());
+                }
+            };
+            let mut ch = Change::new(&m, status.clone());
+            ch.complete_job = Some((c.job.id, c.token));
+            run_effects(&mut ch, &effects, self.config.max_attempts);
+            let now = ferry_store::now_ms();
+            ch.next_sync_at = Some(next_sync(&m.schedule, &status, now));
+            match &result {
+                Ok(sync) => {
+                    let mut ev = NewEvent::new(
+                        Some(m.id),
+                        "step.completed",
+                        format!("step {step} completed in {} ms", took.as_millis()),
+                    );
+                    ev.step = Some(step);
+                    ev.job_id = Some(c.job.id);
+                    ev.data = serde_json::json!({"attempt": c.job.attempts, "owner": self.config.owner, "ms": took.as_millis() as u64});
+                    if let Some(s) = sync {
+                        ev.data["bytes_total"] = s.bytes_total.into();
+                        ev.data["bytes_sent"] = s.bytes_sent.into();
+                    }
+                    ch.events.push(ev);
+                    ch.sync_run = sync.clone();
+                    ch.last_error = Some(None);
+                }
+                Err(e) => {
+                    ch.job_failed = true;
+                    let mut ev = NewEvent::new(
+                        Some(m.id),
+                        "step.failed",
+                        format!("step {step} failed: {}", e.message),
+                    );
+                    ev.step = Some(step);
+                    ev.job_id = Some(c.job.id);
+                    ev.data = serde_json::json!({"attempt": c.job.attempts, "error": e.message});
+                    ch.events.push(ev);
+                    ch.last_error = Some(Some(e.message.clone()));
+                }
+            }
+            ch.events
+                .push(state_event(&m, m.status.state, status.state, step.as_str()));
+            match self.store.apply(ch).await {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Conflict(c.job.migration_id))
+    }
+
+    /// One pass of the scheduler: due deltas and move-group cutovers.
+    pub async fn schedule_tick(&self) -> Result<(), StoreError> {
+        let now = ferry_store::now_ms();
+        for m in self.store.due_syncs(now, 100).await? {
+            match m.state() {
+                State::Synced | State::Uat => {
+                    if let Err(e) = self.command(m.id, Command::Sync, "scheduler").await {
+                        tracing::debug!(migration = %m.id, "scheduled delta not started: {}", e.message);
+                    }
+                }
+                _ => {
+                    // A step is running or the migration moved on: its completion reschedules.
+                    let mut c = Change::new(&m, m.status.clone());
+                    c.next_sync_at = Some(None);
+                    let _ = self.store.apply(c).await;
+                }
+            }
+        }
+        for g in self.store.groups_with_cutover().await? {
+            self.group_cutover_tick(&g).await?;
+        }
+        Ok(())
+    }
+
+    async fn group_cutover_tick(&self, g: &MoveGroup) -> Result<(), StoreError> {
+        let filter = ferry_store::MigrationFilter {
+            move_group_id: Some(g.id),
+            ..Default::default()
+        };
+        let mut members: Vec<(i32, Migration)> = vec![];
+        let mut offset = 0;
+        loop {
+            let (page, total) = self
+                .store
+                .list_migrations(&filter, ferry_store::Page { limit: 500, offset })
+                .await?;
+            for m in page {
+                let w = self.store.get_workload(&m.workload_id.to_string()).await?;
+                members.push((w.group_order, m));
+            }
+            offset += 500;
+            if offset >= total {
+                break;
+            }
+        }
+        members.sort_by_key(|(o, m)| (*o, m.created_at));
+        let in_flight = members
+            .iter()
+            .filter(|(_, m)| m.state().is_cutover())
+            .count();
+        let mut slots = (g.concurrency.max(1) as usize).saturating_sub(in_flight);
+        let mut blocked_from: Option<i32> = None;
+        let mut pending = 0;
+        for (order, m) in &members {
+            let st = m.state();
+            if st.is_terminal() {
+                continue;
+            }
+            if let Some(b) = blocked_from {
+                if *order > b {
+                    pending += 1;
+                    continue;
+                }
+            }
+            if st == State::Synced && slots > 0 {
+                match self
+                    .command(m.id, Command::Cutover, &format!("move group {}", g.name))
+                    .await
+                {
+                    Ok(_) => slots -= 1,
+                    Err(e) => {
+                        tracing::info!(migration = %m.id, "group cutover skipped: {}", e.message)
+                    }
+                }
+            }
+            pending += 1;
+            // Later orders wait until every member of this order is finished.
+            blocked_from.get_or_insert(*order);
+        }
+        if pending == 0 {
+            self.store.set_group_cutover(g.id, false).await?;
+            let mut ev = NewEvent::new(
+                None,
+                "group.cutover.done",
+                format!("move group {} cut over", g.name),
+            );
+            ev.data = serde_json::json!({"move_group_id": g.id});
+            self.store.insert_event(&ev).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn run_scheduler(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if let Err(e) = self.schedule_tick().await {
+                tracing::warn!("scheduler pass failed: {e}");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+}

@@ -67,7 +67,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", cmd::util::error_chain(&err));
             std::process::ExitCode::FAILURE
         }
     }

@@ -14,6 +14,7 @@
 pub mod chunk;
 mod compress;
 pub mod index;
+mod journal;
 pub mod local;
 pub mod proto;
 pub mod receiver;

@@ -22,6 +22,10 @@ pub async fn sync_local<D: Disk + Clone + 'static>(
     opts: &SendOptions,
     progress: Arc<Progress>,
 ) -> Result<SyncReport, SyncError> {
+    // Fail before any work when the target cannot be opened (and finish a commit a crash
+    // interrupted, so the sync starts from a clean state).
+    let dst_path = dst.to_path_buf();
+    tokio::task::spawn_blocking(move || crate::target::Target::open(&dst_path)).await??;
     let identity = Identity::ephemeral(&["localhost".to_string()])
         .map_err(|e| SyncError::Config(e.to_string()))?;
     let listener = TcpListener::bind("127.0.0.1:0")

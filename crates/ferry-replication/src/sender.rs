@@ -161,8 +161,10 @@ async fn send_once<D: Disk + Clone + 'static>(
         geometry,
         base_generation + 1,
     )?);
+    tracing::debug!(elapsed = ?started.elapsed(), "session open");
     proto::write_control(&mut w, &Control::GetIndex).await?;
     let index_bytes = receive_index(&mut r, &local).await?;
+    tracing::debug!(elapsed = ?started.elapsed(), index_bytes, "target index received");
 
     // Plan → units → streams.
     let (tx, rx) = mpsc::channel::<Unit>(opts.streams.max(1) * 4);
@@ -204,6 +206,7 @@ async fn send_once<D: Disk + Clone + 'static>(
         return Err(e);
     }
     planner.await??;
+    tracing::debug!(elapsed = ?started.elapsed(), "all chunks sent and stored");
 
     let digest = {
         let local = Arc::clone(&local);
@@ -225,6 +228,7 @@ async fn send_once<D: Disk + Clone + 'static>(
         other => return Err(unexpected(other)),
     };
     let _ = w.shutdown().await;
+    tracing::debug!(elapsed = ?started.elapsed(), "committed");
     let duration = started.elapsed().as_secs_f64();
     let g = |c: &std::sync::atomic::AtomicU64| Progress::get(c);
     Ok(SyncReport {

@@ -8,7 +8,9 @@
 //! DST.ferry/gen-N.idx       chunk index of generation N (what DST holds)
 //! DST.ferry/pending/        the sync in progress (resumable after any crash):
 //!     session.json          its base generation and geometry
-//!     data                  received chunks at their own offsets (sparse)
+//!     data                  first generation: the new disk itself, chunks at their
+//!                           own offsets (sparse); it becomes DST at the commit
+//!     journal               later generations: received chunks, appended
 //!     index.idx             index of "DST with the received chunks applied"
 //!     COMMIT                present once the sync is whole and verified: from then on
 //!                           the commit is finished by whoever opens the target next
@@ -28,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk::{self, Digest, Geometry, ZERO};
 use crate::index::{sync_dir, write_atomic, IndexError, IndexFile};
+use crate::journal::Journal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -83,6 +86,17 @@ impl Target {
         let name = dst
             .file_name()
             .ok_or_else(|| TargetError::State(format!("{}: not a file path", dst.display())))?;
+        let parent = match dst.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if !parent.is_dir() {
+            return Err(TargetError::State(format!(
+                "{}: the directory {} does not exist (create it first)",
+                dst.display(),
+                parent.display()
+            )));
+        }
         let mut side = name.to_os_string();
         side.push(".ferry");
         let sidecar = dst.with_file_name(side);
@@ -237,8 +251,10 @@ impl Target {
                 std::fs::remove_dir_all(&pending).map_err(io(&pending))?;
             }
             std::fs::create_dir_all(&pending).map_err(io(&pending))?;
-            let data = File::create(pending.join("data")).map_err(io(&pending))?;
-            data.set_len(geometry.disk_size).map_err(io(&pending))?;
+            if committed.is_none() {
+                let data = File::create(pending.join("data")).map_err(io(&pending))?;
+                data.set_len(geometry.disk_size).map_err(io(&pending))?;
+            }
             let idx_path = pending.join("index.idx");
             match &committed {
                 Some(c) => c.copy_to(&idx_path, geometry, base_generation + 1)?,
@@ -248,12 +264,18 @@ impl Target {
             write_atomic(&info_path, &serde_json::to_vec_pretty(&info).unwrap())
                 .map_err(io(&info_path))?;
         }
-        let data_path = pending.join("data");
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&data_path)
-            .map_err(io(&data_path))?;
+        let store = if committed.is_some() {
+            let path = pending.join("journal");
+            Store::Journal(Journal::open(&path, geometry.chunk_size).map_err(io(&path))?)
+        } else {
+            let path = pending.join("data");
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io(&path))?;
+            Store::Image { file, path }
+        };
         let index = IndexFile::open(&pending.join("index.idx"))?;
         Ok(Session {
             target: Target {
@@ -263,8 +285,7 @@ impl Target {
             geometry,
             base_generation,
             resumed,
-            data,
-            data_path,
+            store,
             index,
             unrecorded: Mutex::new(Vec::new()),
             unrecorded_bytes: AtomicU64::new(0),
@@ -302,13 +323,9 @@ impl Target {
                     std::fs::rename(&self.dst, &applying).map_err(io(&self.dst))?;
                 }
                 let base = IndexFile::open(&self.index_path(info.base_generation))?;
-                applied = apply(
-                    &base,
-                    &new_index,
-                    &pending.join("data"),
-                    &applying,
-                    geometry,
-                )?;
+                let journal = Journal::open(&pending.join("journal"), geometry.chunk_size)
+                    .map_err(io(&pending))?;
+                applied = apply(&base, &new_index, &journal, &applying, geometry)?;
             }
             if applying.exists() {
                 File::open(&applying)
@@ -333,16 +350,15 @@ impl Target {
     }
 }
 
-/// Copies every chunk whose digest differs between `base` and `new` from the pending data
-/// file into the target (zero chunks become holes). Idempotent.
+/// Brings the target from `base` to `new`: every journal record that holds a chunk's new
+/// contents is written in, and chunks that became zero are punched out. Idempotent.
 fn apply(
     base: &IndexFile,
     new: &IndexFile,
-    data_path: &Path,
+    journal: &Journal,
     target_path: &Path,
     geometry: Geometry,
 ) -> Result<u64, TargetError> {
-    let data = File::open(data_path).map_err(io(data_path))?;
     let target = OpenOptions::new()
         .read(true)
         .write(true)
@@ -351,50 +367,67 @@ fn apply(
     target
         .set_len(geometry.disk_size)
         .map_err(io(target_path))?;
-    let mut buf = vec![0u8; geometry.chunk_size as usize];
-    let mut applied = 0;
-    let base_count = base.chunk_count();
-    let index_io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| IndexError::Io {
-            path: path.clone(),
-            source,
+    let before = |c: u64| -> Result<Digest, IndexError> {
+        if c < base.chunk_count() {
+            base.get(c)
+        } else {
+            Ok(ZERO)
         }
     };
+    // Which changed chunks got their bytes: one bit per chunk, 4 MiB at 2 TiB.
+    let mut done = vec![0u64; geometry.chunk_count().div_ceil(64) as usize];
+    let mut applied = 0u64;
+    journal
+        .scan(|r| {
+            let c = r.chunk;
+            if c >= geometry.chunk_count() || done[(c / 64) as usize] & (1 << (c % 64)) != 0 {
+                return Ok(());
+            }
+            let want = new.get(c).map_err(std::io::Error::other)?;
+            if r.digest != want || before(c).map_err(std::io::Error::other)? == want {
+                return Ok(()); // superseded by a later record, or no change after all
+            }
+            let (off, len) = geometry.chunk(c);
+            if r.bytes.len() != len {
+                return Ok(());
+            }
+            target.write_all_at(&r.bytes, off)?;
+            done[(c / 64) as usize] |= 1 << (c % 64);
+            applied += 1;
+            Ok(())
+        })
+        .map_err(io(journal.path()))?;
+    let mut missing = 0u64;
     new.for_each_window(|first, raw| {
         let n = raw.len() as u64 / 32;
-        let old = if first < base_count {
-            base.read(first, n)?
-        } else {
-            Vec::new()
-        };
         for i in 0..n {
             let c = first + i;
             let d: Digest = raw[(i * 32) as usize..(i * 32 + 32) as usize]
                 .try_into()
                 .unwrap();
-            let before = old.get(i as usize).copied().unwrap_or(ZERO);
-            if d == before {
+            if d == before(c)? {
                 continue;
             }
-            let (off, len) = geometry.chunk(c);
             if d == ZERO {
-                punch_zero(&target, off, len as u64).map_err(index_io(target_path))?;
-            } else {
-                data.read_exact_at(&mut buf[..len], off)
-                    .map_err(index_io(data_path))?;
-                target
-                    .write_all_at(&buf[..len], off)
-                    .map_err(index_io(target_path))?;
+                let (off, len) = geometry.chunk(c);
+                punch_zero(&target, off, len as u64).map_err(|source| IndexError::Io {
+                    path: target_path.to_path_buf(),
+                    source,
+                })?;
+                applied += 1;
+            } else if done[(c / 64) as usize] & (1 << (c % 64)) == 0 {
+                missing += 1;
             }
-            applied += 1;
         }
         Ok(())
-    })
-    .map_err(|e| match e {
-        IndexError::Io { path, source } => TargetError::Io { path, source },
-        other => TargetError::Index(other),
     })?;
+    if missing > 0 {
+        return Err(TargetError::State(format!(
+            "{missing} changed chunks are not in the journal {}: the pending sync is damaged; remove {} and sync again",
+            journal.path().display(),
+            journal.path().parent().unwrap_or(Path::new(".")).display()
+        )));
+    }
     target.sync_all().map_err(io(target_path))?;
     Ok(applied)
 }
@@ -433,14 +466,21 @@ pub struct Session {
     geometry: Geometry,
     base_generation: u64,
     resumed: bool,
-    data: File,
-    data_path: PathBuf,
+    store: Store,
     index: IndexFile,
     /// Chunks written but whose index entries wait for the next checkpoint.
     unrecorded: Mutex<Vec<(u64, Digest)>>,
     unrecorded_bytes: AtomicU64,
     checkpoint_lock: Mutex<()>,
     bytes_written: AtomicU64,
+}
+
+/// Where received chunks go.
+enum Store {
+    /// First generation: the new disk itself.
+    Image { file: File, path: PathBuf },
+    /// Later generations: appended, copied in at the commit.
+    Journal(Journal),
 }
 
 /// Checkpoint after this many received bytes: bounds what a receiver crash costs in
@@ -479,22 +519,29 @@ impl Session {
             )));
         }
         let (off, len) = self.geometry.chunk(chunk);
-        match bytes {
-            Some(b) => {
-                if b.len() != len {
-                    return Err(TargetError::State(format!(
-                        "chunk {chunk} has {} bytes, expected {len}",
-                        b.len()
-                    )));
-                }
-                self.data
-                    .write_all_at(b, off)
-                    .map_err(io(&self.data_path))?;
-                self.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+        if let Some(b) = bytes {
+            if b.len() != len {
+                return Err(TargetError::State(format!(
+                    "chunk {chunk} has {} bytes, expected {len}",
+                    b.len()
+                )));
             }
-            None => {
-                punch_zero(&self.data, off, len as u64).map_err(io(&self.data_path))?;
+        }
+        match (&self.store, bytes) {
+            (Store::Image { file, path }, Some(b)) => {
+                file.write_all_at(b, off).map_err(io(path))?;
             }
+            (Store::Image { file, path }, None) => {
+                punch_zero(file, off, len as u64).map_err(io(path))?;
+            }
+            (Store::Journal(j), Some(b)) => {
+                j.append(chunk, &digest, b).map_err(io(j.path()))?;
+            }
+            // A chunk that became zero needs no bytes: the commit punches it out.
+            (Store::Journal(_), None) => {}
+        }
+        if bytes.is_some() {
+            self.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
         }
         self.unrecorded.lock().unwrap().push((chunk, digest));
         let pending = self
@@ -516,7 +563,10 @@ impl Session {
             return Ok(());
         }
         // Data first, then the entries that claim it.
-        self.data.sync_data().map_err(io(&self.data_path))?;
+        match &self.store {
+            Store::Image { file, path } => file.sync_data().map_err(io(path))?,
+            Store::Journal(j) => j.sync().map_err(io(j.path()))?,
+        }
         self.index.set_many(&mut entries)?;
         self.index.sync()?;
         Ok(())
@@ -525,8 +575,11 @@ impl Session {
     /// Commits the sync if the pending index equals the sender's (`expected`, the digest
     /// over all entries); otherwise keeps everything for a resume.
     pub fn commit(&self, expected: &Digest) -> Result<CommitInfo, TargetError> {
+        let t = std::time::Instant::now();
         self.checkpoint()?;
+        tracing::debug!(elapsed = ?t.elapsed(), "commit: checkpoint");
         let actual = self.index.entries_digest()?;
+        tracing::debug!(elapsed = ?t.elapsed(), "commit: index digest");
         if &actual != expected {
             return Err(TargetError::Incomplete {
                 missing: format!(

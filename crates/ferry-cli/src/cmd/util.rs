@@ -63,3 +63,20 @@ mod tests {
         assert_eq!(human_bytes(1536), "1.5 KiB");
     }
 }
+
+/// An error and its causes on one line, each cause once: library errors often already
+/// quote their source in their own message.
+pub fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}

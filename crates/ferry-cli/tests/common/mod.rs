@@ -103,12 +103,17 @@ pub fn pending_chunks(dst: &Path) -> u64 {
         .count() as u64
 }
 
-/// Bytes allocated to the pending data file (grows as chunks arrive).
+/// Bytes allocated to the pending data file or journal (grows as chunks arrive).
 pub fn pending_bytes(dst: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(sidecar(dst).join("pending/data"))
-        .map(|m| m.blocks() * 512)
-        .unwrap_or(0)
+    ["pending/data", "pending/journal"]
+        .iter()
+        .map(|f| {
+            std::fs::metadata(sidecar(dst).join(f))
+                .map(|m| m.blocks() * 512)
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {

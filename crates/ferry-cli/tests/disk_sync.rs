@@ -1,0 +1,248 @@
+//! `ferry disk sync` end to end, with the real binary, qemu-img and qemu-nbd.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn qemu_io(fmt: &str, img: &std::path::Path, cmd: &str) {
+    let out = Command::new("qemu-io")
+        .args(["-f", fmt, "-c", cmd])
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-io {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn full_then_delta_with_json_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+    sparse(&src, 256 * MIB);
+    fill_random(&src, 10 * MIB, 20 * MIB, 1);
+    let s = src.to_str().unwrap();
+    let d = dst.to_str().unwrap();
+
+    let full = json(&ok(&["disk", "sync", "--json", s, d]));
+    assert!(same_file(&src, &dst));
+    assert_eq!(full["full"], true);
+    assert_eq!(full["generation"], 1);
+    // Holes are neither read nor sent.
+    assert!(full["bytes_read"].as_u64().unwrap() < 40 * MIB, "{full}");
+    assert!(full["bytes_sent"].as_u64().unwrap() < 22 * MIB, "{full}");
+    for key in ["bytes_read", "bytes_sent", "chunks_changed", "duration_s"] {
+        assert!(full.get(key).is_some(), "--json lacks {key}");
+    }
+
+    // Nothing changed: nothing sent.
+    let same = json(&ok(&["disk", "sync", "--json", s, d]));
+    assert_eq!(same["chunks_changed"], 0);
+    assert_eq!(same["generation"], 2);
+
+    // Scattered changes, one of them back to zeros.
+    fill_random(&src, 100 * MIB, MIB, 2);
+    fill_random(&src, 200 * MIB + 4096, 4096, 3);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .map(|f| {
+            std::os::unix::fs::FileExt::write_all_at(&f, &vec![0; MIB as usize], 12 * MIB).unwrap()
+        })
+        .unwrap();
+    let delta = json(&ok(&["disk", "sync", "--json", s, d]));
+    assert!(same_file(&src, &dst));
+    assert_eq!(delta["full"], false);
+    // 16 chunks + 1 chunk + 16 zeroed chunks.
+    assert_eq!(delta["chunks_changed"], 33, "{delta}");
+    assert_eq!(delta["chunks_zeroed"], 16, "{delta}");
+    let changed = 17 * 64 * 1024;
+    assert!(
+        delta["bytes_sent"].as_u64().unwrap() as f64 <= 1.1 * changed as f64,
+        "{delta}"
+    );
+}
+
+#[test]
+fn qcow2_and_vmdk_sources_through_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    for fmt in ["qcow2", "vmdk"] {
+        let img = dir.path().join(format!("src.{fmt}"));
+        let dst = dir.path().join(format!("dst-{fmt}.raw"));
+        let reference = dir.path().join(format!("ref-{fmt}.raw"));
+        qemu_img(&["create", "-q", "-f", fmt, img.to_str().unwrap(), "64M"]);
+        qemu_io(fmt, &img, "write -P 0xab 1M 3M");
+        qemu_io(fmt, &img, "write -P 0x17 40M 64k");
+        let r = json(&ok(&[
+            "disk",
+            "sync",
+            "--json",
+            img.to_str().unwrap(),
+            dst.to_str().unwrap(),
+        ]));
+        qemu_img(&[
+            "convert",
+            "-f",
+            fmt,
+            "-O",
+            "raw",
+            img.to_str().unwrap(),
+            reference.to_str().unwrap(),
+        ]);
+        assert!(same_file(&reference, &dst), "{fmt} copy differs");
+        // Unallocated clusters are not read.
+        assert!(r["bytes_read"].as_u64().unwrap() <= 8 * MIB, "{fmt}: {r}");
+    }
+}
+
+#[test]
+fn dirty_bitmap_deltas_over_five_generations() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("src.qcow2");
+    let dst = dir.path().join("dst.raw");
+    let reference = dir.path().join("ref.raw");
+    let (i, d) = (img.to_str().unwrap(), dst.to_str().unwrap());
+    qemu_img(&["create", "-q", "-f", "qcow2", i, "128M"]);
+    qemu_io("qcow2", &img, "write -P 0x11 0 8M");
+    ok(&["disk", "sync", i, d]);
+    for generation in 2..=6u32 {
+        // A fresh bitmap per generation, as a source worker rotates them.
+        let _ = Command::new("qemu-img")
+            .args(["bitmap", "--remove", i, "bm"])
+            .output();
+        qemu_img(&["bitmap", "--add", i, "bm"]);
+        let off = generation as u64 * 7 * MIB;
+        qemu_io("qcow2", &img, &format!("write -P {generation} {off} 192k"));
+        qemu_io(
+            "qcow2",
+            &img,
+            &format!("write -z {} 64k", (generation as u64 - 2) * MIB),
+        );
+        qemu_img(&["bitmap", "--disable", i, "bm"]);
+        let r = json(&ok(&[
+            "disk",
+            "sync",
+            "--json",
+            "--dirty-bitmap",
+            "bm",
+            i,
+            d,
+        ]));
+        assert_eq!(r["mode"], "dirty-bitmap");
+        assert_eq!(r["generation"], generation as u64);
+        // Only what the bitmap marks is read: 3 + 1 chunks.
+        assert_eq!(r["bytes_read"].as_u64().unwrap(), 4 * 64 * 1024, "{r}");
+        let _ = std::fs::remove_file(&reference);
+        qemu_img(&[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            i,
+            reference.to_str().unwrap(),
+        ]);
+        assert!(
+            same_file(&reference, &dst),
+            "generation {generation} differs"
+        );
+    }
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_no_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("dst.raw");
+    let d = dst.to_str().unwrap();
+
+    let out = run(&["disk", "sync", "/nonexistent/disk.raw", d]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/disk.raw") && err.contains("No such file"),
+        "{err}"
+    );
+    assert!(!dst.exists());
+
+    let raw = dir.path().join("src.raw");
+    sparse(&raw, MIB);
+    let out = run(&[
+        "disk",
+        "sync",
+        "--dirty-bitmap",
+        "bm",
+        raw.to_str().unwrap(),
+        d,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("raw image carries no dirty bitmap"));
+
+    let out = run(&[
+        "disk",
+        "sync",
+        "--chunk-size",
+        "3000",
+        raw.to_str().unwrap(),
+        d,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
+
+    let out = run(&[
+        "disk",
+        "sync",
+        raw.to_str().unwrap(),
+        "/nonexistent-dir/dst.raw",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent-dir"));
+
+    let out = run(&["disk", "sync", "nbd+unix:///x?socket=/nonexistent.sock", d]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.sock"));
+}
+
+#[test]
+fn a_target_changed_behind_ferrys_back_is_indexed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+    sparse(&src, 32 * MIB);
+    fill_random(&src, 0, 4 * MIB, 9);
+    let (s, d) = (src.to_str().unwrap(), dst.to_str().unwrap());
+    ok(&["disk", "sync", s, d]);
+    // Someone writes into the target (a test boot, say) and damages the index.
+    fill_random(&dst, 20 * MIB, MIB, 10);
+    let side = sidecar(&dst);
+    let idx = std::fs::read_dir(&side)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "idx"))
+        .unwrap();
+    std::fs::write(&idx, b"garbage").unwrap();
+    let r = json(&ok(&["disk", "sync", "--json", s, d]));
+    assert!(same_file(&src, &dst));
+    assert_eq!(r["chunks_changed"], 16, "{r}");
+
+    // An existing file Ferry never wrote is adopted: only differences move.
+    let other = dir.path().join("other.raw");
+    std::fs::copy(&src, &other).unwrap();
+    fill_random(&src, 30 * MIB, 64 * 1024, 11);
+    let r = json(&ok(&["disk", "sync", "--json", s, other.to_str().unwrap()]));
+    assert!(same_file(&src, &other));
+    assert_eq!(r["chunks_changed"], 1, "{r}");
+}

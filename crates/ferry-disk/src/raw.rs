@@ -53,6 +53,46 @@ impl RawDisk {
         self.file.read_exact_at(buf, offset).map_err(|e| self.io(e))
     }
 
+    /// Blocking read into a new buffer, without first zeroing it (that would cost as much
+    /// as the read itself).
+    pub fn read_vec_blocking(&self, offset: u64, len: usize) -> Result<Vec<u8>, DiskError> {
+        if offset.saturating_add(len as u64) > self.size {
+            return Err(DiskError::OutOfRange {
+                disk: self.name.clone(),
+                offset,
+                len: len as u64,
+                size: self.size,
+            });
+        }
+        let mut buf: Vec<u8> = Vec::with_capacity(len);
+        let fd = self.file.as_raw_fd();
+        while buf.len() < len {
+            let done = buf.len();
+            // SAFETY: pread writes at most `len - done` bytes into the spare capacity,
+            // and only the bytes it reports are marked initialised.
+            let n = unsafe {
+                libc::pread(
+                    fd,
+                    buf.as_mut_ptr().add(done) as *mut libc::c_void,
+                    len - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(self.io(err));
+            }
+            if n == 0 {
+                return Err(self.io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            unsafe { buf.set_len(done + n as usize) };
+        }
+        Ok(buf)
+    }
+
     /// Blocking extent map from SEEK_DATA / SEEK_HOLE. Where the filesystem or device
     /// cannot answer, everything is data (correct, only slower).
     pub fn extents_blocking(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
@@ -136,13 +176,9 @@ impl Disk for RawDisk {
 
     async fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, DiskError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len];
-            this.read_at_blocking(offset, &mut buf)?;
-            Ok(buf)
-        })
-        .await
-        .map_err(|e| self.io(std::io::Error::other(e)))?
+        tokio::task::spawn_blocking(move || this.read_vec_blocking(offset, len))
+            .await
+            .map_err(|e| self.io(std::io::Error::other(e)))?
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {

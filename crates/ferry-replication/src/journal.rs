@@ -69,6 +69,10 @@ impl Journal {
         self.file.write_all_at(&h, k * self.record)
     }
 
+    pub fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        std::os::unix::io::AsRawFd::as_raw_fd(&self.file)
+    }
+
     pub fn sync(&self) -> std::io::Result<()> {
         self.file.sync_data()
     }

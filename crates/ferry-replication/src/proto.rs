@@ -116,8 +116,13 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoE
             "frame of {len} bytes announced (at most {MAX_FRAME}): corrupt stream"
         )));
     }
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload).await?;
+    // Read into spare capacity: zeroing a buffer that is overwritten at once costs as
+    // much as a copy.
+    let mut payload = Vec::with_capacity(len as usize);
+    (&mut *r).take(len as u64).read_to_end(&mut payload).await?;
+    if payload.len() != len as usize {
+        return Err(ProtoError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
     Ok(Frame {
         kind: h[0],
         flags: h[1],

@@ -89,7 +89,7 @@ impl Receiver {
     }
 
     /// Runs one connection (control or data) to its end.
-    pub async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
+    pub async fn handle<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         self: Arc<Self>,
         stream: S,
     ) -> Result<(), SyncError> {

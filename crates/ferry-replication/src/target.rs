@@ -483,6 +483,9 @@ enum Store {
     Journal(Journal),
 }
 
+/// Start writeback after this many received bytes.
+const WRITEBACK_BYTES: u64 = 8 << 20;
+
 /// Checkpoint after this many received bytes: bounds what a receiver crash costs in
 /// re-sent data.
 const CHECKPOINT_BYTES: u64 = 32 << 20;
@@ -541,7 +544,13 @@ impl Session {
             (Store::Journal(_), None) => {}
         }
         if bytes.is_some() {
-            self.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+            let before = self.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+            // Start writing back every few MiB without waiting, so the disk works while
+            // the network does, and checkpoints find little left to flush. (With lots of
+            // memory the kernel would otherwise hold gigabytes dirty until the commit.)
+            if (before + len as u64) / WRITEBACK_BYTES != before / WRITEBACK_BYTES {
+                self.start_writeback();
+            }
         }
         self.unrecorded.lock().unwrap().push((chunk, digest));
         let pending = self
@@ -552,6 +561,16 @@ impl Session {
             self.checkpoint()?;
         }
         Ok(())
+    }
+
+    fn start_writeback(&self) {
+        use std::os::unix::io::AsRawFd;
+        let fd = match &self.store {
+            Store::Image { file, .. } => file.as_raw_fd(),
+            Store::Journal(j) => j.as_raw_fd(),
+        };
+        // Advisory: failure only means the flush happens later.
+        unsafe { libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
     }
 
     /// Makes every chunk stored so far durable and records it in the pending index.

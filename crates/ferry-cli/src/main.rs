@@ -31,6 +31,8 @@ enum Command {
     /// Benchmarks against the tools a user would otherwise use.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
+    /// A real disk through the replication workflow on the embedded defaults.
+    Quickstart(cmd::quickstart::Args),
     // Control-plane commands (appliance, source, target, inventory, group, profile, migration)
     // are added below this line.
     /// The control plane: REST API, orchestrator and scheduler.
@@ -56,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Command::Disk(c) => cmd::disk::run(c),
         Command::Pki(c) => cmd::pki::run(c),
         Command::Bench(c) => cmd::bench::run(c),
+        Command::Quickstart(a) => cmd::quickstart::run(a),
         Command::Appliance(c) => cmd::appliance::run(c),
         Command::Source(c) => cmd::source::run_source(c),
         Command::Target(c) => cmd::source::run_target(c),

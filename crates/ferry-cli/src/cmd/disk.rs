@@ -131,7 +131,7 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
                 let disk = open_source(&src, &send).await?;
                 let opts = send_options(&send, false)?;
                 let target = dst.clone();
-                let report = with_progress(&send, disk.size(), |p| async move {
+                let report = with_progress(send.json, disk.size(), |p| async move {
                     ferry_replication::sync_local(&disk, &target, &opts, p).await
                 })
                 .await
@@ -150,7 +150,7 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
                     ferry_replication::Endpoint::new(&to, server_name.as_deref(), &identity)?;
                 let disk = open_source(&src, &send).await?;
                 let opts = send_options(&send, true)?;
-                let report = with_progress(&send, disk.size(), |p| async move {
+                let report = with_progress(send.json, disk.size(), |p| async move {
                     ferry_replication::send(&disk, &endpoint, &opts, p).await
                 })
                 .await
@@ -234,13 +234,13 @@ fn send_options(args: &SendArgs, remote: bool) -> Result<SendOptions> {
 }
 
 /// Runs `f` with a progress bar on stderr (hidden with --json or without a terminal).
-async fn with_progress<F, Fut>(args: &SendArgs, size: u64, f: F) -> Result<SyncReport>
+pub(crate) async fn with_progress<F, Fut>(json: bool, size: u64, f: F) -> Result<SyncReport>
 where
     F: FnOnce(Arc<Progress>) -> Fut,
     Fut: std::future::Future<Output = Result<SyncReport, ferry_replication::SyncError>>,
 {
     let progress = Arc::new(Progress::default());
-    let bar = if args.json {
+    let bar = if json {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(size)
@@ -272,7 +272,7 @@ where
     Ok(result?)
 }
 
-fn print_report(r: &SyncReport, json: bool) {
+pub(crate) fn print_report(r: &SyncReport, json: bool) {
     if json {
         println!("{}", serde_json::to_string(r).expect("report serialises"));
         return;

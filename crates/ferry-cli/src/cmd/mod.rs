@@ -4,6 +4,7 @@ pub mod bench;
 mod bench_replication;
 pub mod disk;
 pub mod pki;
+pub mod quickstart;
 pub mod util;
 // Control plane.
 pub mod appliance;

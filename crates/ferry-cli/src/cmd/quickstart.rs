@@ -43,14 +43,28 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let _ = std::fs::remove_dir_all(dir.join("target.raw.ferry"));
 
-    step(1, "a source disk", &format!(
-        "A {} qcow2 image, as a KVM host keeps it, with some data on it.",
-        human_bytes(args.size)
-    ));
-    qemu_img(&["create", "-q", "-f", "qcow2"], &source, Some(&args.size.to_string()))?;
+    step(
+        1,
+        "a source disk",
+        &format!(
+            "A {} qcow2 image, as a KVM host keeps it, with some data on it.",
+            human_bytes(args.size)
+        ),
+    );
+    qemu_img(
+        &["create", "-q", "-f", "qcow2"],
+        &source,
+        Some(&args.size.to_string()),
+    )?;
     let rt = runtime()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
-    let written = rt.block_on(write_through_nbd(&source, &mut rng, args.size, 96 << 20, 4 << 20))?;
+    let written = rt.block_on(write_through_nbd(
+        &source,
+        &mut rng,
+        args.size,
+        96 << 20,
+        4 << 20,
+    ))?;
     println!("  wrote {} of data through qemu-nbd", human_bytes(written));
 
     step(2, "initial sync", "A persistent dirty bitmap starts recording every write from this point in time; Ferry reads only allocated data, skips zeros, and streams 64 KiB chunks with their BLAKE3 digests over mutual TLS; the receiver verifies every chunk before writing it.");
@@ -58,9 +72,22 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let full = rt.block_on(sync(&source, &target, None))?;
     print_report(&full, false);
 
-    step(3, "the source keeps changing", "While replication goes on, the workload writes; the dirty bitmap records which blocks.");
-    let changed = rt.block_on(write_through_nbd(&source, &mut rng, args.size, 24 << 20, 64 << 10))?;
-    println!("  wrote {} in scattered 64 KiB blocks", human_bytes(changed));
+    step(
+        3,
+        "the source keeps changing",
+        "While replication goes on, the workload writes; the dirty bitmap records which blocks.",
+    );
+    let changed = rt.block_on(write_through_nbd(
+        &source,
+        &mut rng,
+        args.size,
+        24 << 20,
+        64 << 10,
+    ))?;
+    println!(
+        "  wrote {} in scattered 64 KiB blocks",
+        human_bytes(changed)
+    );
     // A bitmap is read once it stops recording; a source worker would start the next one
     // in the same step (see ARCHITECTURE.md).
     qemu_img(&["bitmap", "--disable"], &source, Some(BITMAP))?;
@@ -69,7 +96,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let delta = rt.block_on(sync(&source, &target, Some(BITMAP)))?;
     print_report(&delta, false);
 
-    step(5, "verification", "The target is compared byte for byte with the source, read through qemu-img.");
+    step(
+        5,
+        "verification",
+        "The target is compared byte for byte with the source, read through qemu-img.",
+    );
     let reference = dir.join("source-as-raw.raw");
     let _ = std::fs::remove_file(&reference);
     let out = Command::new("qemu-img")
@@ -78,9 +109,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .arg(&reference)
         .output()?;
     if !out.status.success() {
-        bail!("qemu-img convert failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "qemu-img convert failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    let same = Command::new("cmp").arg("-s").arg(&reference).arg(&target).status()?.success();
+    let same = Command::new("cmp")
+        .arg("-s")
+        .arg(&reference)
+        .arg(&target)
+        .status()?
+        .success();
     let _ = std::fs::remove_file(&reference);
     if !same {
         bail!("the target differs from the source: this is a bug, please report it");
@@ -111,7 +150,10 @@ fn qemu_img(args: &[&str], image: &Path, last: Option<&str>) -> Result<()> {
     }
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }

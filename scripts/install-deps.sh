@@ -20,3 +20,19 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # Python tools used by the API conformance test (schemathesis), kept in a venv outside the repo.
+
+# --- control plane ------------------------------------------------------------------
+# Schemathesis (API conformance test, crates/ferry-cli/tests/control_plane.rs) in a venv
+# outside the repository; the test looks for it at /var/cache/ferry/venv/bin/st
+# (or $FERRY_SCHEMATHESIS) and prints a SKIP line when it is missing.
+FERRY_VENV=${FERRY_VENV:-/var/cache/ferry/venv}
+if [ ! -x "$FERRY_VENV/bin/st" ]; then
+  if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null
+  fi
+  mkdir -p "$(dirname "$FERRY_VENV")"
+  python3 -m venv "$FERRY_VENV"
+  "$FERRY_VENV/bin/pip" install -q --disable-pip-version-check 'schemathesis>=4,<5'
+fi

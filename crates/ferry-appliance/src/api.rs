@@ -63,8 +63,10 @@ fn parse_id(s: &str, what: &str) -> Result<Uuid, ApiError> {
 #[into_params(parameter_in = Query)]
 pub struct PageParams {
     /// Items per page, 1-500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// Items to skip (default 0).
+    #[param(minimum = 0, maximum = 2147483647)]
     pub offset: Option<i64>,
 }
 
@@ -157,7 +159,11 @@ pub struct WorkloadQuery {
     /// Source name or id.
     pub source: Option<String>,
     pub tag: Option<String>,
+    /// Items per page, 1-500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// Items to skip (default 0).
+    #[param(minimum = 0, maximum = 2147483647)]
     pub offset: Option<i64>,
 }
 
@@ -211,12 +217,17 @@ pub struct GroupCommandReport {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct MigrationQuery {
+    #[param(value_type = Option<State>)]
     pub state: Option<String>,
     /// Workload name or id.
     pub workload: Option<String>,
     /// Move group name or id.
     pub group: Option<String>,
+    /// Items per page, 1-500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// Items to skip (default 0).
+    #[param(minimum = 0, maximum = 2147483647)]
     pub offset: Option<i64>,
 }
 
@@ -242,8 +253,10 @@ pub struct CursorQuery {
     /// Only items with a greater id.
     pub after: Option<i64>,
     /// 1-1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
     /// Only this migration's events.
+    #[param(format = Uuid)]
     pub migration_id: Option<String>,
 }
 
@@ -700,10 +713,15 @@ async fn create_workload(
     AxState(st): AxState<AppState>,
     ApiJson(w): ApiJson<NewWorkload>,
 ) -> ApiResult<(StatusCode, Json<Workload>)> {
-    validate_name(&w.name).map_err(|m| ApiError::bad_request(format!("name {m}")))?;
-    if let Some(d) = &w.target_migration_date {
-        validate_date(d)
-            .map_err(|m| ApiError::bad_request(format!("target_migration_date: {m}")))?;
+    let errs = w.validate();
+    if !errs.is_empty() {
+        let msg = errs
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(ApiError::bad_request(format!("invalid workload: {msg}"))
+            .with_details(serde_json::json!({"fields": errs})));
     }
     if let Some(s) = w.source_id {
         st.store()
@@ -741,7 +759,7 @@ async fn import_workloads(
 ) -> ApiResult<Json<ImportReport>> {
     if body.trim().is_empty() {
         return Err(ApiError::bad_request(
-            "the CSV body is empty; send the file with a header line",
+            "the CSV body is empty; send the file, starting with a header line naming the columns",
         ));
     }
     let (rows, mut errors) = csv_import::parse(&body).map_err(|e| {
@@ -963,7 +981,7 @@ async fn create_profile(
             .with_details(serde_json::json!({"fields": errs})));
     }
     st.store().get_target(&spec.target).await.map_err(|_| {
-        ApiError::bad_request(format!(
+        ApiError::not_found(format!(
             "target: no target named '{}'; create it first (ferry target add)",
             spec.target
         ))
@@ -1061,7 +1079,7 @@ async fn create_migration(
     ))
 }
 
-#[utoipa::path(get, path = "/api/migrations/{id}", params(("id" = String, Path, description = "Migration id")), responses((status = 200, body = MigrationDetail)))]
+#[utoipa::path(get, path = "/api/migrations/{id}", params(("id" = Uuid, Path, description = "Migration id")), responses((status = 200, body = MigrationDetail)))]
 async fn get_migration(
     AxState(st): AxState<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -1080,7 +1098,7 @@ async fn get_migration(
 /// Sends a command: `start`, `preflight`, `sync`, `uat_start`, `uat_stop`, `uat_pass`,
 /// `uat_fail`, `cutover`, `rollback`, `retry`, `cancel`. Refused with 409 and the allowed
 /// commands when the current state does not accept it.
-#[utoipa::path(post, path = "/api/migrations/{id}/commands", params(("id" = String, Path, description = "Migration id")), request_body = CommandRequest, responses((status = 202, body = Migration)))]
+#[utoipa::path(post, path = "/api/migrations/{id}/commands", params(("id" = Uuid, Path, description = "Migration id")), request_body = CommandRequest, responses((status = 202, body = Migration)))]
 async fn migration_command(
     AxState(st): AxState<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -1093,7 +1111,7 @@ async fn migration_command(
     ))
 }
 
-#[utoipa::path(put, path = "/api/migrations/{id}/schedule", params(("id" = String, Path, description = "Migration id")), request_body = DeltaSchedule, responses((status = 200, body = Migration)))]
+#[utoipa::path(put, path = "/api/migrations/{id}/schedule", params(("id" = Uuid, Path, description = "Migration id")), request_body = DeltaSchedule, responses((status = 200, body = Migration)))]
 async fn migration_schedule(
     AxState(st): AxState<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -1103,7 +1121,7 @@ async fn migration_schedule(
     Ok(Json(st.engine.set_schedule(id, s).await?))
 }
 
-#[utoipa::path(get, path = "/api/migrations/{id}/events", params(("id" = String, Path, description = "Migration id"), CursorQuery), responses((status = 200, body = Vec<Event>)))]
+#[utoipa::path(get, path = "/api/migrations/{id}/events", params(("id" = Uuid, Path, description = "Migration id"), CursorQuery), responses((status = 200, body = Vec<Event>)))]
 async fn migration_events(
     AxState(st): AxState<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -1115,7 +1133,7 @@ async fn migration_events(
     Ok(Json(st.store().list_events(Some(id), after, limit).await?))
 }
 
-#[utoipa::path(get, path = "/api/migrations/{id}/logs", params(("id" = String, Path, description = "Migration id"), CursorQuery), responses((status = 200, body = Vec<LogLine>)))]
+#[utoipa::path(get, path = "/api/migrations/{id}/logs", params(("id" = Uuid, Path, description = "Migration id"), CursorQuery), responses((status = 200, body = Vec<LogLine>)))]
 async fn migration_logs(
     AxState(st): AxState<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -1127,7 +1145,7 @@ async fn migration_logs(
     Ok(Json(st.store().list_logs(id, after, limit).await?))
 }
 
-#[utoipa::path(get, path = "/api/migrations/{id}/jobs", params(("id" = String, Path, description = "Migration id")), responses((status = 200, body = Vec<JobInfo>)))]
+#[utoipa::path(get, path = "/api/migrations/{id}/jobs", params(("id" = Uuid, Path, description = "Migration id")), responses((status = 200, body = Vec<JobInfo>)))]
 async fn migration_jobs(
     AxState(st): AxState<AppState>,
     ApiPath(id): ApiPath<String>,

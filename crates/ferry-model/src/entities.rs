@@ -77,6 +77,14 @@ pub struct Source {
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewSource {
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 128,
+            pattern = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+        )
+    )]
     pub name: String,
     pub kind: SourceKind,
     #[serde(default)]
@@ -107,6 +115,14 @@ pub struct Target {
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewTarget {
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 128,
+            pattern = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+        )
+    )]
     pub name: String,
     pub kind: TargetKind,
     #[serde(default)]
@@ -138,11 +154,20 @@ pub struct Credential {
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewCredential {
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 128,
+            pattern = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+        )
+    )]
     pub name: String,
     pub kind: CredentialKind,
     #[serde(default)]
     pub username: Option<String>,
     /// Write-only: stored encrypted, never returned.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub secret: String,
 }
 
@@ -160,6 +185,14 @@ impl std::fmt::Debug for NewCredential {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct Disk {
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 128,
+            pattern = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+        )
+    )]
     pub name: String,
     pub size_bytes: u64,
     /// Where the source reads it (an image path for disk-image sources).
@@ -209,14 +242,24 @@ pub struct Workload {
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewWorkload {
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 128,
+            pattern = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+        )
+    )]
     pub name: String,
     #[serde(default)]
     pub source_id: Option<Uuid>,
     #[serde(default)]
     pub os: Option<String>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 2147483647))]
     pub cpus: Option<u32>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub memory_mib: Option<u64>,
     #[serde(default)]
     pub disks: Vec<Disk>,
@@ -239,9 +282,50 @@ pub struct NewWorkload {
     #[serde(default)]
     pub cloud_sizing: Option<String>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(format = Date))]
     pub target_migration_date: Option<String>,
     #[serde(default)]
     pub tags: Vec<String>,
+}
+
+impl NewWorkload {
+    /// Every problem found, each naming its field.
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut errs = vec![];
+        let mut bad = |field: String, message: String| errs.push(FieldError { field, message });
+        if let Err(m) = validate_name(&self.name) {
+            bad("name".into(), m);
+        }
+        if let Some(d) = &self.target_migration_date {
+            if let Err(m) = validate_date(d) {
+                bad("target_migration_date".into(), m);
+            }
+        }
+        if self.cpus.is_some_and(|c| c == 0 || c > i32::MAX as u32) {
+            bad("cpus".into(), "must be 1 or more".into());
+        }
+        if self
+            .memory_mib
+            .is_some_and(|m| m == 0 || m > i64::MAX as u64)
+        {
+            bad(
+                "memory_mib".into(),
+                "must be 1 or more (and fit in 63 bits)".into(),
+            );
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            if let Err(m) = validate_name(&d.name) {
+                bad(format!("disks[{i}].name"), m);
+            }
+            if d.size_bytes > i64::MAX as u64 {
+                bad(
+                    format!("disks[{i}].size_bytes"),
+                    "must fit in 63 bits".into(),
+                );
+            }
+        }
+        errs
+    }
 }
 
 /// A wave of workloads cut over together.
@@ -265,10 +349,20 @@ pub struct MoveGroup {
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewMoveGroup {
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 128,
+            pattern = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+        )
+    )]
     pub name: String,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(format = Date))]
     pub target_date: Option<String>,
     #[serde(default = "one")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1000))]
     pub concurrency: u32,
     #[serde(default)]
     pub cutover_window: Option<String>,
@@ -290,8 +384,12 @@ pub struct DeltaSchedule {
     pub cron: Option<String>,
     /// For `continuous`: the least time between the end of one delta and the next start.
     #[serde(default = "sixty")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 31_536_000))]
     pub min_interval_secs: u64,
 }
+
+/// The longest minimum interval between continuous deltas: a year.
+pub const MAX_INTERVAL_SECS: u64 = 31_536_000;
 
 fn manual() -> ScheduleMode {
     ScheduleMode::Manual
@@ -312,25 +410,26 @@ impl Default for DeltaSchedule {
 
 impl DeltaSchedule {
     pub fn validate(&self) -> Result<(), FieldError> {
-        match self.mode {
-            ScheduleMode::Cron => {
-                let expr = self.cron.as_deref().ok_or_else(|| FieldError {
-                    field: "schedule.cron".into(),
-                    message: "mode 'cron' needs a cron expression, e.g. cron = \"0 */2 * * *\""
-                        .into(),
-                })?;
-                CronSchedule::parse(expr).map_err(|e| FieldError {
-                    field: "schedule.cron".into(),
-                    message: e.to_string(),
-                })?;
-            }
-            ScheduleMode::Continuous if self.min_interval_secs == 0 => {
-                return Err(FieldError {
-                    field: "schedule.min_interval_secs".into(),
-                    message: "continuous syncs need a minimum interval of at least 1 second".into(),
-                })
-            }
-            _ => {}
+        if self.mode == ScheduleMode::Cron && self.cron.is_none() {
+            return Err(FieldError {
+                field: "schedule.cron".into(),
+                message: "mode 'cron' needs a cron expression, e.g. cron = \"0 */2 * * *\"".into(),
+            });
+        }
+        if let Some(expr) = &self.cron {
+            CronSchedule::parse(expr).map_err(|e| FieldError {
+                field: "schedule.cron".into(),
+                message: e.to_string(),
+            })?;
+        }
+        if !(1..=MAX_INTERVAL_SECS).contains(&self.min_interval_secs) {
+            return Err(FieldError {
+                field: "schedule.min_interval_secs".into(),
+                message: format!(
+                    "must be 1-{MAX_INTERVAL_SECS} seconds (got {})",
+                    self.min_interval_secs
+                ),
+            });
         }
         Ok(())
     }
@@ -403,8 +502,17 @@ pub const CHECK_KINDS: &[&str] = &["boot", "tcp", "http", "command", "data"];
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ProfileSpec {
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 128,
+            pattern = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+        )
+    )]
     pub name: String,
     /// Target name or id.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, pattern = r"\S"))]
     pub target: String,
     #[serde(default)]
     pub placement: Placement,

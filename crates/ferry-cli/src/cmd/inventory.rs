@@ -242,7 +242,7 @@ pub fn run_inventory(a: InventoryArgs) -> Result<ExitCode> {
                         );
                     }
                 }
-                if r["rejected"].as_u64().unwrap_or(0) > 0 {
+                if r["errors"].as_array().is_some_and(|e| !e.is_empty()) {
                     return Ok(ExitCode::from(2));
                 }
             }

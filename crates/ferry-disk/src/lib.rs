@@ -60,6 +60,18 @@ pub trait Disk: Send + Sync {
         len: usize,
     ) -> impl Future<Output = Result<Vec<u8>, DiskError>> + Send;
 
+    /// Like [`Disk::read_at`], reusing `buf`'s memory: a scan of a whole disk then
+    /// touches the same pages again instead of faulting in new ones for every read.
+    fn read_into(
+        &self,
+        offset: u64,
+        len: usize,
+        buf: Vec<u8>,
+    ) -> impl Future<Output = Result<Vec<u8>, DiskError>> + Send {
+        drop(buf);
+        self.read_at(offset, len)
+    }
+
     /// Which parts of [offset, offset+len) hold data and which are known to read as
     /// zeros. Contiguous and in order; may end before offset+len (ask again from there).
     fn extents(

@@ -126,6 +126,13 @@ impl Disk for AnyDisk {
         }
     }
 
+    async fn read_into(&self, offset: u64, len: usize, buf: Vec<u8>) -> Result<Vec<u8>, DiskError> {
+        match self {
+            AnyDisk::Raw(d) => d.read_into(offset, len, buf).await,
+            AnyDisk::Nbd(d) => d.read_into(offset, len, buf).await,
+        }
+    }
+
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
         match self {
             AnyDisk::Raw(d) => d.extents(offset, len).await,

@@ -233,7 +233,9 @@ impl IndexFile {
 
     /// Fills entries from raw bytes received from a peer, starting at entry `first`.
     pub fn write_raw(&self, first: u64, raw: &[u8]) -> Result<(), IndexError> {
-        if raw.len() as u64 % ENTRY != 0 || first + raw.len() as u64 / ENTRY > self.chunk_count() {
+        if !(raw.len() as u64).is_multiple_of(ENTRY)
+            || first + raw.len() as u64 / ENTRY > self.chunk_count()
+        {
             return Err(IndexError::Corrupt {
                 path: self.path.clone(),
                 reason: format!("{} entry bytes at entry {first} do not fit", raw.len()),

@@ -185,6 +185,7 @@ async fn send_once<D: Disk + Clone + 'static>(
             progress: Arc::clone(&progress),
             compress: opts.compress,
             limiter: limiter.clone(),
+            spare: Mutex::new(None),
         };
         let endpoint = endpoint.clone();
         let rx = Arc::clone(&rx);
@@ -392,6 +393,8 @@ struct Stream<D> {
     progress: Arc<Progress>,
     compress: bool,
     limiter: Option<Arc<RateLimit>>,
+    /// The last unit's read buffer, for the next read.
+    spare: Mutex<Option<Vec<u8>>>,
 }
 
 /// A bandwidth limit shared by all streams: each write waits until the average rate since
@@ -493,7 +496,8 @@ impl<D: Disk> Stream<D> {
         let (last_off, last_len) = g.chunk(unit.first + unit.count - 1);
         let span = last_off + last_len as u64 - start;
         let data = if unit.read {
-            let d = self.disk.read_at(start, span as usize).await?;
+            let spare = self.spare.lock().await.take().unwrap_or_default();
+            let d = self.disk.read_into(start, span as usize, spare).await?;
             Progress::add(&self.progress.bytes_read, span);
             Some(d)
         } else {
@@ -501,7 +505,7 @@ impl<D: Disk> Stream<D> {
         };
         let local = Arc::clone(&self.local);
         let compress = self.compress;
-        let (frames, changed, zeroed) = tokio::task::spawn_blocking(move || {
+        let (frames, changed, zeroed, buf) = tokio::task::spawn_blocking(move || {
             let before = local.read(unit.first, unit.count)?;
             let mut frames = Vec::new();
             let mut changed = Vec::new();
@@ -540,9 +544,12 @@ impl<D: Disk> Stream<D> {
             }
             let n = changed.len() as u64;
             local.set_many(&mut changed)?;
-            Ok::<_, SyncError>((frames, n, zeroed))
+            Ok::<_, SyncError>((frames, n, zeroed, data))
         })
         .await??;
+        if let Some(buf) = buf {
+            *self.spare.lock().await = Some(buf);
+        }
         Progress::add(&self.progress.chunks_changed, changed);
         Progress::add(&self.progress.chunks_zeroed, zeroed);
         Progress::add(&self.progress.scanned, span);

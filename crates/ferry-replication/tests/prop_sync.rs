@@ -141,7 +141,13 @@ fn bytes_of(len: u64, fill: &Fill) -> Vec<u8> {
     }
 }
 
-fn scenario() -> impl Strategy<Value = (u64, Vec<(bool, Vec<(u64, u64, Fill)>)>)> {
+/// One write: offset, length, contents.
+type Write = (u64, u64, Fill);
+/// A disk size and, per generation, whether to sync with the dirty bitmap and the writes
+/// before it.
+type Scenario = (u64, Vec<(bool, Vec<Write>)>);
+
+fn scenario() -> impl Strategy<Value = Scenario> {
     // Sizes that end inside a chunk, to exercise the short last chunk.
     (1u64..40, 0u64..4096).prop_flat_map(|(chunks, tail)| {
         let size = chunks * 4096 + tail;

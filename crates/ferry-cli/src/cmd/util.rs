@@ -49,21 +49,6 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("64K").unwrap(), 65536);
-        assert_eq!(parse_size("4GiB").unwrap(), 4 << 30);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("3X").is_err());
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-    }
-}
-
 /// An error and its causes on one line, each cause once: library errors often already
 /// quote their source in their own message.
 pub fn error_chain(err: &anyhow::Error) -> String {
@@ -79,4 +64,19 @@ pub fn error_chain(err: &anyhow::Error) -> String {
         out.push_str(&text);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64K").unwrap(), 65536);
+        assert_eq!(parse_size("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("3X").is_err());
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
 }

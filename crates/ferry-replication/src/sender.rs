@@ -269,10 +269,11 @@ async fn receive_index<R: AsyncRead + Unpin>(
         let frame = proto::read_frame(r).await?;
         match frame.kind {
             KIND_INDEX => {
-                let n = frame.payload.len() as u64 / 32;
+                let entries = frame.index_entries()?;
+                let n = entries.len() as u64 / 32;
                 let l = Arc::clone(local);
                 let first = next;
-                tokio::task::spawn_blocking(move || l.write_raw(first, &frame.payload)).await??;
+                tokio::task::spawn_blocking(move || l.write_raw(first, &entries)).await??;
                 next += n;
             }
             KIND_CONTROL => match frame.control()? {

@@ -33,6 +33,9 @@ if [ ! -x "$FERRY_VENV/bin/st" ]; then
     apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null
   fi
   mkdir -p "$(dirname "$FERRY_VENV")"
-  python3 -m venv "$FERRY_VENV"
-  "$FERRY_VENV/bin/pip" install -q --disable-pip-version-check 'schemathesis>=4,<5'
+  if ! { python3 -m venv "$FERRY_VENV" &&
+         "$FERRY_VENV/bin/pip" install -q --disable-pip-version-check 'schemathesis>=4,<5'; }; then
+    rm -rf "$FERRY_VENV"
+    echo "install-deps: WARNING: schemathesis could not be installed; the API conformance test will be SKIPPED" >&2
+  fi
 fi

@@ -14,7 +14,7 @@ use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use ferry_model::*;
 use ferry_store::{ImportRow, MigrationFilter, Page, Store, TokenRecord, WorkloadFilter};
 use serde::{Deserialize, Serialize};
@@ -385,7 +385,11 @@ async fn openapi_json() -> Response {
 
 // ---- auth ----------------------------------------------------------------------------
 
-pub async fn auth(AxState(st): AxState<AppState>, req: Request, next: Next) -> Response {
+/// Who made a request: the name of the token used (recorded as the actor of commands).
+#[derive(Debug, Clone)]
+pub struct Caller(pub String);
+
+pub async fn auth(AxState(st): AxState<AppState>, mut req: Request, next: Next) -> Response {
     if req.uri().path() == "/api/openapi.json" {
         return next.run(req).await;
     }
@@ -402,22 +406,26 @@ pub async fn auth(AxState(st): AxState<AppState>, req: Request, next: Next) -> R
         return ApiError::unauthorized("send 'Authorization: Bearer TOKEN' (the admin token is in the appliance's data directory, file admin-token)").into_response();
     };
     let hash = hash_token(token);
-    let known = st
+    let cached = st
         .tokens
         .read()
-        .map(|m| m.contains_key(&hash))
-        .unwrap_or(false);
-    if !known {
-        match st.store().token_by_hash(&hash).await {
+        .ok()
+        .and_then(|m| m.get(&hash).map(|r| r.name.clone()));
+    let name = match cached {
+        Some(n) => n,
+        None => match st.store().token_by_hash(&hash).await {
             Ok(Some(rec)) => {
+                let n = rec.name.clone();
                 if let Ok(mut m) = st.tokens.write() {
                     m.insert(hash, rec);
                 }
+                n
             }
             Ok(None) => return ApiError::unauthorized("unknown token").into_response(),
             Err(e) => return ApiError::from(e).into_response(),
-        }
-    }
+        },
+    };
+    req.extensions_mut().insert(Caller(name));
     next.run(req).await
 }
 
@@ -917,6 +925,7 @@ async fn group_cutover(
 #[utoipa::path(post, path = "/api/groups/{key}/sync", params(("key" = String, Path, description = "Name or id")), responses((status = 202, body = GroupCommandReport)))]
 async fn group_sync(
     AxState(st): AxState<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(key): ApiPath<String>,
 ) -> ApiResult<(StatusCode, Json<GroupCommandReport>)> {
     let g = st.store().get_group(&key).await?;
@@ -933,7 +942,11 @@ async fn group_sync(
             .list_migrations(&f, Page { limit: 500, offset })
             .await?;
         for m in page.iter().filter(|m| !m.state().is_terminal()) {
-            match st.engine.command(m.id, Command::Sync, "api").await {
+            match st
+                .engine
+                .command(m.id, Command::Sync, &format!("token '{}'", caller.0))
+                .await
+            {
                 Ok(_) => applied.push(m.id),
                 Err(e) => skipped.push(format!("{}: {}", m.workload_name, e.message)),
             }
@@ -1101,13 +1114,15 @@ async fn get_migration(
 #[utoipa::path(post, path = "/api/migrations/{id}/commands", params(("id" = Uuid, Path, description = "Migration id")), request_body = CommandRequest, responses((status = 202, body = Migration)))]
 async fn migration_command(
     AxState(st): AxState<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<CommandRequest>,
 ) -> ApiResult<(StatusCode, Json<Migration>)> {
     let id = parse_id(&id, "migration")?;
+    let actor = format!("token '{}'", caller.0);
     Ok((
         StatusCode::ACCEPTED,
-        Json(st.engine.command(id, req.command, "api").await?),
+        Json(st.engine.command(id, req.command, &actor).await?),
     ))
 }
 

@@ -425,6 +425,14 @@ impl Engine {
 
     /// One pass of the scheduler: due deltas and move-group cutovers.
     pub async fn schedule_tick(&self) -> Result<(), StoreError> {
+        // One scheduler at a time among the appliances sharing the store.
+        if !self
+            .store
+            .try_lease("scheduler", &self.config.owner, 5_000)
+            .await?
+        {
+            return Ok(());
+        }
         let now = ferry_store::now_ms();
         for m in self.store.due_syncs(now, 100).await? {
             match m.state() {

@@ -242,6 +242,37 @@ impl Store {
         rows.iter().map(job).collect()
     }
 
+    /// Takes or renews the named lease for `owner` (e.g. the scheduler, so that one
+    /// appliance at a time runs it); `false` while another owner holds it.
+    pub async fn try_lease(&self, name: &str, owner: &str, ttl_ms: i64) -> Result<bool> {
+        let mut w = self.write().await?;
+        let now = now_ms();
+        let inserted = sqlx::query(
+            "INSERT INTO leases (name, owner, expires_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(owner)
+        .bind(now + ttl_ms)
+        .execute(&mut *w.tx)
+        .await?
+        .rows_affected();
+        let got = inserted == 1
+            || sqlx::query(
+                "UPDATE leases SET owner = $1, expires_at = $2 WHERE name = $3 AND (owner = $4 OR expires_at < $5)",
+            )
+            .bind(owner)
+            .bind(now + ttl_ms)
+            .bind(name)
+            .bind(owner)
+            .bind(now)
+            .execute(&mut *w.tx)
+            .await?
+            .rows_affected()
+                == 1;
+        w.commit().await?;
+        Ok(got)
+    }
+
     /// Jobs not finished yet (queued or running).
     pub async fn count_open_jobs(&self) -> Result<i64> {
         Ok(

@@ -252,7 +252,13 @@ impl Store {
             Some(l) => Some(l.lock().await),
             None => None,
         };
-        let tx = self.pool.begin().await?;
+        // BEGIN IMMEDIATE takes SQLite's write lock up front, waiting (busy_timeout) for a
+        // transaction still being rolled back, instead of failing later with "database is
+        // locked" when a read would have to be upgraded.
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
         Ok(WriteTx { tx, _guard: guard })
     }
 

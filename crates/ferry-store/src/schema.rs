@@ -25,10 +25,16 @@ const VERSIONS: &[Version] = &[
         sqlite: include_str!("schema/sqlite_0002.sql"),
         postgres: include_str!("schema/postgres_0002.sql"),
     },
+    Version {
+        version: 3,
+        name: "named leases (one scheduler at a time)",
+        sqlite: include_str!("schema/common_0003.sql"),
+        postgres: include_str!("schema/common_0003.sql"),
+    },
 ];
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const PG_LOCK_KEY: i64 = 0x6665_7272_7930; // "ferry0"
 

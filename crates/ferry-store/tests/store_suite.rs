@@ -364,3 +364,30 @@ async fn import_is_all_or_nothing() {
         assert_eq!(done[1].move_group_id, Some(g.id));
     }
 }
+
+#[tokio::test]
+async fn named_lease_has_one_holder_at_a_time() {
+    for (name, s) in backends().await.stores {
+        assert!(
+            s.try_lease("scheduler", "a", 60_000).await.unwrap(),
+            "{name}"
+        );
+        assert!(
+            !s.try_lease("scheduler", "b", 60_000).await.unwrap(),
+            "{name}"
+        );
+        assert!(
+            s.try_lease("scheduler", "a", 1).await.unwrap(),
+            "{name}: renewal"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        assert!(
+            s.try_lease("scheduler", "b", 60_000).await.unwrap(),
+            "{name}: takeover after expiry"
+        );
+        assert!(
+            !s.try_lease("scheduler", "a", 60_000).await.unwrap(),
+            "{name}"
+        );
+    }
+}

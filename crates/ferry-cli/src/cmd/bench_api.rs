@@ -64,9 +64,13 @@ pub fn run(a: BenchApiArgs) -> Result<ExitCode> {
     let mut child = Child(
         std::process::Command::new(exe)
             .args(["appliance", "--listen", "127.0.0.1:0", "--data-dir"])
+            .env("FERRY_LOG", "warn")
             .arg(&dir)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(tmp.join("appliance.log"))
+                    .context("creating the appliance log")?,
+            ))
             .spawn()
             .context("starting the appliance")?,
     );
@@ -86,7 +90,19 @@ pub fn run(a: BenchApiArgs) -> Result<ExitCode> {
         .trim()
         .to_string();
     let rt = super::util::runtime()?;
-    let report = rt.block_on(load(&a, &url, &token, &tmp, pid))?;
+    let report = match rt.block_on(load(&a, &url, &token, &tmp, pid)) {
+        Ok(r) => r,
+        Err(e) => {
+            let log = std::fs::read_to_string(tmp.join("appliance.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(e.context(format!(
+                "appliance log ({}):\n{}",
+                tmp.join("appliance.log").display(),
+                tail.join("\n")
+            )));
+        }
+    };
     drop(child);
     let _ = std::fs::remove_dir_all(&tmp);
     if a.json {

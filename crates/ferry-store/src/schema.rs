@@ -31,10 +31,16 @@ const VERSIONS: &[Version] = &[
         sqlite: include_str!("schema/common_0003.sql"),
         postgres: include_str!("schema/common_0003.sql"),
     },
+    Version {
+        version: 4,
+        name: "indexes for listing migrations in creation order",
+        sqlite: include_str!("schema/common_0004.sql"),
+        postgres: include_str!("schema/common_0004.sql"),
+    },
 ];
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const PG_LOCK_KEY: i64 = 0x6665_7272_7930; // "ferry0"
 

@@ -756,6 +756,7 @@ fn api_conforms_to_its_openapi_document() {
             "1",
         ])
         .env("NO_COLOR", "1")
+        .current_dir(tmp.path())
         .output()
         .expect("run schemathesis");
     let text = String::from_utf8_lossy(&out.stdout);

@@ -271,6 +271,12 @@ async fn receive_index<R: AsyncRead + Unpin>(
             KIND_INDEX => {
                 let entries = frame.index_entries()?;
                 let n = entries.len() as u64 / 32;
+                // The local copy starts sparse (all zero): zero windows need no write, which
+                // keeps a first sync of a huge, mostly empty disk from writing its index.
+                if chunk::is_zero(&entries) {
+                    next += n;
+                    continue;
+                }
                 let l = Arc::clone(local);
                 let first = next;
                 tokio::task::spawn_blocking(move || l.write_raw(first, &entries)).await??;

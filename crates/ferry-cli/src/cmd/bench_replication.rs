@@ -327,8 +327,12 @@ fn synthetic_disk(path: &Path, size: u64, seed: u64) -> Result<u64> {
         .filter(|p| p.1 >= 4)
         .map(|p| REGION.min(size - p.0 * REGION))
         .sum();
+    // Reused only if untouched since it was made (the deltas write into it).
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let untouched = matches!((modified(path), modified(&stamp)), (Some(d), Some(s)) if d <= s);
     if std::fs::read_to_string(&stamp).ok().as_deref() == Some(recipe.as_str())
         && std::fs::metadata(path).map(|m| m.len()).ok() == Some(size)
+        && untouched
     {
         return Ok(data_bytes);
     }

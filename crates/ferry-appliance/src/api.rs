@@ -40,9 +40,22 @@ impl AppState {
 
 // ---- extractors that answer with the JSON error body ------------------------------
 
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON object body (serde would also take an array for a struct: refused here).
 pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let Json(v) = Json::<serde_json::Value>::from_request(req, state).await?;
+        if !v.is_object() {
+            return Err(ApiError::bad_request("the body must be a JSON object"));
+        }
+        serde_json::from_value(v)
+            .map(ApiJson)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    }
+}
 
 #[derive(FromRequestParts)]
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
@@ -304,7 +317,7 @@ pub struct JobInfo {
         list_credentials, create_credential,
         list_sources, create_source, get_source, delete_source,
         list_targets, create_target, get_target, delete_target,
-        list_workloads, create_workload, get_workload, import_workloads,
+        list_workloads, create_workload, get_workload, patch_workload, import_workloads,
         list_groups, create_group, get_group, group_migrations, group_cutover, group_sync,
         list_profiles, create_profile, get_profile,
         list_migrations, create_migration, get_migration, migration_command, migration_schedule,
@@ -367,6 +380,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
             &mut item.get,
             &mut item.post,
             &mut item.put,
+            &mut item.patch,
             &mut item.delete,
         ]
         .into_iter()
@@ -457,7 +471,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/targets/{key}", get(get_target).delete(delete_target))
         .route("/api/workloads", get(list_workloads).post(create_workload))
         .route("/api/workloads/import", post(import_workloads))
-        .route("/api/workloads/{key}", get(get_workload))
+        .route(
+            "/api/workloads/{key}",
+            get(get_workload).patch(patch_workload),
+        )
         .route("/api/groups", get(list_groups).post(create_group))
         .route("/api/groups/{key}", get(get_group))
         .route("/api/groups/{key}/migrations", post(group_migrations))
@@ -748,6 +765,39 @@ async fn create_workload(
         StatusCode::CREATED,
         Json(st.store().insert_workload(&w).await?),
     ))
+}
+
+/// Changes a workload: its source, disks, move group and order, services, sizing, tags.
+#[utoipa::path(patch, path = "/api/workloads/{key}", params(("key" = String, Path, description = "Name or id")), request_body = WorkloadPatch, responses((status = 200, body = Workload)))]
+async fn patch_workload(
+    AxState(st): AxState<AppState>,
+    ApiPath(key): ApiPath<String>,
+    ApiJson(p): ApiJson<WorkloadPatch>,
+) -> ApiResult<Json<Workload>> {
+    let w = st.store().get_workload(&key).await?;
+    let w = w.patched(&p).map_err(|errs| {
+        let msg = errs
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        ApiError::bad_request(format!("invalid workload: {msg}"))
+            .with_details(serde_json::json!({"fields": errs}))
+    })?;
+    if let Some(s) = p.source_id {
+        st.store()
+            .get_source(&s.to_string())
+            .await
+            .map_err(|_| ApiError::bad_request(format!("source {s} does not exist")))?;
+    }
+    if let Some(g) = p.move_group_id {
+        st.store()
+            .get_group(&g.to_string())
+            .await
+            .map_err(|_| ApiError::bad_request(format!("move group {g} does not exist")))?;
+    }
+    check_credential(&st, p.credential_id).await?;
+    Ok(Json(st.store().update_workload(&w).await?))
 }
 
 #[utoipa::path(get, path = "/api/workloads/{key}", params(("key" = String, Path, description = "Name or id")), responses((status = 200, body = Workload)))]

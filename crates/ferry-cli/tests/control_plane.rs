@@ -427,6 +427,38 @@ async fn csv_import_of_500_rows_reports_bad_lines_and_imports_the_rest() {
         500 - bad.len()
     );
 
+    // An imported workload gets its source and disk, then migrates.
+    api.setup(tmp.path(), false).await;
+    let img = tmp.path().join("srv-2.img");
+    std::fs::write(&img, vec![2u8; 65536]).unwrap();
+    app.ok(&[
+        "inventory",
+        "set",
+        "srv-2",
+        "--source",
+        "images",
+        "--disk",
+        &format!("root={}", img.display()),
+        "--services",
+        "nginx,cron",
+        "--order",
+        "3",
+    ]);
+    let w = api.ok("/api/workloads/srv-2", None).await;
+    assert_eq!(w["services"], json!(["nginx", "cron"]));
+    assert_eq!(w["group_order"], 3);
+    assert_eq!(w["tags"], json!(["web", "tier-2"]), "fields not given stay");
+    let out = app.ok(&[
+        "migration",
+        "start",
+        "srv-2",
+        "--profile",
+        "default",
+        "--follow",
+        "--json",
+    ]);
+    assert!(out.contains("\"synced\""), "{out}");
+
     // A file with an unknown column is refused as a whole, pointing at line 1.
     std::fs::write(tmp.path().join("bad.csv"), "host,colour\nx,red\n").unwrap();
     let o = app.ferry(&[

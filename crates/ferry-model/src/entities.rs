@@ -328,6 +328,77 @@ impl NewWorkload {
     }
 }
 
+/// Changes to a workload; fields left out stay as they are. The name cannot change
+/// (migrations and the audit trail refer to it).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadPatch {
+    #[serde(default)]
+    pub source_id: Option<Uuid>,
+    #[serde(default)]
+    pub os: Option<String>,
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 2147483647))]
+    pub cpus: Option<u32>,
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    pub memory_mib: Option<u64>,
+    #[serde(default)]
+    pub disks: Option<Vec<Disk>>,
+    #[serde(default)]
+    pub nics: Option<Vec<Nic>>,
+    #[serde(default)]
+    pub services: Option<Vec<String>>,
+    #[serde(default)]
+    pub move_group_id: Option<Uuid>,
+    #[serde(default)]
+    pub group_order: Option<i32>,
+    #[serde(default)]
+    pub credential_id: Option<Uuid>,
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+}
+
+impl Workload {
+    /// The workload with `patch` applied, validated like a new one.
+    pub fn patched(&self, patch: &WorkloadPatch) -> Result<Workload, Vec<FieldError>> {
+        let mut w = self.clone();
+        macro_rules! set {
+            ($f:ident) => {
+                if let Some(v) = &patch.$f {
+                    w.$f = v.clone().into();
+                }
+            };
+        }
+        set!(source_id);
+        set!(os);
+        set!(cpus);
+        set!(memory_mib);
+        set!(disks);
+        set!(nics);
+        set!(services);
+        set!(move_group_id);
+        set!(group_order);
+        set!(credential_id);
+        set!(tags);
+        let check = NewWorkload {
+            name: w.name.clone(),
+            cpus: w.cpus,
+            memory_mib: w.memory_mib,
+            disks: w.disks.clone(),
+            target_migration_date: w.target_migration_date.clone(),
+            ..Default::default()
+        };
+        let errs = check.validate();
+        if errs.is_empty() {
+            Ok(w)
+        } else {
+            Err(errs)
+        }
+    }
+}
+
 /// A wave of workloads cut over together.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]

@@ -691,6 +691,29 @@ impl Store {
         rows::workload(&row)
     }
 
+    /// Stores a changed workload (its name is fixed).
+    pub async fn update_workload(&self, w: &Workload) -> Result<Workload> {
+        let mut tx = self.write().await?;
+        let n = sqlx::query("UPDATE workloads SET source_id = $1, move_group_id = $2, group_order = $3, data = $4 WHERE id = $5")
+            .bind(opt_uuid(w.source_id))
+            .bind(opt_uuid(w.move_group_id))
+            .bind(w.group_order as i64)
+            .bind(rows::to_json(w)?)
+            .bind(w.id.to_string())
+            .execute(&mut *tx.tx)
+            .await
+            .map_err(|e| map_unique(e, "workload", &w.name))?
+            .rows_affected();
+        tx.commit().await?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what: "workload",
+                id: w.id.to_string(),
+            });
+        }
+        Ok(w.clone())
+    }
+
     // ---- profiles ------------------------------------------------------------------
 
     pub async fn insert_profile(&self, spec: &ProfileSpec) -> Result<Profile> {

@@ -121,6 +121,15 @@ impl Client {
             .await
     }
 
+    pub async fn patch<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        self.send(self.req(reqwest::Method::PATCH, path)?.json(body))
+            .await
+    }
+
     pub async fn delete(&self, path: &str) -> Result<()> {
         let _: Value = self.send(self.req(reqwest::Method::DELETE, path)?).await?;
         Ok(())

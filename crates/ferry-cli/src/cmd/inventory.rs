@@ -6,7 +6,9 @@ use super::client::{
 use super::source::Paged;
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
-use ferry_model::{Disk, Migration, MoveGroup, NewMoveGroup, NewWorkload, Source, Workload};
+use ferry_model::{
+    Disk, Migration, MoveGroup, NewMoveGroup, NewWorkload, Source, Workload, WorkloadPatch,
+};
 use serde_json::Value;
 use std::process::ExitCode;
 
@@ -65,6 +67,34 @@ pub enum InventoryCommand {
         #[arg(long, value_delimiter = ',')]
         tags: Vec<String>,
     },
+    /// Change a workload: source, disks, move group and order, services, sizing, tags.
+    Set {
+        name: String,
+        /// Source name or id.
+        #[arg(long)]
+        source: Option<String>,
+        /// A disk as NAME=IMAGE_PATH (repeatable; replaces the disk list).
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+        /// Move group name or id.
+        #[arg(long)]
+        group: Option<String>,
+        /// Order within the move group's cutover (lower first).
+        #[arg(long)]
+        order: Option<i32>,
+        #[arg(long)]
+        os: Option<String>,
+        #[arg(long)]
+        cpus: Option<u32>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        /// Services to stop at cutover (comma-separated; replaces the list).
+        #[arg(long, value_delimiter = ',')]
+        services: Option<Vec<String>>,
+        /// Tags (comma-separated; replaces the list).
+        #[arg(long, value_delimiter = ',')]
+        tags: Option<Vec<String>>,
+    },
     /// Import workloads from a CSV in RiverMeadow's columns (host, username, password,
     /// private_key, agent, domain, move_group_name, target_migration_date,
     /// assigned_resource_email, cloud_sizing, tags).
@@ -72,6 +102,23 @@ pub enum InventoryCommand {
         #[arg(long)]
         csv: std::path::PathBuf,
     },
+}
+
+fn parse_disks(disks: Vec<String>) -> Result<Vec<Disk>> {
+    let mut ds = vec![];
+    for d in disks {
+        let (n, p) = d
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--disk {d:?}: use NAME=IMAGE_PATH"))?;
+        let abs = std::path::absolute(p).unwrap_or_else(|_| p.into());
+        let size = std::fs::metadata(&abs).map(|m| m.len()).unwrap_or(0);
+        ds.push(Disk {
+            name: n.to_string(),
+            size_bytes: size,
+            path: Some(abs.display().to_string()),
+        });
+    }
+    Ok(ds)
 }
 
 fn workload_rows(items: &[Workload]) -> Vec<Vec<String>> {
@@ -219,6 +266,58 @@ pub fn run_inventory(a: InventoryArgs) -> Result<ExitCode> {
                     return print_json(&w).map(|_| ExitCode::SUCCESS);
                 }
                 println!("workload {} added ({})", w.name, w.id);
+            }
+            InventoryCommand::Set {
+                name,
+                source,
+                disks,
+                group,
+                order,
+                os,
+                cpus,
+                memory_mib,
+                services,
+                tags,
+            } => {
+                let source_id = match source {
+                    Some(s) => Some(
+                        c.get::<Source>(&format!("/api/sources/{}", enc(&s)))
+                            .await?
+                            .id,
+                    ),
+                    None => None,
+                };
+                let move_group_id = match group {
+                    Some(g) => Some(
+                        c.get::<MoveGroup>(&format!("/api/groups/{}", enc(&g)))
+                            .await?
+                            .id,
+                    ),
+                    None => None,
+                };
+                let patch = WorkloadPatch {
+                    source_id,
+                    os,
+                    cpus,
+                    memory_mib,
+                    disks: if disks.is_empty() {
+                        None
+                    } else {
+                        Some(parse_disks(disks)?)
+                    },
+                    services,
+                    move_group_id,
+                    group_order: order,
+                    tags,
+                    ..Default::default()
+                };
+                let w: Workload = c
+                    .patch(&format!("/api/workloads/{}", enc(&name)), &patch)
+                    .await?;
+                if c.json {
+                    return print_json(&w).map(|_| ExitCode::SUCCESS);
+                }
+                println!("workload {} updated", w.name);
             }
             InventoryCommand::Import { csv } => {
                 let text = std::fs::read_to_string(&csv)

@@ -54,10 +54,11 @@ const UNIT_BYTES: u64 = 1 << 20;
 const PLAN_WINDOW: u64 = 1 << 30;
 
 /// A run of chunks and what to do with them.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Unit {
-    first: u64,
-    count: u64,
+    /// Runs of chunks (first, count). Scattered changes are batched into one unit, so a
+    /// dirty bitmap of thousands of lone chunks does not cost a round trip each.
+    runs: Vec<(u64, u64)>,
     /// Read and hash (otherwise: known to read as zeros).
     read: bool,
 }
@@ -355,7 +356,9 @@ async fn plan<D: Disk>(
             }
             pos = reached;
         }
-        // Runs of the same class, at most one unit long.
+        // Runs of the same class, at most one unit long; runs to read are batched.
+        let mut batch: Vec<(u64, u64)> = Vec::new();
+        let mut batched = 0u64;
         let mut i = 0usize;
         while i < class.len() {
             let k = class[i];
@@ -370,22 +373,45 @@ async fn plan<D: Disk>(
             }
             let first = chunks.start + i as u64;
             let count = (j - i) as u64;
-            if k == 0 {
-                let (o, _) = geometry.chunk(first);
-                let (lo, ll) = geometry.chunk(first + count - 1);
-                Progress::add(&progress.scanned, lo + ll as u64 - o);
-            } else if tx
+            i = j;
+            let unit = match k {
+                0 => {
+                    let (o, _) = geometry.chunk(first);
+                    let (lo, ll) = geometry.chunk(first + count - 1);
+                    Progress::add(&progress.scanned, lo + ll as u64 - o);
+                    continue;
+                }
+                1 => Unit {
+                    runs: vec![(first, count)],
+                    read: false,
+                },
+                _ => {
+                    batch.push((first, count));
+                    batched += count;
+                    if batched < unit_chunks {
+                        continue;
+                    }
+                    batched = 0;
+                    Unit {
+                        runs: std::mem::take(&mut batch),
+                        read: true,
+                    }
+                }
+            };
+            if tx.send(unit).await.is_err() {
+                return Ok(()); // the streams stopped; their error is reported
+            }
+        }
+        if !batch.is_empty()
+            && tx
                 .send(Unit {
-                    first,
-                    count,
-                    read: k == 2,
+                    runs: batch,
+                    read: true,
                 })
                 .await
                 .is_err()
-            {
-                return Ok(()); // the streams stopped; their error is reported
-            }
-            i = j;
+        {
+            return Ok(());
         }
         window = end;
     }
@@ -499,53 +525,74 @@ impl<D: Disk> Stream<D> {
     /// Reads a unit, finds its changed chunks and encodes their frames.
     async fn process(&self, unit: Unit) -> Result<Vec<u8>, SyncError> {
         let g = self.geometry;
-        let (start, _) = g.chunk(unit.first);
-        let (last_off, last_len) = g.chunk(unit.first + unit.count - 1);
-        let span = last_off + last_len as u64 - start;
-        let data = if unit.read {
-            let spare = self.spare.lock().await.take().unwrap_or_default();
-            let d = self.disk.read_into(start, span as usize, spare).await?;
-            Progress::add(&self.progress.bytes_read, span);
-            Some(d)
+        // Byte range of each run.
+        let spans: Vec<(u64, u64)> = unit
+            .runs
+            .iter()
+            .map(|&(first, count)| {
+                let (start, _) = g.chunk(first);
+                let (last_off, last_len) = g.chunk(first + count - 1);
+                (start, last_off + last_len as u64 - start)
+            })
+            .collect();
+        let total: u64 = spans.iter().map(|s| s.1).sum();
+        let data: Option<Vec<Vec<u8>>> = if unit.read {
+            let bufs = if let [(start, len)] = spans[..] {
+                let spare = self.spare.lock().await.take().unwrap_or_default();
+                vec![self.disk.read_into(start, len as usize, spare).await?]
+            } else {
+                // Scattered runs: read them all at once (NBD pipelines the requests).
+                futures::future::try_join_all(
+                    spans
+                        .iter()
+                        .map(|&(start, len)| self.disk.read_at(start, len as usize)),
+                )
+                .await?
+            };
+            Progress::add(&self.progress.bytes_read, total);
+            Some(bufs)
         } else {
             None
         };
         let local = Arc::clone(&self.local);
         let compress = self.compress;
-        let (frames, changed, zeroed, buf) = tokio::task::spawn_blocking(move || {
-            let before = local.read(unit.first, unit.count)?;
+        let runs = unit.runs;
+        let (frames, changed, zeroed, bufs) = tokio::task::spawn_blocking(move || {
             let mut frames = Vec::new();
             let mut changed = Vec::new();
             let mut zeroed = 0u64;
             let mut packed = Vec::new();
-            for i in 0..unit.count {
-                let c = unit.first + i;
-                let (off, len) = g.chunk(c);
-                let bytes = data
-                    .as_ref()
-                    .map(|d| &d[(off - start) as usize..(off - start) as usize + len]);
-                let digest = bytes.map(chunk::digest).unwrap_or(ZERO);
-                if digest == before[i as usize] {
-                    continue;
-                }
-                changed.push((c, digest));
-                match bytes {
-                    Some(b) if digest != ZERO => {
-                        let compressed =
-                            compress && crate::compress::compress_if_worth_it(b, &mut packed);
-                        let payload = if compressed { &packed[..] } else { b };
-                        proto::encode_data(
-                            &mut frames,
-                            c,
-                            &digest,
-                            len as u32,
-                            payload,
-                            compressed,
-                        );
+            for (r, &(first, count)) in runs.iter().enumerate() {
+                let before = local.read(first, count)?;
+                let (start, _) = g.chunk(first);
+                for i in 0..count {
+                    let c = first + i;
+                    let (off, len) = g.chunk(c);
+                    let at = (off - start) as usize;
+                    let bytes = data.as_ref().map(|d| &d[r][at..at + len]);
+                    let digest = bytes.map(chunk::digest).unwrap_or(ZERO);
+                    if digest == before[i as usize] {
+                        continue;
                     }
-                    _ => {
-                        proto::encode_zero(&mut frames, c);
-                        zeroed += 1;
+                    changed.push((c, digest));
+                    match bytes {
+                        Some(b) if digest != ZERO => {
+                            let compressed =
+                                compress && crate::compress::compress_if_worth_it(b, &mut packed);
+                            let payload = if compressed { &packed[..] } else { b };
+                            proto::encode_data(
+                                &mut frames,
+                                c,
+                                &digest,
+                                len as u32,
+                                payload,
+                                compressed,
+                            );
+                        }
+                        _ => {
+                            proto::encode_zero(&mut frames, c);
+                            zeroed += 1;
+                        }
                     }
                 }
             }
@@ -554,12 +601,14 @@ impl<D: Disk> Stream<D> {
             Ok::<_, SyncError>((frames, n, zeroed, data))
         })
         .await??;
-        if let Some(buf) = buf {
-            *self.spare.lock().await = Some(buf);
+        if let Some(mut bufs) = bufs {
+            if bufs.len() == 1 {
+                *self.spare.lock().await = bufs.pop();
+            }
         }
         Progress::add(&self.progress.chunks_changed, changed);
         Progress::add(&self.progress.chunks_zeroed, zeroed);
-        Progress::add(&self.progress.scanned, span);
+        Progress::add(&self.progress.scanned, total);
         Ok(frames)
     }
 }

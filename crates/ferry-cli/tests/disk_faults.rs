@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,10 +15,9 @@ use std::time::Duration;
 use common::*;
 
 const GIB: u64 = 1 << 30;
-const CHUNK: u64 = 64 << 10;
 
-#[test]
-fn sender_killed_mid_delta_resumes_and_target_stays_at_last_generation() {
+/// A temporary directory with paths for a source, a target, and a CA issued in it.
+fn setup() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let (src, dst, pki_dir) = (
         dir.path().join("src.raw"),
@@ -26,6 +25,13 @@ fn sender_killed_mid_delta_resumes_and_target_stays_at_last_generation() {
         dir.path().join("pki"),
     );
     pki(&pki_dir);
+    (dir, src, dst, pki_dir)
+}
+const CHUNK: u64 = 64 << 10;
+
+#[test]
+fn sender_killed_mid_delta_resumes_and_target_stays_at_last_generation() {
+    let (_dir, src, dst, pki_dir) = setup();
     // Generation 1: an empty disk.
     sparse(&src, GIB);
     ok(&["disk", "sync", src.to_str().unwrap(), dst.to_str().unwrap()]);
@@ -78,13 +84,7 @@ fn sender_killed_mid_delta_resumes_and_target_stays_at_last_generation() {
 
 #[test]
 fn receiver_killed_mid_full_sync_resumes_and_target_never_half_exists() {
-    let dir = tempfile::tempdir().unwrap();
-    let (src, dst, pki_dir) = (
-        dir.path().join("src.raw"),
-        dir.path().join("dst.raw"),
-        dir.path().join("pki"),
-    );
-    pki(&pki_dir);
+    let (_dir, src, dst, pki_dir) = setup();
     fill_random(&src, 0, GIB, 11);
     let port = free_port();
     let mut rx = ReceiverProc::start(&dst, &pki_dir, port, &[]);
@@ -172,13 +172,7 @@ fn corrupting_proxy(to: u16) -> (u16, Arc<AtomicBool>) {
 
 #[test]
 fn bytes_corrupted_in_transit_are_rejected_and_the_sync_recovers() {
-    let dir = tempfile::tempdir().unwrap();
-    let (src, dst, pki_dir) = (
-        dir.path().join("src.raw"),
-        dir.path().join("dst.raw"),
-        dir.path().join("pki"),
-    );
-    pki(&pki_dir);
+    let (_dir, src, dst, pki_dir) = setup();
     fill_random(&src, 0, 64 << 20, 3);
     let rx = ReceiverProc::start(&dst, &pki_dir, free_port(), &[]);
     let (proxy, armed) = corrupting_proxy(rx.port);

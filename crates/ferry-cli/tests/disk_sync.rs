@@ -246,3 +246,17 @@ fn a_target_changed_behind_ferrys_back_is_indexed_again() {
     assert!(same_file(&src, &other));
     assert_eq!(r["chunks_changed"], 1, "{r}");
 }
+
+#[test]
+fn quickstart_runs_to_a_verified_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(&[
+        "quickstart",
+        "--size",
+        "256M",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(out.contains("is identical to the source"), "{out}");
+    assert!(out.trim_end().lines().last().unwrap().starts_with("delta:"), "{out}");
+}

@@ -191,7 +191,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         r.changed_bytes = changes.len() as u64 * BLOCK;
         apply_raw(&src, &changes)?;
         if !args.skip_bitmap {
-            rt.block_on(apply_qcow2(&qcow, &changes))?;
+            rt.block_on(crate::cmd::util::write_via_qemu_nbd(
+                &qcow, "qcow2", &changes,
+            ))?;
             run_ok(
                 Command::new("qemu-img")
                     .args(["bitmap", "--disable"])
@@ -395,28 +397,6 @@ fn apply_raw(path: &Path, changes: &[(u64, Vec<u8>)]) -> Result<()> {
         f.write_all_at(data, *off)?;
     }
     f.sync_all()?;
-    Ok(())
-}
-
-/// Writes the changes through a writable qemu-nbd export, so the image's enabled dirty
-/// bitmap records them exactly as it would for a running guest.
-async fn apply_qcow2(path: &Path, changes: &[(u64, Vec<u8>)]) -> Result<()> {
-    let server = ferry_nbd::QemuNbd::start(
-        path,
-        ferry_nbd::QemuNbdOptions {
-            format: Some("qcow2".into()),
-            read_only: false,
-            ..Default::default()
-        },
-    )
-    .await?;
-    let client = ferry_nbd::NbdClient::connect(&server.target(), Default::default()).await?;
-    for (off, data) in changes {
-        client.write(*off, data).await?;
-    }
-    client.flush().await?;
-    client.disconnect().await?;
-    server.stop().await?;
     Ok(())
 }
 

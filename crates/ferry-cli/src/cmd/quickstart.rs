@@ -167,32 +167,22 @@ async fn write_through_nbd(
     total: u64,
     block: u64,
 ) -> Result<u64> {
-    let server = ferry_nbd::QemuNbd::start(
-        image,
-        ferry_nbd::QemuNbdOptions {
-            format: Some("qcow2".into()),
-            read_only: false,
-            ..Default::default()
-        },
-    )
-    .await?;
-    let client = ferry_nbd::NbdClient::connect(&server.target(), Default::default()).await?;
-    let mut buf = vec![0u8; block as usize];
-    for i in 0..total / block {
-        let at = rng.random_range(0..size / block) * block;
-        if i % 2 == 0 {
-            rng.fill_bytes(&mut buf);
-        } else {
-            let line = format!("{at:016x} ferry quickstart record {i}\n");
-            for (j, b) in buf.iter_mut().enumerate() {
-                *b = line.as_bytes()[j % line.len()];
+    let writes: Vec<(u64, Vec<u8>)> = (0..total / block)
+        .map(|i| {
+            let at = rng.random_range(0..size / block) * block;
+            let mut buf = vec![0u8; block as usize];
+            if i % 2 == 0 {
+                rng.fill_bytes(&mut buf);
+            } else {
+                let line = format!("{at:016x} ferry quickstart record {i}\n");
+                for (j, b) in buf.iter_mut().enumerate() {
+                    *b = line.as_bytes()[j % line.len()];
+                }
             }
-        }
-        client.write(at, &buf).await?;
-    }
-    client.flush().await?;
-    client.disconnect().await?;
-    server.stop().await?;
+            (at, buf)
+        })
+        .collect();
+    crate::cmd::util::write_via_qemu_nbd(image, "qcow2", &writes).await?;
     Ok(total / block * block)
 }
 

@@ -66,6 +66,32 @@ pub fn error_chain(err: &anyhow::Error) -> String {
     out
 }
 
+/// Writes `(offset, bytes)` pairs into an image through a writable qemu-nbd, so the
+/// image's enabled dirty bitmaps record them as they would a running guest's writes.
+pub async fn write_via_qemu_nbd(
+    image: &std::path::Path,
+    format: &str,
+    writes: &[(u64, Vec<u8>)],
+) -> Result<()> {
+    let server = ferry_nbd::QemuNbd::start(
+        image,
+        ferry_nbd::QemuNbdOptions {
+            format: Some(format.into()),
+            read_only: false,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let client = ferry_nbd::NbdClient::connect(&server.target(), Default::default()).await?;
+    for (off, data) in writes {
+        client.write(*off, data).await?;
+    }
+    client.flush().await?;
+    client.disconnect().await?;
+    server.stop().await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -323,7 +323,7 @@ async fn killed_appliance_resumes_and_no_step_completes_twice() {
         starts > jobs,
         "the kills interrupted no step ({starts} starts for {jobs} jobs): the test proved nothing"
     );
-    eprintln!("crash test: {n} migrations, {kills} SIGKILLs, {jobs} steps completed once each, {} restarted steps, {:.1?}", starts - jobs, t0.elapsed());
+    note(&format!("crash test: {n} migrations, {kills} SIGKILLs, {jobs} steps completed once each, {} restarted steps, {:.1?}", starts - jobs, t0.elapsed()));
 }
 
 fn csv_500(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u64>) {
@@ -714,7 +714,7 @@ async fn two_appliances_on_one_postgres_run_each_step_exactly_once() {
         .map(|e| e["data"]["owner"].as_str().unwrap())
         .collect();
     assert_eq!(owners.len(), 2, "both appliances worked: {owners:?}");
-    eprintln!("scale test: {n} migrations through all states on two appliances sharing PostgreSQL: {jobs} steps, each once; synced after {t_synced:.1?}, completed after {wall:.1?}");
+    note(&format!("scale test: {n} migrations through all states on two appliances sharing PostgreSQL: {jobs} steps, each once; synced after {t_synced:.1?}, completed after {wall:.1?}"));
 }
 
 /// Schemathesis (from PyPI) against /api/openapi.json: no 5xx, every response as
@@ -726,7 +726,7 @@ fn api_conforms_to_its_openapi_document() {
     let st = std::env::var("FERRY_SCHEMATHESIS")
         .unwrap_or_else(|_| "/var/cache/ferry/venv/bin/st".to_string());
     if !std::path::Path::new(&st).exists() {
-        eprintln!("SKIP api_conforms_to_its_openapi_document: schemathesis not found at {st} (scripts/install-deps.sh installs it)");
+        note(&format!("SKIP api_conforms_to_its_openapi_document: schemathesis not found at {st} (scripts/install-deps.sh installs it)"));
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

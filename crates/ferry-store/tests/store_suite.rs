@@ -24,6 +24,12 @@ async fn fresh_pg_url(base: &str) -> String {
     format!("{prefix}/{name}")
 }
 
+/// Prints a line the test harness does not capture.
+fn note(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 async fn backends() -> Backends {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("ferry.db").display());
@@ -33,9 +39,9 @@ async fn backends() -> Backends {
             let url = fresh_pg_url(&base).await;
             stores.push(("postgres", Store::open(&url).await.unwrap()));
         }
-        _ => eprintln!(
-            "SKIP postgres backend: FERRY_TEST_PG_URL is not set (run scripts/start-postgres.sh)"
-        ),
+        _ => {
+            note("SKIP postgres backend: FERRY_TEST_PG_URL is not set (run scripts/start-postgres.sh)");
+        }
     }
     Backends { stores, _dir: dir }
 }

@@ -9,6 +9,12 @@ use std::time::{Duration, Instant};
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
+/// Prints a line the test harness does not capture (skips and measured figures).
+pub fn note(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 pub struct Appliance {
     pub child: Child,
     pub url: String,
@@ -289,7 +295,7 @@ pub fn fresh_pg_database(test: &str) -> Option<String> {
     let base = match std::env::var("FERRY_TEST_PG_URL") {
         Ok(u) if !u.is_empty() => u,
         _ => {
-            eprintln!("SKIP {test}: FERRY_TEST_PG_URL is not set (export FERRY_TEST_PG_URL=$(scripts/start-postgres.sh))");
+            note(&format!("SKIP {test}: FERRY_TEST_PG_URL is not set (export FERRY_TEST_PG_URL=$(scripts/start-postgres.sh))"));
             return None;
         }
     };

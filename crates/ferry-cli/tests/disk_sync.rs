@@ -258,5 +258,8 @@ fn quickstart_runs_to_a_verified_copy() {
         dir.path().to_str().unwrap(),
     ]);
     assert!(out.contains("is identical to the source"), "{out}");
-    assert!(out.trim_end().lines().last().unwrap().starts_with("delta:"), "{out}");
+    assert!(
+        out.trim_end().lines().last().unwrap().starts_with("delta:"),
+        "{out}"
+    );
 }

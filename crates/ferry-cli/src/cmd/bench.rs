@@ -9,10 +9,13 @@ use clap::Subcommand;
 pub enum BenchCommand {
     /// Full and delta sync against `qemu-img convert` and `rsync`.
     Replication(crate::cmd::bench_replication::Args),
+    /// API latency under concurrent clients with many migrations in one appliance.
+    Api(crate::cmd::bench_api::BenchApiArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
     match cmd {
         BenchCommand::Replication(args) => crate::cmd::bench_replication::run(args),
+        BenchCommand::Api(args) => crate::cmd::bench_api::run(args),
     }
 }

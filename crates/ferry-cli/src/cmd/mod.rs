@@ -8,8 +8,6 @@ pub mod quickstart;
 pub mod util;
 // Control plane.
 pub mod appliance;
-// Wired into `ferry bench api` by cmd/bench.rs.
-#[allow(dead_code)]
 pub mod bench_api;
 pub mod client;
 pub mod inventory;

@@ -19,7 +19,6 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-# Python tools used by the API conformance test (schemathesis), kept in a venv outside the repo.
 
 # --- control plane ------------------------------------------------------------------
 # Schemathesis (API conformance test, crates/ferry-cli/tests/control_plane.rs) in a venv

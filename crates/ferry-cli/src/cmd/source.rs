@@ -77,109 +77,120 @@ fn parse_cred(c: Option<String>) -> Result<Option<uuid::Uuid>> {
     .transpose()
 }
 
+/// What `ferry source` and `ferry target` differ in; everything else is shared.
+trait Endpoint: serde::de::DeserializeOwned + serde::Serialize {
+    /// "source" or "target", for messages.
+    const NOUN: &'static str;
+    /// The API collection.
+    const PATH: &'static str;
+    type New: serde::Serialize;
+    /// The body that creates one, or an error naming the valid kinds.
+    fn new_body(
+        name: String,
+        kind: &str,
+        endpoint: Option<String>,
+        credential_id: Option<uuid::Uuid>,
+        config: serde_json::Value,
+    ) -> Result<Self::New>;
+    /// (name, id, kind, endpoint, credential, config, created), for tables.
+    fn fields(&self) -> [String; 7];
+}
+
+impl Endpoint for Source {
+    const NOUN: &'static str = "source";
+    const PATH: &'static str = "/api/sources";
+    type New = NewSource;
+    fn new_body(
+        name: String,
+        kind: &str,
+        endpoint: Option<String>,
+        credential_id: Option<uuid::Uuid>,
+        config: serde_json::Value,
+    ) -> Result<NewSource> {
+        let kind = SourceKind::parse(kind).ok_or_else(|| {
+            anyhow::anyhow!(
+                "unknown source kind {kind:?}: use one of vsphere, kvm, agent, disk_image"
+            )
+        })?;
+        Ok(NewSource {
+            name,
+            kind,
+            endpoint,
+            credential_id,
+            config,
+        })
+    }
+    fn fields(&self) -> [String; 7] {
+        [
+            self.name.clone(),
+            self.id.to_string(),
+            self.kind.to_string(),
+            opt(&self.endpoint),
+            opt(&self.credential_id),
+            self.config.to_string(),
+            when(self.created_at),
+        ]
+    }
+}
+
+impl Endpoint for Target {
+    const NOUN: &'static str = "target";
+    const PATH: &'static str = "/api/targets";
+    type New = NewTarget;
+    fn new_body(
+        name: String,
+        kind: &str,
+        endpoint: Option<String>,
+        credential_id: Option<uuid::Uuid>,
+        config: serde_json::Value,
+    ) -> Result<NewTarget> {
+        let kind = TargetKind::parse(kind).ok_or_else(|| {
+            anyhow::anyhow!("unknown target kind {kind:?}: use one of vme, libvirt, local_dir")
+        })?;
+        Ok(NewTarget {
+            name,
+            kind,
+            endpoint,
+            credential_id,
+            config,
+        })
+    }
+    fn fields(&self) -> [String; 7] {
+        [
+            self.name.clone(),
+            self.id.to_string(),
+            self.kind.to_string(),
+            opt(&self.endpoint),
+            opt(&self.credential_id),
+            self.config.to_string(),
+            when(self.created_at),
+        ]
+    }
+}
+
 pub fn run_source(a: SourceArgs) -> Result<ExitCode> {
-    let c = Client::new(&a.client)?;
-    super::util::runtime()?.block_on(async move {
-        match a.command {
-            EndpointCommand::List(p) => {
-                let page: Paged<Source> = c.get(&format!("/api/sources?{}", p.query())).await?;
-                if c.json {
-                    return print_json(&page.items).map(|_| ExitCode::SUCCESS);
-                }
-                let rows = page
-                    .items
-                    .iter()
-                    .map(|s| {
-                        vec![
-                            s.name.clone(),
-                            s.kind.to_string(),
-                            opt(&s.endpoint),
-                            s.config.to_string(),
-                            s.id.to_string(),
-                        ]
-                    })
-                    .collect();
-                println!(
-                    "{}",
-                    table(&["NAME", "KIND", "ENDPOINT", "CONFIG", "ID"], rows)
-                );
-                print_page_footer(page.total, page.items.len(), page.offset);
-            }
-            EndpointCommand::Show { name } => {
-                let s: Source = c.get(&format!("/api/sources/{}", enc(&name))).await?;
-                if c.json {
-                    return print_json(&s).map(|_| ExitCode::SUCCESS);
-                }
-                println!(
-                    "{}",
-                    details(vec![
-                        ("name", s.name.clone()),
-                        ("id", s.id.to_string()),
-                        ("kind", s.kind.to_string()),
-                        ("endpoint", opt(&s.endpoint)),
-                        ("credential", opt(&s.credential_id)),
-                        ("config", s.config.to_string()),
-                        ("created", when(s.created_at))
-                    ])
-                );
-            }
-            EndpointCommand::Add {
-                name,
-                kind,
-                endpoint,
-                credential,
-                path,
-                config: extra,
-            } => {
-                let kind = SourceKind::parse(&kind).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "unknown source kind {kind:?}: use one of vsphere, kvm, agent, disk_image"
-                    )
-                })?;
-                let body = NewSource {
-                    name,
-                    kind,
-                    endpoint,
-                    credential_id: parse_cred(credential)?,
-                    config: config(path, extra)?,
-                };
-                let s: Source = c.post("/api/sources", &body).await?;
-                if c.json {
-                    return print_json(&s).map(|_| ExitCode::SUCCESS);
-                }
-                println!("source {} added ({})", s.name, s.id);
-            }
-            EndpointCommand::Remove { name } => {
-                c.delete(&format!("/api/sources/{}", enc(&name))).await?;
-                if !c.json {
-                    println!("source {name} removed");
-                }
-            }
-        }
-        Ok(ExitCode::SUCCESS)
-    })
+    run::<Source>(a)
 }
 
 pub fn run_target(a: SourceArgs) -> Result<ExitCode> {
+    run::<Target>(a)
+}
+
+fn run<E: Endpoint>(a: SourceArgs) -> Result<ExitCode> {
     let c = Client::new(&a.client)?;
     super::util::runtime()?.block_on(async move {
         match a.command {
             EndpointCommand::List(p) => {
-                let page: Paged<Target> = c.get(&format!("/api/targets?{}", p.query())).await?;
+                let page: Paged<E> = c.get(&format!("{}?{}", E::PATH, p.query())).await?;
                 if c.json {
                     return print_json(&page.items).map(|_| ExitCode::SUCCESS);
                 }
                 let rows = page
                     .items
                     .iter()
-                    .map(|s| {
-                        vec![
-                            s.name.clone(),
-                            s.kind.to_string(),
-                            opt(&s.endpoint),
-                            s.config.to_string(),
-                            s.id.to_string(),
-                        ]
+                    .map(|e| {
+                        let [name, id, kind, endpoint, _, config, _] = e.fields();
+                        vec![name, kind, endpoint, config, id]
                     })
                     .collect();
                 println!(
@@ -189,22 +200,20 @@ pub fn run_target(a: SourceArgs) -> Result<ExitCode> {
                 print_page_footer(page.total, page.items.len(), page.offset);
             }
             EndpointCommand::Show { name } => {
-                let s: Target = c.get(&format!("/api/targets/{}", enc(&name))).await?;
+                let e: E = c.get(&format!("{}/{}", E::PATH, enc(&name))).await?;
                 if c.json {
-                    return print_json(&s).map(|_| ExitCode::SUCCESS);
+                    return print_json(&e).map(|_| ExitCode::SUCCESS);
                 }
-                println!(
-                    "{}",
-                    details(vec![
-                        ("name", s.name.clone()),
-                        ("id", s.id.to_string()),
-                        ("kind", s.kind.to_string()),
-                        ("endpoint", opt(&s.endpoint)),
-                        ("credential", opt(&s.credential_id)),
-                        ("config", s.config.to_string()),
-                        ("created", when(s.created_at))
-                    ])
-                );
+                let labels = [
+                    "name",
+                    "id",
+                    "kind",
+                    "endpoint",
+                    "credential",
+                    "config",
+                    "created",
+                ];
+                println!("{}", details(labels.into_iter().zip(e.fields()).collect()));
             }
             EndpointCommand::Add {
                 name,
@@ -214,28 +223,24 @@ pub fn run_target(a: SourceArgs) -> Result<ExitCode> {
                 path,
                 config: extra,
             } => {
-                let kind = TargetKind::parse(&kind).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "unknown target kind {kind:?}: use one of vme, libvirt, local_dir"
-                    )
-                })?;
-                let body = NewTarget {
+                let body = E::new_body(
                     name,
-                    kind,
+                    &kind,
                     endpoint,
-                    credential_id: parse_cred(credential)?,
-                    config: config(path, extra)?,
-                };
-                let s: Target = c.post("/api/targets", &body).await?;
+                    parse_cred(credential)?,
+                    config(path, extra)?,
+                )?;
+                let e: E = c.post(E::PATH, &body).await?;
                 if c.json {
-                    return print_json(&s).map(|_| ExitCode::SUCCESS);
+                    return print_json(&e).map(|_| ExitCode::SUCCESS);
                 }
-                println!("target {} added ({})", s.name, s.id);
+                let [name, id, ..] = e.fields();
+                println!("{} {name} added ({id})", E::NOUN);
             }
             EndpointCommand::Remove { name } => {
-                c.delete(&format!("/api/targets/{}", enc(&name))).await?;
+                c.delete(&format!("{}/{}", E::PATH, enc(&name))).await?;
                 if !c.json {
-                    println!("target {name} removed");
+                    println!("{} {name} removed", E::NOUN);
                 }
             }
         }

@@ -263,3 +263,54 @@ fn quickstart_runs_to_a_verified_copy() {
         "{out}"
     );
 }
+
+#[test]
+fn qcow2_targets_full_delta_and_adopted() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    let dst = dir.path().join("dst.qcow2");
+    sparse(&src, 64 * MIB);
+    fill_random(&src, 2 * MIB, 6 * MIB, 21);
+    let (s, d) = (src.to_str().unwrap(), dst.to_str().unwrap());
+    let compare = |img: &std::path::Path| {
+        let out = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "qcow2", s])
+            .arg(img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    ok(&["disk", "sync", s, d]);
+    compare(&dst);
+    let info = Command::new("qemu-img").args(["info", d]).output().unwrap();
+    assert!(String::from_utf8_lossy(&info.stdout).contains("file format: qcow2"));
+
+    // A delta with a chunk that became zero goes through qemu-nbd into the image.
+    fill_random(&src, 40 * MIB, 128 * 1024, 22);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .map(|f| std::os::unix::fs::FileExt::write_all_at(&f, &vec![0; 65536], 3 * MIB).unwrap())
+        .unwrap();
+    let r = json(&ok(&["disk", "sync", "--json", s, d]));
+    assert_eq!(r["chunks_changed"], 3, "{r}");
+    assert_eq!(r["chunks_zeroed"], 1, "{r}");
+    compare(&dst);
+    let check = Command::new("qemu-img")
+        .args(["check", d])
+        .output()
+        .unwrap();
+    assert!(check.status.success());
+
+    // An existing qcow2 Ferry never wrote is indexed, then only differences move.
+    let other = dir.path().join("other.qcow2");
+    std::fs::copy(&dst, &other).unwrap();
+    fill_random(&src, 50 * MIB, 65536, 23);
+    let r = json(&ok(&["disk", "sync", "--json", s, other.to_str().unwrap()]));
+    assert_eq!(r["chunks_changed"], 1, "{r}");
+    compare(&other);
+}

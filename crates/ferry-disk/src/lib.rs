@@ -16,7 +16,7 @@ use std::future::Future;
 
 pub use extent::{Extent, ExtentKind};
 pub use nbd::NbdDisk;
-pub use open::{open, AnyDisk, OpenOptions};
+pub use open::{open, sniff_format, AnyDisk, OpenOptions};
 pub use raw::RawDisk;
 
 /// Errors of disk access, each naming the disk it concerns.

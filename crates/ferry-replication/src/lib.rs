@@ -20,6 +20,7 @@ pub mod proto;
 pub mod receiver;
 pub mod report;
 pub mod sender;
+mod sink;
 pub mod target;
 pub mod transport;
 

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::chunk::{self, Digest, Geometry, ZERO};
 use crate::index::{sync_dir, write_atomic, IndexError, IndexFile};
 use crate::journal::Journal;
+use crate::sink::{self, Format, Sink};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -172,30 +173,40 @@ impl Target {
     /// Reads and hashes DST (skipping holes) into `gen-N.idx`, and records it as
     /// generation N.
     fn index_existing(&self, chunk_size: u32, generation: u64) -> Result<IndexFile, TargetError> {
-        let disk =
-            ferry_disk::RawDisk::open(&self.dst).map_err(|e| TargetError::State(e.to_string()))?;
-        let geometry = Geometry::new(ferry_disk::Disk::size(&disk), chunk_size);
+        use ferry_disk::Disk;
+        let state = |e: String| TargetError::State(e);
+        let format = Format::of(&self.dst).map_err(state)?;
+        let disk = sink::open_for_reading(&self.dst, format).map_err(state)?;
+        let rt = tokio::runtime::Handle::current();
+        let geometry = Geometry::new(disk.size(), chunk_size);
         let path = self.index_path(generation);
         let idx = IndexFile::create(&path, geometry, generation)?;
-        let extents = disk
-            .extents_blocking(0, geometry.disk_size)
-            .map_err(|e| TargetError::State(e.to_string()))?;
-        let mut buf = vec![0u8; chunk_size as usize];
         let mut entries = Vec::new();
-        for e in extents
-            .iter()
-            .filter(|e| e.kind == ferry_disk::ExtentKind::Data)
-        {
-            for n in geometry.chunks_overlapping(e.offset, e.length) {
-                let (off, len) = geometry.chunk(n);
-                disk.read_at_blocking(off, &mut buf[..len])
-                    .map_err(|e| TargetError::State(e.to_string()))?;
-                entries.push((n, chunk::digest(&buf[..len])));
-                if entries.len() >= 4096 {
-                    idx.set_many(&mut entries)?;
-                    entries.clear();
+        let mut pos = 0;
+        while pos < geometry.disk_size {
+            let extents = rt
+                .block_on(disk.extents(pos, geometry.disk_size - pos))
+                .map_err(|e| state(e.to_string()))?;
+            let Some(reached) = extents.last().map(|e| e.end()) else {
+                break;
+            };
+            for e in extents
+                .iter()
+                .filter(|e| e.kind == ferry_disk::ExtentKind::Data)
+            {
+                for n in geometry.chunks_overlapping(e.offset, e.length) {
+                    let (off, len) = geometry.chunk(n);
+                    let buf = rt
+                        .block_on(disk.read_at(off, len))
+                        .map_err(|e| state(e.to_string()))?;
+                    entries.push((n, chunk::digest(&buf)));
+                    if entries.len() >= 4096 {
+                        idx.set_many(&mut entries)?;
+                        entries.clear();
+                    }
                 }
             }
+            pos = reached.max(pos + 1);
         }
         idx.set_many(&mut entries)?;
         idx.sync()?;
@@ -313,19 +324,34 @@ impl Target {
         if new_index_path.exists() {
             let new_index = IndexFile::open(&new_index_path)?;
             if !info.has_base {
-                // First generation: the pending data file *is* the new disk.
-                if pending.join("data").exists() {
-                    std::fs::rename(pending.join("data"), &applying).map_err(io(&applying))?;
+                // First generation: the pending data file *is* the new disk (converted,
+                // when the target is to be qcow2).
+                let data = pending.join("data");
+                if data.exists() {
+                    match Format::of(&self.dst).map_err(TargetError::State)? {
+                        Format::Raw => std::fs::rename(&data, &applying),
+                        Format::Qcow2 => sink::raw_to_qcow2(&data, &applying),
+                    }
+                    .map_err(io(&applying))?;
                 }
                 applied = new_index.chunk_count();
             } else {
+                let format = if applying.exists() {
+                    Format::of(&applying)
+                } else {
+                    Format::of(&self.dst)
+                }
+                .map_err(TargetError::State)?;
                 if !applying.exists() {
                     std::fs::rename(&self.dst, &applying).map_err(io(&self.dst))?;
                 }
                 let base = IndexFile::open(&self.index_path(info.base_generation))?;
                 let journal = Journal::open(&pending.join("journal"), geometry.chunk_size)
                     .map_err(io(&pending))?;
-                applied = apply(&base, &new_index, &journal, &applying, geometry)?;
+                let sink =
+                    Sink::open(&applying, format, geometry.disk_size).map_err(io(&applying))?;
+                applied = apply(&base, &new_index, &journal, &sink, &applying, geometry)?;
+                sink.finish().map_err(io(&applying))?;
             }
             if applying.exists() {
                 File::open(&applying)
@@ -356,17 +382,10 @@ fn apply(
     base: &IndexFile,
     new: &IndexFile,
     journal: &Journal,
+    target: &Sink,
     target_path: &Path,
     geometry: Geometry,
 ) -> Result<u64, TargetError> {
-    let target = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(target_path)
-        .map_err(io(target_path))?;
-    target
-        .set_len(geometry.disk_size)
-        .map_err(io(target_path))?;
     let before = |c: u64| -> Result<Digest, IndexError> {
         if c < base.chunk_count() {
             base.get(c)
@@ -391,7 +410,7 @@ fn apply(
             if r.bytes.len() != len {
                 return Ok(());
             }
-            target.write_all_at(&r.bytes, off)?;
+            target.write(off, &r.bytes)?;
             done[(c / 64) as usize] |= 1 << (c % 64);
             applied += 1;
             Ok(())
@@ -410,10 +429,12 @@ fn apply(
             }
             if d == ZERO {
                 let (off, len) = geometry.chunk(c);
-                punch_zero(&target, off, len as u64).map_err(|source| IndexError::Io {
-                    path: target_path.to_path_buf(),
-                    source,
-                })?;
+                target
+                    .zero(off, len as u64)
+                    .map_err(|source| IndexError::Io {
+                        path: target_path.to_path_buf(),
+                        source,
+                    })?;
                 applied += 1;
             } else if done[(c / 64) as usize] & (1 << (c % 64)) == 0 {
                 missing += 1;
@@ -428,12 +449,11 @@ fn apply(
             journal.path().parent().unwrap_or(Path::new(".")).display()
         )));
     }
-    target.sync_all().map_err(io(target_path))?;
     Ok(applied)
 }
 
 /// Makes a range read as zeros, freeing its space where the filesystem can.
-fn punch_zero(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+pub(crate) fn punch_zero(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::unix::io::AsRawFd;
     let rc = unsafe {
         libc::fallocate(

@@ -18,7 +18,8 @@ pub enum DiskCommand {
     /// Make DST a verified copy of SRC; run again for a delta (only changed chunks move).
     ///
     /// SRC: a raw image or block device, any image QEMU reads (qcow2, vmdk, vhdx: Ferry
-    /// serves it with qemu-nbd), or an nbd:// / nbd+unix:// URI. DST: a raw image path.
+    /// serves it with qemu-nbd), or an nbd:// / nbd+unix:// URI. DST: a raw or qcow2 image
+    /// path (an existing image's format, or qcow2 for a new `*.qcow2`).
     /// Both ends run in this process and talk over loopback mutual TLS.
     Sync {
         src: String,
@@ -40,7 +41,7 @@ pub enum DiskCommand {
         #[command(flatten)]
         send: SendArgs,
     },
-    /// Receive syncs into DST (a raw image path) from `ferry disk send`.
+    /// Receive syncs into DST (a raw or qcow2 image path) from `ferry disk send`.
     Receive {
         dst: PathBuf,
         /// Address to listen on.

@@ -1,7 +1,6 @@
 //! Raw files and block devices, read with pread and mapped with SEEK_DATA/SEEK_HOLE.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
@@ -38,19 +37,6 @@ impl RawDisk {
             disk: self.name.clone(),
             source,
         }
-    }
-
-    /// Blocking read, for callers already on a blocking thread.
-    pub fn read_at_blocking(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        if offset.saturating_add(buf.len() as u64) > self.size {
-            return Err(DiskError::OutOfRange {
-                disk: self.name.clone(),
-                offset,
-                len: buf.len() as u64,
-                size: self.size,
-            });
-        }
-        self.file.read_exact_at(buf, offset).map_err(|e| self.io(e))
     }
 
     /// Blocking read into a new buffer, without first zeroing it (that would cost as much
@@ -217,6 +203,7 @@ impl Disk for RawDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn sparse_file_maps_holes_and_data() {
@@ -236,11 +223,11 @@ mod tests {
         // Filesystems may round allocation up, never down.
         assert!((1 << 20..16 << 20).contains(&data), "{ext:?}");
         assert_eq!(ext.last().unwrap().end(), 16 << 20);
-        let mut buf = vec![0u8; 4096];
-        disk.read_at_blocking(4 << 20, &mut buf).unwrap();
+        let buf = disk.read_into_blocking(4 << 20, 4096, Vec::new()).unwrap();
+        assert_eq!(buf.len(), 4096);
         assert!(buf.iter().all(|&b| b == 7));
         assert!(matches!(
-            disk.read_at_blocking(16 << 20, &mut buf),
+            disk.read_into_blocking(16 << 20, 4096, buf),
             Err(DiskError::OutOfRange { .. })
         ));
     }

@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use ferry_nbd::{NbdClient, QemuNbd, QemuNbdOptions};
@@ -175,11 +175,10 @@ fn qemu_img(args: &[&str], image: &Path, last: &str) -> std::io::Result<()> {
 
 /// An existing target image opened for reading, to index it.
 pub fn open_for_reading(path: &Path, format: Format) -> Result<ferry_disk::AnyDisk, String> {
-    let spec: PathBuf = path.to_path_buf();
-    let spec = spec.to_str().ok_or("non-UTF-8 path")?.to_string();
+    let spec = path.to_str().ok_or("non-UTF-8 path")?;
     Handle::current()
         .block_on(ferry_disk::open(
-            &spec,
+            spec,
             &ferry_disk::OpenOptions {
                 format: Some(format.name().into()),
                 dirty_bitmap: None,

@@ -134,14 +134,6 @@ impl Target {
         serde_json::from_slice(&text).ok()
     }
 
-    /// The last committed generation, 0 when the target holds none.
-    pub fn generation(&self) -> u64 {
-        match self.load_state() {
-            Some(s) if self.dst.exists() => s.generation,
-            _ => 0,
-        }
-    }
-
     /// The committed index that truly describes DST, or `None` when DST does not exist.
     /// A DST changed behind Ferry's back (other size or mtime), or one Ferry never wrote,
     /// is read and indexed again: correct first, fast when possible.

@@ -53,8 +53,10 @@ pub enum SyncError {
         offset: u64,
         reason: String,
     },
+    /// The sync stopped part-way (superseded, a peer gone, data damaged on the way); a
+    /// new attempt resumes it.
     #[error("{0}")]
-    Peer(String),
+    Interrupted(String),
     #[error("internal task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -66,21 +68,17 @@ impl From<std::io::Error> for SyncError {
 }
 
 impl SyncError {
-    /// Interruptions worth resuming after: lost connections, and chunks damaged on the
-    /// way (the next attempt sends them again).
+    /// Interruptions worth resuming after: lost connections, chunks damaged on the way
+    /// (the next attempt sends them again), and whatever the receiver says it would
+    /// accept on a new attempt.
     pub fn is_retryable(&self) -> bool {
         match self {
-            SyncError::Connect { .. } => true,
-            SyncError::Proto(proto::ProtoError::Io(_)) => true,
-            SyncError::Proto(proto::ProtoError::Peer(m)) => {
-                m.contains("rejected") || m.contains("superseded") || m.contains("incomplete")
-            }
-            SyncError::Verification { .. } => true,
-            SyncError::Peer(m) => {
-                m.contains("superseded")
-                    || m.contains("went away")
-                    || m.contains("corrupted in transit")
-            }
+            SyncError::Connect { .. }
+            | SyncError::Proto(proto::ProtoError::Io(_))
+            | SyncError::Verification { .. }
+            | SyncError::Interrupted(_)
+            | SyncError::Target(target::TargetError::Incomplete { .. }) => true,
+            SyncError::Proto(proto::ProtoError::Peer { retryable, .. }) => *retryable,
             _ => false,
         }
     }

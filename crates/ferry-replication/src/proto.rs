@@ -34,8 +34,12 @@ pub enum ProtoError {
     Io(#[from] std::io::Error),
     #[error("protocol violation: {0}")]
     Violation(String),
-    #[error("peer reported: {0}")]
-    Peer(String),
+    #[error("peer reported: {message}")]
+    Peer {
+        message: String,
+        /// The peer says a new attempt can succeed (and resume).
+        retryable: bool,
+    },
 }
 
 /// How the sender finds changed chunks.
@@ -87,6 +91,9 @@ pub enum Control {
     },
     Error {
         message: String,
+        /// Whether the sender should try again (an interruption, not a refusal).
+        #[serde(default)]
+        retryable: bool,
     },
 }
 
@@ -199,8 +206,8 @@ impl Frame {
         }
         let msg: Control = serde_json::from_slice(&self.payload)
             .map_err(|e| ProtoError::Violation(format!("bad control message: {e}")))?;
-        if let Control::Error { message } = msg {
-            return Err(ProtoError::Peer(message));
+        if let Control::Error { message, retryable } = msg {
+            return Err(ProtoError::Peer { message, retryable });
         }
         Ok(msg)
     }

@@ -129,6 +129,7 @@ impl Receiver {
                 &mut w,
                 &Control::Error {
                     message: e.to_string(),
+                    retryable: e.is_retryable(),
                 },
             )
             .await;
@@ -212,13 +213,13 @@ impl Receiver {
             let frame = tokio::select! {
                 f = proto::read_frame(r) => f,
                 _ = until_cancelled(&mut cancelled) => {
-                    return Err(SyncError::Peer("superseded by a newer sync of the same target".into()));
+                    return Err(SyncError::Interrupted("superseded by a newer sync of the same target".into()));
                 }
             };
             let msg = match frame {
                 Ok(f) => f.control()?,
                 Err(ProtoError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    return Err(SyncError::Peer("the sender went away".into()))
+                    return Err(SyncError::Interrupted("the sender went away".into()))
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -297,7 +298,7 @@ impl Receiver {
             .clone()
             .filter(|a| a.id == id && !*a.cancel.borrow())
             .ok_or_else(|| {
-                SyncError::Peer(format!(
+                SyncError::Interrupted(format!(
                     "no sync session {id} here (it ended or was superseded): start the sync again"
                 ))
             })?;
@@ -320,7 +321,7 @@ impl Receiver {
                 f = proto::read_frame(r) => f?,
                 _ = until_cancelled(&mut cancelled) => {
                     store(&active.session, std::mem::take(&mut batch)).await?;
-                    return Err(SyncError::Peer("superseded by a newer sync of the same target".into()));
+                    return Err(SyncError::Interrupted("superseded by a newer sync of the same target".into()));
                 }
             };
             match frame.kind {

@@ -617,7 +617,7 @@ impl<D: Disk> Stream<D> {
 fn explain(e: SyncError) -> SyncError {
     let text = e.to_string();
     if text.contains("BadRecordMac") {
-        SyncError::Peer(format!(
+        SyncError::Interrupted(format!(
             "data was rejected: corrupted in transit (TLS record authentication failed: {text}); nothing corrupt was written, and the next attempt sends it again"
         ))
     } else if [

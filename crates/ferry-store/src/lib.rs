@@ -385,41 +385,85 @@ impl Store {
             config: s.config.clone(),
             created_at: now_ms(),
         };
-        let mut w = self.write().await?;
-        sqlx::query("INSERT INTO sources (id, name, kind, endpoint, credential_id, config, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
-            .bind(src.id.to_string())
-            .bind(&src.name)
-            .bind(src.kind.as_str())
-            .bind(src.endpoint.clone())
-            .bind(opt_uuid(src.credential_id))
-            .bind(src.config.to_string())
-            .bind(src.created_at)
-            .execute(&mut *w.tx)
-            .await
-            .map_err(|e| map_unique(e, "source", &s.name))?;
-        w.commit().await?;
+        self.insert_endpoint(
+            "sources",
+            "source",
+            EndpointRow {
+                id: src.id,
+                name: &src.name,
+                kind: src.kind.as_str(),
+                endpoint: &src.endpoint,
+                credential_id: src.credential_id,
+                config: &src.config,
+                created_at: src.created_at,
+            },
+        )
+        .await?;
         Ok(src)
     }
 
     pub async fn list_sources(&self, page: Page) -> Result<(Vec<Source>, i64)> {
-        let rows = sqlx::query("SELECT id, name, kind, endpoint, credential_id, config, created_at FROM sources ORDER BY name LIMIT $1 OFFSET $2")
-            .bind(page.limit)
-            .bind(page.offset)
-            .fetch_all(&self.pool)
-            .await?;
-        let total = self.count("SELECT COUNT(*) FROM sources").await?;
-        Ok((rows.iter().map(rows::source).collect::<Result<_>>()?, total))
+        self.list_endpoints("sources", page, rows::source).await
     }
 
     /// By id, or by name when `key` is not a UUID.
     pub async fn get_source(&self, key: &str) -> Result<Source> {
-        let row = sqlx::query("SELECT id, name, kind, endpoint, credential_id, config, created_at FROM sources WHERE id = $1 OR name = $2")
+        self.get_endpoint("sources", "source", key, rows::source)
+            .await
+    }
+
+    // Sources and targets share one shape; these serve both tables.
+
+    async fn insert_endpoint(
+        &self,
+        table: &str,
+        what: &'static str,
+        e: EndpointRow<'_>,
+    ) -> Result<()> {
+        let mut w = self.write().await?;
+        sqlx::query(&format!("INSERT INTO {table} (id, name, kind, endpoint, credential_id, config, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"))
+            .bind(e.id.to_string())
+            .bind(e.name)
+            .bind(e.kind)
+            .bind(e.endpoint.clone())
+            .bind(opt_uuid(e.credential_id))
+            .bind(e.config.to_string())
+            .bind(e.created_at)
+            .execute(&mut *w.tx)
+            .await
+            .map_err(|err| map_unique(err, what, e.name))?;
+        w.commit().await
+    }
+
+    async fn list_endpoints<T>(
+        &self,
+        table: &str,
+        page: Page,
+        map: fn(&sqlx::any::AnyRow) -> Result<T>,
+    ) -> Result<(Vec<T>, i64)> {
+        let rows = sqlx::query(&format!("SELECT id, name, kind, endpoint, credential_id, config, created_at FROM {table} ORDER BY name LIMIT $1 OFFSET $2"))
+            .bind(page.limit)
+            .bind(page.offset)
+            .fetch_all(&self.pool)
+            .await?;
+        let total = self.count(&format!("SELECT COUNT(*) FROM {table}")).await?;
+        Ok((rows.iter().map(map).collect::<Result<_>>()?, total))
+    }
+
+    async fn get_endpoint<T>(
+        &self,
+        table: &str,
+        what: &'static str,
+        key: &str,
+        map: fn(&sqlx::any::AnyRow) -> Result<T>,
+    ) -> Result<T> {
+        let row = sqlx::query(&format!("SELECT id, name, kind, endpoint, credential_id, config, created_at FROM {table} WHERE id = $1 OR name = $2"))
             .bind(key)
             .bind(key)
             .fetch_optional(&self.pool)
             .await?
-            .ok_or(StoreError::NotFound { what: "source", id: key.to_string() })?;
-        rows::source(&row)
+            .ok_or(StoreError::NotFound { what, id: key.to_string() })?;
+        map(&row)
     }
 
     pub async fn delete_source(&self, id: Uuid) -> Result<()> {
@@ -460,40 +504,30 @@ impl Store {
             config: t.config.clone(),
             created_at: now_ms(),
         };
-        let mut w = self.write().await?;
-        sqlx::query("INSERT INTO targets (id, name, kind, endpoint, credential_id, config, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
-            .bind(tgt.id.to_string())
-            .bind(&tgt.name)
-            .bind(tgt.kind.as_str())
-            .bind(tgt.endpoint.clone())
-            .bind(opt_uuid(tgt.credential_id))
-            .bind(tgt.config.to_string())
-            .bind(tgt.created_at)
-            .execute(&mut *w.tx)
-            .await
-            .map_err(|e| map_unique(e, "target", &t.name))?;
-        w.commit().await?;
+        self.insert_endpoint(
+            "targets",
+            "target",
+            EndpointRow {
+                id: tgt.id,
+                name: &tgt.name,
+                kind: tgt.kind.as_str(),
+                endpoint: &tgt.endpoint,
+                credential_id: tgt.credential_id,
+                config: &tgt.config,
+                created_at: tgt.created_at,
+            },
+        )
+        .await?;
         Ok(tgt)
     }
 
     pub async fn list_targets(&self, page: Page) -> Result<(Vec<Target>, i64)> {
-        let rows = sqlx::query("SELECT id, name, kind, endpoint, credential_id, config, created_at FROM targets ORDER BY name LIMIT $1 OFFSET $2")
-            .bind(page.limit)
-            .bind(page.offset)
-            .fetch_all(&self.pool)
-            .await?;
-        let total = self.count("SELECT COUNT(*) FROM targets").await?;
-        Ok((rows.iter().map(rows::target).collect::<Result<_>>()?, total))
+        self.list_endpoints("targets", page, rows::target).await
     }
 
     pub async fn get_target(&self, key: &str) -> Result<Target> {
-        let row = sqlx::query("SELECT id, name, kind, endpoint, credential_id, config, created_at FROM targets WHERE id = $1 OR name = $2")
-            .bind(key)
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or(StoreError::NotFound { what: "target", id: key.to_string() })?;
-        rows::target(&row)
+        self.get_endpoint("targets", "target", key, rows::target)
+            .await
     }
 
     pub async fn delete_target(&self, id: Uuid) -> Result<()> {
@@ -1215,4 +1249,15 @@ async fn insert_workload_tx(
         .await
         .map_err(|e| map_unique(e, "workload", &w.name))?;
     Ok(wl)
+}
+
+/// The columns sources and targets share, for writing either.
+struct EndpointRow<'a> {
+    id: Uuid,
+    name: &'a str,
+    kind: &'a str,
+    endpoint: &'a Option<String>,
+    credential_id: Option<Uuid>,
+    config: &'a serde_json::Value,
+    created_at: i64,
 }

@@ -20,6 +20,34 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 
+# --- guests, networks, DNS (end-to-end tests and `ferry quickstart`) -----------------
+# qemu-system-x86 comes from bookworm-backports (the same QEMU 10 as qemu-utils); the
+# Debian kernel under /boot boots the test guest directly; debootstrap builds its image;
+# Knot answers RFC 2136 updates signed with TSIG.
+if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  mirror=$(grep -rhoE 'https?://[^ ]*debian/?$' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null | sed -n 1p || true)
+  mirror=${mirror:-http://deb.debian.org/debian}
+  cat >/etc/apt/sources.list.d/bookworm-backports.sources <<SRC
+Types: deb
+URIs: $mirror
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  apt-get update -qq
+fi
+guest=()
+for p in qemu-system-x86 linux-image-amd64 debootstrap busybox-static iproute2 knot knot-dnsutils e2fsprogs; do
+  have "$p" || guest+=("$p")
+done
+if [ ${#guest[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  echo "install-deps: installing ${guest[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
+  apt-get install -y -qq --no-install-recommends "${guest[@]}" >/dev/null
+fi
+
 # --- control plane ------------------------------------------------------------------
 # Schemathesis (API conformance test, crates/ferry-cli/tests/control_plane.rs) in a venv
 # outside the repository; the test looks for it at /var/cache/ferry/venv/bin/st

@@ -1,9 +1,6 @@
-//! The traits steps call, and the simple real adapters that need nothing installed:
-//! a disk-image source (image files on this machine) and a local-directory target.
-//!
-//! Source and target adapters know their platform, not the state machine: the
-//! orchestrator decides which call a step makes. Adding a platform means implementing
-//! `SourceAdapter` or `TargetAdapter` and registering it in `Adapters`.
+//! The adapters registered by default, and the simple ones that need nothing installed:
+//! a disk-image source (image files on this machine) and a local-directory target
+//! (disk copies only, no instances). The traits live in `ferry-adapter`.
 
 use async_trait::async_trait;
 use ferry_model::*;
@@ -12,102 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// A step's failure: `retryable` ones are tried again with backoff.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct AdapterError {
-    pub message: String,
-    pub retryable: bool,
-}
-
-impl AdapterError {
-    pub fn permanent(message: impl Into<String>) -> AdapterError {
-        AdapterError {
-            message: message.into(),
-            retryable: false,
-        }
-    }
-    pub fn transient(message: impl Into<String>) -> AdapterError {
-        AdapterError {
-            message: message.into(),
-            retryable: true,
-        }
-    }
-}
-
-impl From<std::io::Error> for AdapterError {
-    fn from(e: std::io::Error) -> Self {
-        AdapterError::transient(e.to_string())
-    }
-}
-
-pub type AResult<T> = Result<T, AdapterError>;
-
-/// Everything a step may need to know about its migration.
-#[derive(Debug, Clone)]
-pub struct StepContext {
-    pub migration: Migration,
-    pub workload: Workload,
-    pub profile: Profile,
-    pub source: Option<Source>,
-    pub target: Target,
-    /// Scratch space private to this migration on this appliance.
-    pub work_dir: PathBuf,
-}
-
-/// A disk the source can hand to the replication engine.
-#[derive(Debug, Clone)]
-pub struct SourceDisk {
-    pub name: String,
-    pub path: PathBuf,
-    pub size_bytes: u64,
-}
-
-/// Figures of one sync run.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SyncStats {
-    pub bytes_total: u64,
-    pub bytes_sent: u64,
-}
-
-#[async_trait]
-pub trait SourceAdapter: Send + Sync {
-    async fn preflight(&self, ctx: &StepContext) -> AResult<()>;
-    /// The disks to copy, at a consistent point in time.
-    async fn disks(&self, ctx: &StepContext) -> AResult<Vec<SourceDisk>>;
-    async fn stop_services(&self, ctx: &StepContext, services: &[String]) -> AResult<()>;
-    async fn shutdown(&self, ctx: &StepContext) -> AResult<()>;
-    /// Undo `stop_services` and `shutdown` (rollback).
-    async fn restart(&self, ctx: &StepContext) -> AResult<()>;
-}
-
-#[async_trait]
-pub trait TargetAdapter: Send + Sync {
-    async fn preflight(&self, ctx: &StepContext) -> AResult<()>;
-    /// Where the replication engine writes a disk.
-    async fn disk_destination(&self, ctx: &StepContext, disk: &SourceDisk) -> AResult<PathBuf>;
-    async fn start_test_instance(&self, ctx: &StepContext) -> AResult<()>;
-    async fn stop_test_instance(&self, ctx: &StepContext) -> AResult<()>;
-    async fn start_production(&self, ctx: &StepContext) -> AResult<()>;
-    async fn post_cutover(&self, ctx: &StepContext, actions: &[PostCutoverAction]) -> AResult<()>;
-    /// Validation checks against the instance; `source_disks` for data-consistency checks.
-    async fn validate(&self, ctx: &StepContext, source_disks: &[SourceDisk]) -> AResult<()>;
-    /// Remove everything created on the target (rollback).
-    async fn remove(&self, ctx: &StepContext) -> AResult<()>;
-}
-
-/// The data plane: the only place disk bytes are copied.
-#[async_trait]
-pub trait Replicator: Send + Sync {
-    async fn sync(&self, src: &Path, dst: &Path, full: bool) -> AResult<SyncStats>;
-}
-
-/// In-guest operations (agent, guest agent or SSH); unused by the simple adapters.
-#[async_trait]
-pub trait GuestAdapter: Send + Sync {
-    async fn stop_services(&self, ctx: &StepContext, services: &[String]) -> AResult<()>;
-    async fn run_check(&self, ctx: &StepContext, check: &ValidationCheck) -> AResult<()>;
-}
+pub use ferry_adapter::*;
 
 /// The adapters the orchestrator uses, by platform kind.
 #[derive(Clone)]
@@ -121,12 +23,17 @@ impl Default for Adapters {
     fn default() -> Self {
         let mut sources: HashMap<SourceKind, Arc<dyn SourceAdapter>> = HashMap::new();
         sources.insert(SourceKind::DiskImage, Arc::new(DiskImageSource));
+        sources.insert(
+            SourceKind::Kvm,
+            Arc::new(ferry_source_kvm::KvmSource::default()),
+        );
         let mut targets: HashMap<TargetKind, Arc<dyn TargetAdapter>> = HashMap::new();
         targets.insert(TargetKind::LocalDir, Arc::new(LocalDirTarget));
+        targets.insert(TargetKind::Local, Arc::new(ferry_target_local::LocalTarget));
         Adapters {
             sources,
             targets,
-            replicator: Arc::new(LocalCopy),
+            replicator: Arc::new(EngineReplicator),
         }
     }
 }
@@ -183,7 +90,7 @@ pub struct DiskImageSource;
 #[async_trait]
 impl SourceAdapter for DiskImageSource {
     async fn preflight(&self, ctx: &StepContext) -> AResult<()> {
-        let disks = self.disks(ctx).await?;
+        let disks = self.open_disks(ctx, true).await?;
         if disks.is_empty() {
             return Err(AdapterError::permanent(format!(
                 "workload '{}' lists no disks",
@@ -193,7 +100,7 @@ impl SourceAdapter for DiskImageSource {
         Ok(())
     }
 
-    async fn disks(&self, ctx: &StepContext) -> AResult<Vec<SourceDisk>> {
+    async fn open_disks(&self, ctx: &StepContext, _full: bool) -> AResult<Vec<SourceDisk>> {
         let base = config_path(
             &ctx.source
                 .as_ref()
@@ -223,11 +130,17 @@ impl SourceAdapter for DiskImageSource {
             })?;
             out.push(SourceDisk {
                 name: d.name.clone(),
-                path,
+                spec: path.display().to_string(),
                 size_bytes: meta.len(),
+                format: None,
+                dirty_bitmap: None,
             });
         }
         Ok(out)
+    }
+
+    async fn close_disks(&self, _: &StepContext, _: &[SourceDisk], _: bool) -> AResult<()> {
+        Ok(())
     }
 
     async fn stop_services(&self, ctx: &StepContext, services: &[String]) -> AResult<()> {
@@ -332,15 +245,29 @@ impl TargetAdapter for LocalDirTarget {
         .await
     }
 
-    async fn post_cutover(&self, ctx: &StepContext, actions: &[PostCutoverAction]) -> AResult<()> {
+    async fn post_cutover(
+        &self,
+        ctx: &StepContext,
+        actions: &[PostCutoverAction],
+    ) -> AResult<Vec<serde_json::Value>> {
         write_json(
             &Self::instance_dir(ctx)?.join("post-cutover.json"),
             serde_json::json!({"actions": actions}),
         )
-        .await
+        .await?;
+        Ok(vec![])
     }
 
-    async fn validate(&self, ctx: &StepContext, source_disks: &[SourceDisk]) -> AResult<()> {
+    async fn validate(
+        &self,
+        ctx: &StepContext,
+        phase: CheckPhase,
+        _checks: &[ValidationCheck],
+        source_disks: &[SourceDisk],
+    ) -> AResult<()> {
+        if phase == CheckPhase::Uat {
+            return Ok(());
+        }
         let dir = Self::instance_dir(ctx)?;
         if tokio::fs::metadata(dir.join("instance.json"))
             .await
@@ -352,7 +279,7 @@ impl TargetAdapter for LocalDirTarget {
         }
         for d in source_disks {
             let dst = self.disk_destination(ctx, d).await?;
-            let (a, b) = (d.path.clone(), dst.clone());
+            let (a, b) = (PathBuf::from(&d.spec), dst.clone());
             let same = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
                 Ok(digest(&a)? == digest(&b)?)
             })
@@ -391,100 +318,50 @@ fn digest(p: &Path) -> std::io::Result<Vec<u8>> {
     Ok(h.finalize().to_vec())
 }
 
-/// Copies a file chunk by chunk, writing only chunks that differ (a delta), or into a
-/// new file renamed into place when whole (a full sync keeps the old copy until done).
-pub struct LocalCopy;
-
-const CHUNK: usize = 1 << 20;
+/// The replication engine in this process: chunked, verified, crash-safe syncs with the
+/// target's last complete generation kept intact (`ferry_replication::sync_local`).
+pub struct EngineReplicator;
 
 #[async_trait]
-impl Replicator for LocalCopy {
-    async fn sync(&self, src: &Path, dst: &Path, full: bool) -> AResult<SyncStats> {
-        let (src, dst) = (src.to_path_buf(), dst.to_path_buf());
-        tokio::task::spawn_blocking(move || copy_changed(&src, &dst, full))
-            .await
-            .map_err(|e| AdapterError::transient(e.to_string()))?
-            .map_err(AdapterError::from)
-    }
-}
-
-fn copy_changed(src: &Path, dst: &Path, full: bool) -> std::io::Result<SyncStats> {
-    use std::io::{Read, Seek, SeekFrom, Write};
-    if let Some(dir) = dst.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let write_to = if full || !dst.exists() {
-        dst.with_extension("partial")
-    } else {
-        dst.to_path_buf()
-    };
-    if write_to != dst {
-        let _ = std::fs::remove_file(&write_to);
-    }
-    let mut s = std::fs::File::open(src)?;
-    let mut d = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&write_to)?;
-    let size = s.metadata()?.len();
-    let mut a = vec![0u8; CHUNK];
-    let mut b = vec![0u8; CHUNK];
-    let mut stats = SyncStats {
-        bytes_total: size,
-        bytes_sent: 0,
-    };
-    let mut off = 0u64;
-    while off < size {
-        let n = (size - off).min(CHUNK as u64) as usize;
-        s.read_exact(&mut a[..n])?;
-        d.seek(SeekFrom::Start(off))?;
-        let mut got = 0;
-        while got < n {
-            let r = d.read(&mut b[got..n])?;
-            if r == 0 {
-                break;
-            }
-            got += r;
+impl Replicator for EngineReplicator {
+    async fn sync(&self, src: &SourceDisk, dst: &Path) -> AResult<SyncStats> {
+        use ferry_replication::{Mode, Progress, SendOptions};
+        if let Some(dir) = dst.parent() {
+            tokio::fs::create_dir_all(dir).await?;
         }
-        if got < n || a[..n] != b[..n] {
-            if a[..n].iter().all(|x| *x == 0) && got == 0 {
-                // Zero chunk past the end: leave a hole.
+        let disk = ferry_disk::open(
+            &src.spec,
+            &ferry_disk::OpenOptions {
+                format: src.format.clone(),
+                dirty_bitmap: src.dirty_bitmap.clone(),
+            },
+        )
+        .await
+        .map_err(|e| AdapterError::transient(format!("cannot open disk '{}': {e}", src.name)))?;
+        let opts = SendOptions {
+            mode: if src.dirty_bitmap.is_some() {
+                Mode::DirtyBitmap
             } else {
-                d.seek(SeekFrom::Start(off))?;
-                d.write_all(&a[..n])?;
-                stats.bytes_sent += n as u64;
-            }
-        }
-        off += n as u64;
-    }
-    d.set_len(size)?;
-    d.sync_all()?;
-    if write_to != dst {
-        std::fs::rename(&write_to, dst)?;
-    }
-    Ok(stats)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn delta_copies_only_changed_chunks() {
-        let dir = tempfile::tempdir().unwrap();
-        let (src, dst) = (dir.path().join("s.img"), dir.path().join("d.img"));
-        let mut data = vec![7u8; 3 * CHUNK + 100];
-        std::fs::write(&src, &data).unwrap();
-        let full = copy_changed(&src, &dst, true).unwrap();
-        assert_eq!(full.bytes_sent, data.len() as u64);
-        data[CHUNK + 5] = 9;
-        std::fs::write(&src, &data).unwrap();
-        let delta = copy_changed(&src, &dst, false).unwrap();
-        assert_eq!(delta.bytes_sent, CHUNK as u64);
-        assert_eq!(std::fs::read(&dst).unwrap(), data);
-        let none = copy_changed(&src, &dst, false).unwrap();
-        assert_eq!(none.bytes_sent, 0);
+                Mode::HashCompare
+            },
+            // Both ends are in this process: compressing would only cost CPU.
+            compress: false,
+            streams: 2,
+            ..SendOptions::default()
+        };
+        let progress = Arc::new(Progress::default());
+        let r = ferry_replication::sync_local(&disk, dst, &opts, progress)
+            .await
+            .map_err(|e| AdapterError {
+                retryable: e.is_retryable(),
+                message: format!("sync of disk '{}' failed: {e}", src.name),
+            })?;
+        Ok(SyncStats {
+            bytes_total: r.disk_size,
+            bytes_read: r.bytes_read,
+            bytes_sent: r.bytes_sent,
+            chunks_changed: r.chunks_changed,
+            duration_ms: (r.duration_s * 1000.0) as u64,
+        })
     }
 }

@@ -252,6 +252,23 @@ pub struct MigrationDetail {
     /// The step running now, if any.
     pub running_step: Option<Step>,
     pub syncs: Vec<SyncRun>,
+    /// The cutover's downtime, once final validation passed.
+    pub downtime: Option<Downtime>,
+}
+
+/// Time from "stop services" to "target passed validation", by phase.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Downtime {
+    pub total_ms: i64,
+    pub phases: Vec<DowntimePhase>,
+    /// Time between the phases (queueing, bookkeeping).
+    pub other_ms: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DowntimePhase {
+    pub phase: Step,
+    pub ms: i64,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -315,7 +332,7 @@ pub struct JobInfo {
     paths(
         openapi_json, health, list_tokens, create_token,
         list_credentials, create_credential,
-        list_sources, create_source, get_source, delete_source,
+        list_sources, create_source, get_source, delete_source, discover_source,
         list_targets, create_target, get_target, delete_target,
         list_workloads, create_workload, get_workload, patch_workload, import_workloads,
         list_groups, create_group, get_group, group_migrations, group_cutover, group_sync,
@@ -467,6 +484,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/sources", get(list_sources).post(create_source))
         .route("/api/sources/{key}", get(get_source).delete(delete_source))
+        .route("/api/sources/{key}/discover", post(discover_source))
         .route("/api/targets", get(list_targets).post(create_target))
         .route("/api/targets/{key}", get(get_target).delete(delete_target))
         .route("/api/workloads", get(list_workloads).post(create_workload))
@@ -645,6 +663,54 @@ async fn get_source(
     ApiPath(key): ApiPath<String>,
 ) -> ApiResult<Json<Source>> {
     Ok(Json(st.store().get_source(&key).await?))
+}
+
+/// Asks the source which workloads it holds and brings them into the inventory: new ones
+/// are added, known ones (same name) get their disks, NICs and sizing refreshed.
+#[utoipa::path(post, path = "/api/sources/{key}/discover", params(("key" = String, Path, description = "Name or id")), responses((status = 200, body = Vec<Workload>)))]
+async fn discover_source(
+    AxState(st): AxState<AppState>,
+    ApiPath(key): ApiPath<String>,
+) -> ApiResult<Json<Vec<Workload>>> {
+    let src = st.store().get_source(&key).await?;
+    let adapter = st
+        .engine
+        .adapters
+        .sources
+        .get(&src.kind)
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "no adapter for source kind '{}' in this build",
+                src.kind
+            ))
+        })?;
+    let found = adapter.discover(&src).await.map_err(|e| {
+        ApiError::bad_request(format!(
+            "discovery on source '{}' failed: {}",
+            src.name, e.message
+        ))
+    })?;
+    let mut out = vec![];
+    for nw in found {
+        let w = match st.store().get_workload(&nw.name).await {
+            Ok(mut w) => {
+                w.source_id = Some(src.id);
+                w.disks = nw.disks;
+                w.nics = nw.nics;
+                w.os = nw.os.or(w.os);
+                w.cpus = nw.cpus.or(w.cpus);
+                w.memory_mib = nw.memory_mib.or(w.memory_mib);
+                st.store().update_workload(&w).await?
+            }
+            Err(ferry_store::StoreError::NotFound { .. }) => {
+                st.store().insert_workload(&nw).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        out.push(w);
+    }
+    Ok(Json(out))
 }
 
 #[utoipa::path(delete, path = "/api/sources/{key}", params(("key" = String, Path, description = "Name or id")), responses((status = 204, description = "Deleted")))]
@@ -1150,7 +1216,13 @@ async fn get_migration(
     let id = parse_id(&id, "migration")?;
     let m = st.store().get_migration(id).await?;
     let syncs = st.store().list_syncs(id).await?;
+    let downtime = st
+        .store()
+        .latest_event(id, crate::engine::DOWNTIME_EVENT)
+        .await?
+        .and_then(|e| serde_json::from_value(e.data).ok());
     Ok(Json(MigrationDetail {
+        downtime,
         allowed_commands: allowed_commands(&m.status),
         running_step: m.status.running_step(),
         migration: m,

@@ -5,7 +5,9 @@
 //! events in one transaction (`Store::apply`); concurrent changes are detected by the
 //! migration's version and retried.
 
-use crate::adapters::{AdapterError, Adapters, SourceDisk, StepContext, SyncStats};
+use crate::adapters::{
+    AdapterError, Adapters, CheckPhase, CutoverFacts, Secrets, StepContext, SyncStats,
+};
 use crate::error::ApiError;
 use ferry_model::*;
 use ferry_store::{Change, ClaimedJob, NewJob, Store, StoreError};
@@ -14,6 +16,29 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify, Semaphore};
 use uuid::Uuid;
+
+/// Event kind holding the migration's [`CutoverFacts`] (the newest one counts).
+pub const FACTS_EVENT: &str = "cutover.facts";
+/// Event kind holding the downtime of a completed cutover, by phase.
+pub const DOWNTIME_EVENT: &str = "cutover.downtime";
+
+const CUTOVER_STEPS: [Step; 6] = [
+    Step::StopServices,
+    Step::FinalDelta,
+    Step::ShutdownSource,
+    Step::StartTarget,
+    Step::PostCutover,
+    Step::FinalValidation,
+];
+
+/// What a step hands back to be recorded with its completion.
+#[derive(Debug, Default)]
+struct StepOutput {
+    sync: Option<SyncRun>,
+    /// The UAT validation verdict (an error message when it failed).
+    uat: Option<Result<(), String>>,
+    facts: Option<CutoverFacts>,
+}
 
 /// Tuning of the orchestrator.
 #[derive(Debug, Clone)]
@@ -33,6 +58,8 @@ pub struct EngineConfig {
 
 pub struct Engine {
     pub store: Store,
+    /// Opens the credentials steps need (`*_credential` parameters of the profile).
+    pub secrets: crate::secrets::SecretBox,
     pub adapters: Adapters,
     pub config: EngineConfig,
     pub wake: Notify,
@@ -201,6 +228,14 @@ impl Engine {
             None => None,
         };
         let work_dir = self.config.work_dir.join(m.id.to_string());
+        let facts = self
+            .store
+            .latest_event(m.id, FACTS_EVENT)
+            .await
+            .map_err(perm)?
+            .and_then(|e| serde_json::from_value(e.data).ok())
+            .unwrap_or_default();
+        let secrets = self.credentials_for(&profile).await?;
         Ok(StepContext {
             migration: m,
             workload,
@@ -208,7 +243,54 @@ impl Engine {
             source,
             target,
             work_dir,
+            facts,
+            secrets,
         })
+    }
+
+    /// Decrypts the credentials the profile's actions and checks refer to by name or id.
+    async fn credentials_for(&self, profile: &Profile) -> Result<Secrets, AdapterError> {
+        let spec = &profile.spec;
+        let refs: Vec<&String> = spec
+            .post_cutover
+            .iter()
+            .flat_map(|a| a.params.iter())
+            .chain(spec.validation.iter().flat_map(|c| c.params.iter()))
+            .filter(|(k, _)| k.ends_with("_credential"))
+            .map(|(_, v)| v)
+            .collect();
+        let mut out = Secrets::default();
+        if refs.is_empty() {
+            return Ok(out);
+        }
+        let (all, _) = self
+            .store
+            .list_credentials(ferry_store::Page {
+                limit: 10_000,
+                offset: 0,
+            })
+            .await
+            .map_err(|e| AdapterError::transient(e.to_string()))?;
+        for r in refs {
+            let c = all
+                .iter()
+                .find(|c| c.name == *r || c.id.to_string() == *r)
+                .ok_or_else(|| {
+                    AdapterError::permanent(format!(
+                        "the profile refers to credential '{r}', which does not exist: create it first (POST /api/credentials)"
+                    ))
+                })?;
+            let sealed = self
+                .store
+                .credential_secret(c.id)
+                .await
+                .map_err(|e| AdapterError::transient(e.to_string()))?;
+            let plain = self.secrets.open(&sealed).map_err(|e| {
+                AdapterError::permanent(format!("credential '{r}' cannot be decrypted: {e}"))
+            })?;
+            out.0.insert(r.clone(), plain);
+        }
+        Ok(out)
     }
 
     async fn run_job(self: Arc<Self>, c: ClaimedJob) {
@@ -250,7 +332,7 @@ impl Engine {
         self.wake.notify_waiters();
     }
 
-    async fn execute(&self, c: &ClaimedJob) -> Result<Option<SyncRun>, AdapterError> {
+    async fn execute(&self, c: &ClaimedJob) -> Result<StepOutput, AdapterError> {
         let m = self
             .store
             .get_migration(c.job.migration_id)
@@ -272,63 +354,133 @@ impl Engine {
             .await;
         let source = || self.adapters.source(&ctx);
         let target = || self.adapters.target(&ctx);
+        let checks = &ctx.profile.spec.validation;
+        let mut out = StepOutput::default();
         match c.job.step {
             Step::Preflight => {
                 source()?.preflight(&ctx).await?;
                 target()?.preflight(&ctx).await?;
-                Ok(None)
             }
             Step::FullSync | Step::DeltaSync | Step::FinalDelta => {
                 let full = c.job.step == Step::FullSync;
-                let started = ferry_store::now_ms();
-                let disks = source()?.disks(&ctx).await?;
-                let mut total = SyncStats::default();
-                for d in &disks {
-                    let dst = target()?.disk_destination(&ctx, d).await?;
-                    let s = self.adapters.replicator.sync(&d.path, &dst, full).await?;
-                    total.bytes_total += s.bytes_total;
-                    total.bytes_sent += s.bytes_sent;
-                }
-                Ok(Some(SyncRun {
-                    id: Uuid::new_v4(),
-                    migration_id: ctx.migration.id,
-                    kind: if full {
-                        SyncKind::Full
-                    } else {
-                        SyncKind::Delta
-                    },
-                    generation: ctx.migration.status.generation + 1,
-                    bytes_total: total.bytes_total,
-                    bytes_sent: total.bytes_sent,
-                    started_at: started,
-                    finished_at: ferry_store::now_ms(),
-                }))
+                out.sync = Some(self.sync_disks(&ctx, full).await?);
             }
-            Step::StartTestInstance => target()?.start_test_instance(&ctx).await.map(|_| None),
-            Step::StopTestInstance => target()?.stop_test_instance(&ctx).await.map(|_| None),
+            Step::StartTestInstance => {
+                target()?.start_test_instance(&ctx).await?;
+                // With checks in the profile the verdict is theirs, recorded whatever it
+                // is (a failed check fails the UAT, not the step that booted the instance);
+                // without, people test and give the verdict.
+                if !checks.is_empty() {
+                    let verdict = target()?.validate(&ctx, CheckPhase::Uat, checks, &[]).await;
+                    out.uat = Some(verdict.map_err(|e| e.message));
+                }
+            }
+            Step::StopTestInstance => target()?.stop_test_instance(&ctx).await?,
             Step::StopServices => {
                 let mut services = ctx.profile.spec.services_to_stop.clone();
                 services.extend(ctx.workload.services.iter().cloned());
-                source()?.stop_services(&ctx, &services).await.map(|_| None)
+                source()?.stop_services(&ctx, &services).await?;
+                // What the target must hold once cut over (e.g. the last record the
+                // source acknowledged), read now that nothing changes any more.
+                let mut facts = CutoverFacts::default();
+                for (i, check) in checks.iter().enumerate() {
+                    if let Some(cmd) = check.params.get("capture") {
+                        let v = source()?
+                            .guest_command(&ctx, cmd)
+                            .await
+                            .map_err(|e| e.context(format!("capturing check {i} on the source")))?;
+                        facts.captured.insert(i, v.trim().to_string());
+                    }
+                }
+                out.facts = Some(facts);
             }
-            Step::ShutdownSource => source()?.shutdown(&ctx).await.map(|_| None),
-            Step::StartTarget => target()?.start_production(&ctx).await.map(|_| None),
-            Step::PostCutover => target()?
-                .post_cutover(&ctx, &ctx.profile.spec.post_cutover)
-                .await
-                .map(|_| None),
+            Step::ShutdownSource => source()?.shutdown(&ctx).await?,
+            Step::StartTarget => target()?.start_production(&ctx).await?,
+            Step::PostCutover => {
+                let undo = target()?
+                    .post_cutover(&ctx, &ctx.profile.spec.post_cutover)
+                    .await?;
+                let mut facts = ctx.facts.clone();
+                facts.undo = undo;
+                out.facts = Some(facts);
+            }
             Step::FinalValidation => {
-                let disks: Vec<SourceDisk> = source()?.disks(&ctx).await?;
-                target()?.validate(&ctx, &disks).await.map(|_| None)
+                if self.needs_source_disks(&ctx) {
+                    let src = source()?;
+                    let disks = src.open_disks(&ctx, false).await?;
+                    let r = target()?
+                        .validate(&ctx, CheckPhase::Final, checks, &disks)
+                        .await;
+                    src.close_disks(&ctx, &disks, false).await?;
+                    r?;
+                } else {
+                    target()?
+                        .validate(&ctx, CheckPhase::Final, checks, &[])
+                        .await?;
+                }
             }
             Step::Rollback => {
                 target()?.remove(&ctx).await?;
                 if let Ok(src) = source() {
                     src.restart(&ctx).await?;
                 }
-                Ok(None)
             }
         }
+        Ok(out)
+    }
+
+    /// Disk-comparing data checks need the source's disks (quiescent by then); the local
+    /// directory target always compares them.
+    fn needs_source_disks(&self, ctx: &StepContext) -> bool {
+        ctx.target.kind == TargetKind::LocalDir
+            || ctx
+                .profile
+                .spec
+                .validation
+                .iter()
+                .any(|c| c.kind == "data" && !c.params.contains_key("capture"))
+    }
+
+    /// One sync of every disk: point-in-time views from the source, the data plane into
+    /// the target, the views released whatever happened.
+    async fn sync_disks(&self, ctx: &StepContext, full: bool) -> Result<SyncRun, AdapterError> {
+        let source = self.adapters.source(ctx)?;
+        let target = self.adapters.target(ctx)?;
+        let started = ferry_store::now_ms();
+        let disks = source.open_disks(ctx, full).await?;
+        let mut total = SyncStats::default();
+        let mut result = Ok(());
+        for d in &disks {
+            let r = async {
+                let dst = target.disk_destination(ctx, d).await?;
+                self.adapters.replicator.sync(d, &dst).await
+            }
+            .await;
+            match r {
+                Ok(s) => total.add(&s),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let closed = source.close_disks(ctx, &disks, result.is_ok()).await;
+        result?;
+        closed?;
+        Ok(SyncRun {
+            id: Uuid::new_v4(),
+            migration_id: ctx.migration.id,
+            kind: if full {
+                SyncKind::Full
+            } else {
+                SyncKind::Delta
+            },
+            generation: ctx.migration.status.generation + 1,
+            bytes_total: total.bytes_total,
+            bytes_sent: total.bytes_sent,
+            started_at: started,
+            finished_at: ferry_store::now_ms(),
+        })
     }
 
     fn backoff_ms(&self, attempt: i64) -> i64 {
@@ -342,7 +494,7 @@ impl Engine {
     async fn finish(
         &self,
         c: &ClaimedJob,
-        result: Result<Option<SyncRun>, AdapterError>,
+        result: Result<StepOutput, AdapterError>,
         took: Duration,
     ) -> Result<(), StoreError> {
         let step = c.job.step;
@@ -381,7 +533,7 @@ impl Engine {
             let now = ferry_store::now_ms();
             ch.next_sync_at = Some(next_sync(&m.schedule, &status, now));
             match &result {
-                Ok(sync) => {
+                Ok(out) => {
                     let mut ev = NewEvent::new(
                         Some(m.id),
                         "step.completed",
@@ -390,12 +542,38 @@ impl Engine {
                     ev.step = Some(step);
                     ev.job_id = Some(c.job.id);
                     ev.data = serde_json::json!({"attempt": c.job.attempts, "owner": self.config.owner, "ms": took.as_millis() as u64});
-                    if let Some(s) = sync {
+                    if let Some(s) = &out.sync {
                         ev.data["bytes_total"] = s.bytes_total.into();
                         ev.data["bytes_sent"] = s.bytes_sent.into();
                     }
                     ch.events.push(ev);
-                    ch.sync_run = sync.clone();
+                    if let Some(f) = &out.facts {
+                        let mut ev = NewEvent::new(
+                            Some(m.id),
+                            FACTS_EVENT,
+                            format!("cutover facts recorded by {step}"),
+                        );
+                        ev.step = Some(step);
+                        ev.data = serde_json::to_value(f).unwrap_or_default();
+                        ch.events.push(ev);
+                    }
+                    if let Some(v) = &out.uat {
+                        let mut ev = NewEvent::new(
+                            Some(m.id),
+                            "uat.validation",
+                            match v {
+                                Ok(()) => "UAT validation passed".to_string(),
+                                Err(e) => format!("UAT validation failed: {e}"),
+                            },
+                        );
+                        ev.data =
+                            serde_json::json!({"passed": v.is_ok(), "error": v.as_ref().err()});
+                        ch.events.push(ev);
+                    }
+                    if step == Step::FinalValidation {
+                        ch.events.push(self.downtime_event(m.id, took).await?);
+                    }
+                    ch.sync_run = out.sync.clone();
                     ch.last_error = Some(None);
                 }
                 Err(e) => {
@@ -415,12 +593,72 @@ impl Engine {
             ch.events
                 .push(state_event(&m, m.status.state, status.state, step.as_str()));
             match self.store.apply(ch).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    if let Ok(StepOutput { uat: Some(v), .. }) = &result {
+                        let cmd = if v.is_ok() {
+                            Command::UatPass
+                        } else {
+                            Command::UatFail
+                        };
+                        if let Err(e) = self.command(m.id, cmd, "validation").await {
+                            tracing::warn!(migration = %m.id, "recording the UAT verdict failed: {}", e.message);
+                        }
+                    }
+                    return Ok(());
+                }
                 Err(StoreError::Conflict(_)) => continue,
                 Err(e) => return Err(e),
             }
         }
         Err(StoreError::Conflict(c.job.migration_id))
+    }
+
+    /// Downtime of the cutover that final validation just passed: from the start of
+    /// `stop_services` to now, by phase (the steps' own durations; `other_ms` is the time
+    /// between steps: queueing and bookkeeping).
+    async fn downtime_event(&self, id: Uuid, validation: Duration) -> Result<NewEvent, StoreError> {
+        let mut phases: Vec<(Step, i64, i64)> = vec![]; // (step, completed at, ms)
+        let mut after = 0;
+        loop {
+            let page = self.store.list_events(Some(id), after, 1000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            for e in &page {
+                let Some(step) = e.step.filter(|_| e.kind == "step.completed") else {
+                    continue;
+                };
+                let ms = e.data.get("ms").and_then(|v| v.as_i64()).unwrap_or(0);
+                if step == Step::StopServices {
+                    phases.clear();
+                }
+                if CUTOVER_STEPS.contains(&step) {
+                    phases.push((step, e.at, ms));
+                }
+            }
+        }
+        let now = ferry_store::now_ms();
+        let v_ms = validation.as_millis() as i64;
+        phases.push((Step::FinalValidation, now, v_ms));
+        let start = match phases.first() {
+            Some((Step::StopServices, at, ms)) => at - ms,
+            _ => now - v_ms,
+        };
+        let total = (now - start).max(0);
+        let sum: i64 = phases.iter().map(|p| p.2).sum();
+        let list: Vec<serde_json::Value> = phases
+            .iter()
+            .map(|(s, _, ms)| serde_json::json!({"phase": s, "ms": ms}))
+            .collect();
+        let mut ev = NewEvent::new(
+            Some(id),
+            DOWNTIME_EVENT,
+            format!(
+                "downtime {:.1} s (stop services → target passed validation)",
+                total as f64 / 1000.0
+            ),
+        );
+        ev.data = serde_json::json!({"total_ms": total, "phases": list, "other_ms": (total - sum).max(0)});
+        Ok(ev)
     }
 
     /// One pass of the scheduler: due deltas and move-group cutovers.

@@ -145,6 +145,7 @@ impl Appliance {
 
         let engine = Arc::new(Engine {
             store,
+            secrets: secrets.clone(),
             adapters: adapters::Adapters::default(),
             config: EngineConfig {
                 owner: owner.clone(),

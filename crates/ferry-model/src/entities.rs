@@ -38,7 +38,7 @@ kind_enum!(
 );
 kind_enum!(
     /// Where workloads go.
-    TargetKind { Vme => "vme", Libvirt => "libvirt", LocalDir => "local_dir" }
+    TargetKind { Vme => "vme", Libvirt => "libvirt", LocalDir => "local_dir", Local => "local" }
 );
 kind_enum!(
     /// What kind of secret a credential holds.

@@ -1096,6 +1096,16 @@ impl Store {
         rows.iter().map(rows::event).collect()
     }
 
+    /// The newest event of `kind` for a migration (facts a later step reads back).
+    pub async fn latest_event(&self, migration_id: Uuid, kind: &str) -> Result<Option<Event>> {
+        let row = sqlx::query("SELECT id, migration_id, kind, step, job_id, message, data, at FROM events WHERE migration_id = $1 AND kind = $2 ORDER BY id DESC LIMIT 1")
+            .bind(migration_id.to_string())
+            .bind(kind)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(rows::event).transpose()
+    }
+
     pub async fn insert_log(
         &self,
         migration_id: Option<Uuid>,

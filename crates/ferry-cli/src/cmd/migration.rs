@@ -289,6 +289,13 @@ pub fn run(a: MigrationArgs) -> Result<ExitCode> {
                     let rows = syncs.iter().map(|s| vec![s["generation"].to_string(), s["kind"].as_str().unwrap_or("").into(), s["bytes_total"].to_string(), s["bytes_sent"].to_string(), format!("{} ms", s["finished_at"].as_i64().unwrap_or(0) - s["started_at"].as_i64().unwrap_or(0))]).collect();
                     println!("{}", table(&["GEN", "KIND", "BYTES", "SENT", "TOOK"], rows));
                 }
+                if let Some(dt) = d["downtime"].as_object() {
+                    let secs = |v: &Value| format!("{:.1} s", v.as_i64().unwrap_or(0) as f64 / 1000.0);
+                    let mut rows: Vec<Vec<String>> = dt.get("phases").and_then(|p| p.as_array()).into_iter().flatten().map(|p| vec![p["phase"].as_str().unwrap_or("").to_string(), secs(&p["ms"])]).collect();
+                    rows.push(vec!["between steps".into(), secs(&dt["other_ms"])]);
+                    rows.push(vec!["downtime".into(), secs(&dt["total_ms"])]);
+                    println!("downtime (stop services → target passed validation):\n{}", table(&["PHASE", "TIME"], rows));
+                }
                 Ok(ExitCode::SUCCESS)
             }
             MigrationCommand::Sync { migration, follow: f } => command(&c, &migration, Command::Sync, f).await,

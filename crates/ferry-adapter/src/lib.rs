@@ -1,0 +1,211 @@
+//! The contracts between the orchestrator and the platforms it drives.
+//!
+//! A source or target adapter knows its platform's API and hands the data plane disks; it
+//! does not know the state machine, the store or other platforms. The orchestrator decides
+//! which call a step makes. Adding a platform means implementing [`SourceAdapter`] or
+//! [`TargetAdapter`] in a crate of its own and registering it with the appliance.
+
+use async_trait::async_trait;
+use ferry_model::{
+    Migration, NewWorkload, PostCutoverAction, Profile, Source, Target, ValidationCheck, Workload,
+};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// A step's failure: `retryable` ones are tried again with backoff.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct AdapterError {
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl AdapterError {
+    pub fn permanent(message: impl Into<String>) -> AdapterError {
+        AdapterError {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+    pub fn transient(message: impl Into<String>) -> AdapterError {
+        AdapterError {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+    /// The same error with what was being done in front of it.
+    pub fn context(self, what: impl std::fmt::Display) -> AdapterError {
+        AdapterError {
+            message: format!("{what}: {}", self.message),
+            retryable: self.retryable,
+        }
+    }
+}
+
+impl From<std::io::Error> for AdapterError {
+    fn from(e: std::io::Error) -> Self {
+        AdapterError::transient(e.to_string())
+    }
+}
+
+pub type AResult<T> = Result<T, AdapterError>;
+
+/// Everything a step may need to know about its migration.
+#[derive(Debug, Clone)]
+pub struct StepContext {
+    pub migration: Migration,
+    pub workload: Workload,
+    pub profile: Profile,
+    pub source: Option<Source>,
+    pub target: Target,
+    /// Scratch space private to this migration on this appliance.
+    pub work_dir: PathBuf,
+    /// Facts recorded by earlier steps of this migration's cutover (see [`CutoverFacts`]).
+    pub facts: CutoverFacts,
+    /// Credentials named by the profile's `*_credential` parameters, decrypted for this
+    /// step only (keyed by the parameter's value).
+    pub secrets: Secrets,
+}
+
+/// Decrypted secrets; never printed.
+#[derive(Clone, Default)]
+pub struct Secrets(pub std::collections::BTreeMap<String, String>);
+
+impl Secrets {
+    pub fn get(&self, reference: &str) -> Option<&str> {
+        self.0.get(reference).map(String::as_str)
+    }
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, "<redacted>")))
+            .finish()
+    }
+}
+
+/// What the cutover learned on the source that later steps check on the target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutoverFacts {
+    /// Output of each `data` check's `capture` command on the source once its services
+    /// stopped, by check index in the profile.
+    #[serde(default)]
+    pub captured: std::collections::BTreeMap<usize, String>,
+    /// What post-cutover actions replaced, so a rollback can put it back.
+    #[serde(default)]
+    pub undo: Vec<serde_json::Value>,
+}
+
+/// A disk the source hands to the data plane for one sync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceDisk {
+    pub name: String,
+    /// What `ferry_disk::open` reads: an image path or an `nbd://` / `nbd+unix://` URI.
+    pub spec: String,
+    pub size_bytes: u64,
+    /// Image format when `spec` is a path and the format must not be guessed.
+    pub format: Option<String>,
+    /// The dirty bitmap holding every change since the target's last complete sync, when
+    /// the platform tracks changes; `None` means "compare hashes".
+    pub dirty_bitmap: Option<String>,
+}
+
+/// Figures of one sync run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncStats {
+    pub bytes_total: u64,
+    pub bytes_read: u64,
+    pub bytes_sent: u64,
+    pub chunks_changed: u64,
+    pub duration_ms: u64,
+}
+
+impl SyncStats {
+    pub fn add(&mut self, o: &SyncStats) {
+        self.bytes_total += o.bytes_total;
+        self.bytes_read += o.bytes_read;
+        self.bytes_sent += o.bytes_sent;
+        self.chunks_changed += o.chunks_changed;
+        self.duration_ms += o.duration_ms;
+    }
+}
+
+/// When validation checks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckPhase {
+    /// Against the test instance in the isolated migration network.
+    Uat,
+    /// Against the production instance after cutover.
+    Final,
+}
+
+#[async_trait]
+pub trait SourceAdapter: Send + Sync {
+    /// The workloads this source holds now, for the inventory (`source_id` set).
+    async fn discover(&self, source: &Source) -> AResult<Vec<NewWorkload>> {
+        Err(AdapterError::permanent(format!(
+            "source '{}' ({}) cannot discover its workloads: add them by hand or import a CSV",
+            source.name, source.kind
+        )))
+    }
+    async fn preflight(&self, ctx: &StepContext) -> AResult<()>;
+    /// Consistent point-in-time views of the workload's disks for one sync. `full` says no
+    /// earlier sync exists to take a delta against.
+    async fn open_disks(&self, ctx: &StepContext, full: bool) -> AResult<Vec<SourceDisk>>;
+    /// Releases the views, always, also after a failed sync: `committed` says whether the
+    /// target committed them (when not, the changes they carried must stay tracked).
+    async fn close_disks(
+        &self,
+        ctx: &StepContext,
+        disks: &[SourceDisk],
+        committed: bool,
+    ) -> AResult<()>;
+    async fn stop_services(&self, ctx: &StepContext, services: &[String]) -> AResult<()>;
+    /// Runs a shell command in the source guest and returns its standard output.
+    async fn guest_command(&self, ctx: &StepContext, command: &str) -> AResult<String> {
+        let _ = command;
+        Err(AdapterError::permanent(format!(
+            "source '{}' cannot run commands in its guests",
+            ctx.source.as_ref().map(|s| s.name.as_str()).unwrap_or("-")
+        )))
+    }
+    async fn shutdown(&self, ctx: &StepContext) -> AResult<()>;
+    /// Undo `stop_services` and `shutdown` (rollback).
+    async fn restart(&self, ctx: &StepContext) -> AResult<()>;
+}
+
+#[async_trait]
+pub trait TargetAdapter: Send + Sync {
+    async fn preflight(&self, ctx: &StepContext) -> AResult<()>;
+    /// Where the data plane writes a disk.
+    async fn disk_destination(&self, ctx: &StepContext, disk: &SourceDisk) -> AResult<PathBuf>;
+    /// Boots a test instance from the last complete sync in the isolated network.
+    async fn start_test_instance(&self, ctx: &StepContext) -> AResult<()>;
+    async fn stop_test_instance(&self, ctx: &StepContext) -> AResult<()>;
+    async fn start_production(&self, ctx: &StepContext) -> AResult<()>;
+    /// Runs the post-cutover actions; returns what a rollback needs to undo them.
+    async fn post_cutover(
+        &self,
+        ctx: &StepContext,
+        actions: &[PostCutoverAction],
+    ) -> AResult<Vec<serde_json::Value>>;
+    /// Runs the profile's validation checks against the test or production instance.
+    /// `source_disks` serve data-consistency checks that compare disks.
+    async fn validate(
+        &self,
+        ctx: &StepContext,
+        phase: CheckPhase,
+        checks: &[ValidationCheck],
+        source_disks: &[SourceDisk],
+    ) -> AResult<()>;
+    /// Stops the production instance and undoes post-cutover actions (rollback); the
+    /// synced disks stay so the migration can be tried again.
+    async fn remove(&self, ctx: &StepContext) -> AResult<()>;
+}
+
+/// The data plane: the only place disk bytes are copied.
+#[async_trait]
+pub trait Replicator: Send + Sync {
+    async fn sync(&self, src: &SourceDisk, dst: &std::path::Path) -> AResult<SyncStats>;
+}

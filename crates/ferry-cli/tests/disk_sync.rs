@@ -252,6 +252,7 @@ fn quickstart_runs_to_a_verified_copy() {
     let dir = tempfile::tempdir().unwrap();
     let out = ok(&[
         "quickstart",
+        "--disk-only",
         "--size",
         "256M",
         "--data-dir",

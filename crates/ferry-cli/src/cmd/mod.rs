@@ -5,6 +5,7 @@ mod bench_replication;
 pub mod disk;
 pub mod pki;
 pub mod quickstart;
+pub mod quickstart_disk;
 pub mod util;
 // Control plane.
 pub mod appliance;

@@ -1,217 +1,606 @@
-//! `ferry quickstart`: a real disk through the replication workflow on the embedded
-//! defaults — an image served by qemu-nbd with a dirty bitmap, a full sync over mutual
-//! TLS, changes while "the guest runs", a dirty-bitmap delta, and a byte-for-byte check.
+//! `ferry quickstart`: a real migration of a running guest through the whole workflow, on
+//! the embedded defaults — a Debian guest under QEMU (the KVM source, agentless), the
+//! local target (qcow2 disks, QEMU instances, network namespaces), a real DNS server
+//! taking a TSIG-signed update, and an appliance driven through its API.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::{Child, ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use ferry_disk::{Disk, OpenOptions};
-use ferry_replication::{Mode, SendOptions};
-use rand::{Rng, SeedableRng};
+use anyhow::{anyhow, bail, Context, Result};
+use base64::Engine as _;
+use ferry_model::{Command, Migration, State};
+use ferry_net::{Network, NetworkSpec};
+use ferry_qemu::{NicBackend, Vm, VmDisk, VmNic, VmSpec};
+use serde_json::{json, Value};
 
-use crate::cmd::disk::{print_report, with_progress};
-use crate::cmd::util::{human_bytes, parse_size, runtime};
+use crate::cmd::client::{Client, ClientArgs};
+use crate::cmd::util::{parse_size, runtime};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Where the quickstart keeps its disks (reused and reset on each run).
+    /// Where the quickstart keeps everything (reset on each run).
     #[arg(long, default_value = "/var/tmp/ferry-quickstart")]
     data_dir: PathBuf,
-    /// Size of the source disk.
+    /// Leave the appliance, the migrated instance, its network and the DNS server running
+    /// at the end, to look at them.
+    #[arg(long)]
+    keep: bool,
+    /// Only the replication engine: a disk image, a full sync and a dirty-bitmap delta.
+    #[arg(long)]
+    disk_only: bool,
+    /// Size of the source disk with --disk-only.
     #[arg(long, default_value = "2G", value_parser = parse_size)]
     size: u64,
 }
 
-const BITMAP: &str = "ferry-quickstart";
+const GUEST_IP: &str = "10.200.1.10";
+const GATEWAY: &str = "10.200.1.1/24";
+const ZONE: &str = "ferry.test";
+const SERVICES: [&str; 2] = ["ferry-ledger", "ferry-web"];
 
-pub fn run(args: Args) -> Result<ExitCode> {
-    for tool in ["qemu-img", "qemu-nbd"] {
-        if Command::new(tool).arg("--version").output().is_err() {
-            bail!("{tool} is not installed: run `bash scripts/install-deps.sh` first");
+/// Names and places of one quickstart run.
+struct Layout {
+    data: PathBuf,
+    /// Network namespace of the production network (short: it names interfaces too).
+    prod_ns: String,
+    suffix: String,
+}
+
+impl Layout {
+    fn new(data: &Path) -> Layout {
+        let h = short_hash(data.to_string_lossy().as_bytes());
+        Layout {
+            data: data.to_path_buf(),
+            prod_ns: format!("fqs-{}", &h[..6]),
+            suffix: h[..6].to_string(),
         }
     }
-    let started = Instant::now();
-    let dir = &args.data_dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let source = dir.join("source.qcow2");
-    let target = dir.join("target.raw");
-    for p in [&source, &target] {
-        let _ = std::fs::remove_file(p);
+    fn vm_dir(&self) -> PathBuf {
+        self.data.join("vms")
     }
-    let _ = std::fs::remove_dir_all(dir.join("target.raw.ferry"));
+    fn source_run(&self) -> PathBuf {
+        self.vm_dir().join("web")
+    }
+    fn appliance_dir(&self) -> PathBuf {
+        self.data.join("appliance")
+    }
+    fn target_dir(&self) -> PathBuf {
+        self.data.join("target")
+    }
+}
 
-    step(
-        1,
-        "a source disk",
-        &format!(
-            "A {} qcow2 image, as a KVM host keeps it, with some data on it.",
-            human_bytes(args.size)
-        ),
-    );
-    qemu_img(
-        &["create", "-q", "-f", "qcow2"],
-        &source,
-        Some(&args.size.to_string()),
-    )?;
+fn short_hash(b: &[u8]) -> String {
+    // A stable short name per data directory, so parallel runs do not collide.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for x in b {
+        h ^= *x as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+fn step(n: u32, title: &str, why: &str) {
+    println!("\n[{n}] {title}\n    {why}");
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    if args.disk_only {
+        return crate::cmd::quickstart_disk::run(crate::cmd::quickstart_disk::Args {
+            data_dir: args.data_dir,
+            size: args.size,
+        });
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the quickstart creates network namespaces and tap devices: run it as root (or try `ferry quickstart --disk-only`)");
+    }
     let rt = runtime()?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
-    let written = rt.block_on(write_through_nbd(
-        &source,
-        &mut rng,
-        args.size,
-        96 << 20,
-        4 << 20,
-    ))?;
-    println!("  wrote {} of data through qemu-nbd", human_bytes(written));
+    rt.block_on(quickstart(args))
+}
 
-    step(2, "initial sync", "A persistent dirty bitmap starts recording every write from this point in time; Ferry reads only allocated data, skips zeros, and streams 64 KiB chunks with their BLAKE3 digests over mutual TLS; the receiver verifies every chunk before writing it.");
-    qemu_img(&["bitmap", "--add"], &source, Some(BITMAP))?;
-    let full = rt.block_on(sync(&source, &target, None))?;
-    print_report(&full, false);
+async fn quickstart(args: Args) -> Result<ExitCode> {
+    let started = Instant::now();
+    let lay = Layout::new(&args.data_dir);
+    clean_previous(&lay).await;
+    std::fs::create_dir_all(&lay.data)
+        .with_context(|| format!("creating {}", lay.data.display()))?;
 
-    step(
-        3,
-        "the source keeps changing",
-        "While replication goes on, the workload writes; the dirty bitmap records which blocks.",
-    );
-    let changed = rt.block_on(write_through_nbd(
-        &source,
-        &mut rng,
-        args.size,
-        24 << 20,
-        64 << 10,
-    ))?;
+    step(1, "the guest image", "A small Debian guest (systemd, qemu-guest-agent, a web service and a ledger that appends numbered, fsync'ed records), built once with debootstrap and cached outside the repository.");
+    let image = guest_image().await?;
+    let manifest: Value = serde_json::from_slice(&std::fs::read(image.join("manifest.json"))?)?;
+    let base_append = manifest["append"]
+        .as_str()
+        .unwrap_or("root=/dev/vda rw console=ttyS0");
+    println!("    image: {}", image.display());
+    let accel = ferry_qemu::accel::detect_with(&ferry_qemu::DetectOptions::from_env()).await;
+    println!("    accelerator: {} ({})", accel.accel, accel.reason);
+
+    step(2, "the production network and the source VM", &format!("A network namespace with a bridge plays the production network ({GATEWAY}); the source VM runs there under QEMU with its disk in qcow2 (persistent dirty bitmaps need it), reachable through QMP and its guest agent — no agent of Ferry's inside."));
+    let prod = tokio::task::spawn_blocking({
+        let ns = lay.prod_ns.clone();
+        move || Network::ensure(&NetworkSpec::new(ns).with_cidr(GATEWAY.parse().expect("valid")))
+    })
+    .await??;
+    let src_disk = lay.source_run().join("disk0.qcow2");
+    std::fs::create_dir_all(lay.source_run())?;
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(image.join("disk.qcow2"))
+        .arg(&src_disk)
+        .status()
+        .context("running qemu-img")?;
+    if !st.success() {
+        bail!("qemu-img create of the source disk failed ({st})");
+    }
+    let tap = prod.add_tap(&format!("fqs{}", lay.suffix))?;
+    let mut spec = VmSpec::new("web", &lay.source_run(), accel.accel);
+    spec.kernel = Some(image.join("vmlinuz"));
+    spec.initrd = Some(image.join("initrd.img"));
+    spec.append = Some(format!(
+        "{base_append} ferry.ip={GUEST_IP}/24 ferry.gw=10.200.1.1"
+    ));
+    spec.disks = vec![VmDisk {
+        path: src_disk.clone(),
+        format: "qcow2".into(),
+        node_name: "disk0".into(),
+        read_only: false,
+    }];
+    spec.nics = vec![VmNic {
+        backend: NicBackend::Tap {
+            ifname: tap.ifname.clone(),
+        },
+        mac: Some("52:54:00:fe:01:10".into()),
+    }];
+    spec.netns = Some(prod.namespace.clone());
+    let vm = Vm::launch(&spec).await?;
+    let t = Instant::now();
+    vm.wait_serial("FERRY-GUEST-READY", Duration::from_secs(300))
+        .await
+        .context("waiting for the source guest to boot")?;
     println!(
-        "  wrote {} in scattered 64 KiB blocks",
-        human_bytes(changed)
+        "    source VM 'web' up at {GUEST_IP} after {:.0} s",
+        t.elapsed().as_secs_f64()
     );
-    // A bitmap is read once it stops recording; a source worker would start the next one
-    // in the same step (see ARCHITECTURE.md).
-    qemu_img(&["bitmap", "--disable"], &source, Some(BITMAP))?;
-
-    step(4, "delta sync from the dirty bitmap", "Only the blocks the bitmap marks are read and sent; the target keeps its last complete copy until the delta is whole and verified.");
-    let delta = rt.block_on(sync(&source, &target, Some(BITMAP)))?;
-    print_report(&delta, false);
-
-    step(
-        5,
-        "verification",
-        "The target is compared byte for byte with the source, read through qemu-img.",
+    let ledger = LedgerWatch::start(prod.namespace.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!(
+        "    its ledger writes {:.0} records/s",
+        ledger.rate(Duration::from_secs(3)).await
     );
-    let reference = dir.join("source-as-raw.raw");
-    let _ = std::fs::remove_file(&reference);
-    let out = Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
-        .arg(&source)
-        .arg(&reference)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "qemu-img convert failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+
+    step(3, "a DNS server", &format!("Knot serves zone {ZONE}; web.{ZONE} points at the source. After cutover Ferry updates it with RFC 2136, signed with a TSIG key it keeps encrypted."));
+    let key_secret: [u8; 32] = rand::random();
+    let key = ferry_dns::TsigKey::new(
+        "ferry-quickstart",
+        ferry_dns::TsigAlgorithm::HmacSha256,
+        key_secret.to_vec(),
+    )?;
+    let zone = ferry_dns::parse_name(ZONE)?;
+    let record = ferry_dns::parse_name(&format!("web.{ZONE}"))?;
+    let knot = {
+        let (dir, zone, key, record) = (
+            lay.data.join("dns"),
+            zone.clone(),
+            key.clone(),
+            record.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            ferry_dns::knot::KnotServer::start(
+                &dir,
+                &zone,
+                &key,
+                &[ferry_dns::RecordSet {
+                    name: record,
+                    ttl: 3600,
+                    addrs: vec![GUEST_IP.parse().expect("ip")],
+                }],
+            )
+            .map_err(anyhow::Error::from)
+        })
+        .await??
+    };
+    println!("    DNS server on {}", knot.addr);
+
+    step(4, "the appliance", "The control plane (API, orchestrator, scheduler, replication) in its own process with SQLite, as `ferry appliance` runs it.");
+    let (mut appliance, client) = start_appliance(&lay).await?;
+    println!("    listening on {}", client_url(&lay)?);
+
+    step(5, "inventory and profile", "Register the KVM host and the local target, discover the VM (disks, NIC, address through the guest agent), and a profile: services to stop at cutover, validation checks, and the DNS update.");
+    let tsig = format!(
+        "hmac-sha256:ferry-quickstart:{}",
+        base64::engine::general_purpose::STANDARD.encode(key_secret)
+    );
+    let _: Value = client
+        .post(
+            "/api/credentials",
+            &json!({"name": "quickstart-tsig", "kind": "token", "secret": tsig}),
+        )
+        .await?;
+    let _: Value = client
+        .post(
+            "/api/sources",
+            &json!({"name": "kvm-host", "kind": "kvm", "config": {"vm_dir": lay.vm_dir()}}),
+        )
+        .await?;
+    let _: Value = client
+        .post(
+            "/api/targets",
+            &json!({"name": "local", "kind": "local", "config": {
+                "path": lay.target_dir(),
+                "kernel": image.join("vmlinuz"),
+                "initrd": image.join("initrd.img"),
+                "append": format!("{base_append} ferry.ip={{ip}}/24 ferry.gw=10.200.1.1"),
+                "gateway": GATEWAY,
+            }}),
+        )
+        .await?;
+    let found: Vec<Value> = client
+        .post("/api/sources/kvm-host/discover", &json!({}))
+        .await?;
+    for w in &found {
+        println!(
+            "    discovered {}: {} disk(s), NIC {} {}",
+            w["name"].as_str().unwrap_or(""),
+            w["disks"].as_array().map_or(0, |d| d.len()),
+            w["nics"][0]["mac"].as_str().unwrap_or("-"),
+            w["nics"][0]["ips"]
         );
     }
-    let same = Command::new("cmp")
-        .arg("-s")
-        .arg(&reference)
-        .arg(&target)
-        .status()?
-        .success();
-    let _ = std::fs::remove_file(&reference);
-    if !same {
-        bail!("the target differs from the source: this is a bug, please report it");
+    let _: Value = client.post("/api/profiles", &json!({
+        "name": "quickstart",
+        "target": "local",
+        "services_to_stop": SERVICES,
+        "validation": [
+            {"kind": "http", "params": {"path": "/", "contains": "ferry test guest"}},
+            {"kind": "tcp", "params": {"port": "80"}},
+            {"kind": "command", "params": {"command": "systemctl is-active ferry-ledger", "expect": "active"}},
+            {"kind": "data", "params": {
+                "capture": "cat /var/lib/ledger/acked",
+                // Records 1..N, in order and without a gap, where N is the last one the
+                // source acknowledged before its services stopped.
+                "verify": "awk -v n={value} 'BEGIN{e=1} $1<=n{if($1!=e)exit 1; e++} END{exit (e<=n)}' /var/lib/ledger/records && echo all {value} records present"
+            }}
+        ],
+        "post_cutover": [{"kind": "dns", "params": {"server": knot.addr.to_string(), "zone": ZONE, "name": "web", "ttl": "60", "tsig_credential": "quickstart-tsig"}}]
+    })).await?;
+
+    step(6, "initial sync", "A point-in-time view of the running VM's disk (a QMP transaction: dirty bitmap + copy-before-write fleecing, exported over NBD) read by the replication engine into a qcow2 on the target.");
+    let m: Migration = client
+        .post(
+            "/api/migrations",
+            &json!({"workload": "web", "profile": "quickstart"}),
+        )
+        .await?;
+    let id = m.id;
+    wait(&client, id, &[State::Synced]).await?;
+    report_last_sync(&client, id).await?;
+
+    for n in 1..=2 {
+        step(6 + n, &format!("delta sync {n}"), "The ledger keeps writing; the dirty bitmap since the last view says what changed, and only that is read and sent.");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        command(&client, id, Command::Sync).await?;
+        wait(&client, id, &[State::Synced]).await?;
+        report_last_sync(&client, id).await?;
     }
-    println!("  {} is identical to the source", target.display());
+
+    step(9, "UAT", "A copy of the last complete sync boots in a migration network of its own — same addresses, no link to production — and the profile's checks run against it; replication could go on meanwhile.");
+    command(&client, id, Command::UatStart).await?;
+    wait(&client, id, &[State::Synced]).await?;
+    let d: Value = client.get(&format!("/api/migrations/{id}")).await?;
+    let verdict = d["migration"]["status"]["uat_verdict"]
+        .as_str()
+        .unwrap_or("none")
+        .to_string();
+    println!("    UAT verdict: {verdict}");
+    if verdict != "passed" {
+        bail!("the UAT did not pass: see `ferry migration show {id}` and its events");
+    }
+
+    step(10, "cutover", "Stop the services through the guest agent and note the last acknowledged ledger record, final delta, shut the source down, start the target on the production network with the source's address, update DNS, validate (HTTP, TCP, a command, and every acknowledged record present).");
+    let acked_before = ledger.max();
+    command(&client, id, Command::Cutover).await?;
+    wait(&client, id, &[State::Completed]).await?;
+    ledger.stop();
+
+    step(11, "afterwards", "What a user checks the morning after.");
+    let resp = prod.http_get(
+        &format!("http://{GUEST_IP}/cgi-bin/ledger"),
+        Duration::from_secs(10),
+    );
+    let served = resp.map(|r| r.body_text()).unwrap_or_default();
     println!(
-        "\ndone in {:.1} s. Next: `ferry disk sync --help`, and `ferry appliance` for the migration workflow.",
+        "    http://{GUEST_IP}/ is served by the target; its ledger is at {}",
+        served.trim()
+    );
+    let dns = knot.client(None).query_a(&record).await?;
+    println!("    web.{ZONE} A {:?} ttl {}", dns.addrs, dns.ttl);
+    let facts: Vec<Value> = client
+        .get(&format!("/api/migrations/{id}/events?limit=1000"))
+        .await?;
+    let captured = facts
+        .iter()
+        .rev()
+        .find(|e| e["kind"] == "cutover.facts")
+        .and_then(|e| e["data"]["captured"]["3"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    println!("    ledger: the source acknowledged {captured} records before its services stopped ({acked_before} seen over HTTP before the cutover began); the target holds all of them");
+    if dns.addrs.iter().all(|a| a.to_string() != GUEST_IP) {
+        bail!("the DNS record does not point at the target");
+    }
+
+    let d: Value = client.get(&format!("/api/migrations/{id}")).await?;
+    let dt = &d["downtime"];
+    println!("\ndowntime by phase:");
+    for p in dt["phases"].as_array().into_iter().flatten() {
+        println!(
+            "    {:<18} {:>6.1} s",
+            p["phase"].as_str().unwrap_or(""),
+            p["ms"].as_f64().unwrap_or(0.0) / 1000.0
+        );
+    }
+    println!(
+        "    {:<18} {:>6.1} s",
+        "between steps",
+        dt["other_ms"].as_f64().unwrap_or(0.0) / 1000.0
+    );
+    println!(
+        "\nquickstart took {:.0} s. Look at the result with:",
         started.elapsed().as_secs_f64()
     );
     println!(
-        "delta: {} sent for {} changed, final delta {:.2} s",
-        human_bytes(delta.bytes_sent),
-        human_bytes(changed),
-        delta.duration_s
+        "    ferry migration show web --url {} --token $(cat {}/admin-token)",
+        client_url(&lay)?,
+        lay.appliance_dir().display()
+    );
+    if args.keep {
+        println!(
+            "    ip netns exec {} wget -qO- http://{GUEST_IP}/   # the migrated web service",
+            lay.prod_ns
+        );
+        println!(
+            "    kdig @{} -p {} web.{ZONE}",
+            knot.addr.ip(),
+            knot.addr.port()
+        );
+        std::mem::forget(knot);
+        std::mem::forget(appliance);
+    } else {
+        let _ = appliance.kill();
+        let _ = appliance.wait();
+        drop(knot);
+        clean_previous(&lay).await;
+    }
+    println!(
+        "downtime: {:.1} s",
+        dt["total_ms"].as_f64().unwrap_or(0.0) / 1000.0
     );
     Ok(ExitCode::SUCCESS)
 }
 
-fn step(n: u32, title: &str, why: &str) {
-    println!("\n[{n}/5] {title}\n  {why}");
+/// Runs the repository's image recipe (cached outside the repository, keyed by it).
+async fn guest_image() -> Result<PathBuf> {
+    let script = std::env::var_os("FERRY_TESTBED_SCRIPT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/testbed/build-guest-image.sh")
+        });
+    if !script.exists() {
+        bail!("the guest image recipe {} is missing: run the quickstart from Ferry's source tree or set FERRY_TESTBED_SCRIPT", script.display());
+    }
+    let out = tokio::process::Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .context("running the guest image recipe")?;
+    if !out.status.success() {
+        bail!("building the guest image failed ({}): see the messages above; `bash scripts/install-deps.sh` installs what it needs", out.status);
+    }
+    let dir = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    Ok(PathBuf::from(dir))
 }
 
-fn qemu_img(args: &[&str], image: &Path, last: Option<&str>) -> Result<()> {
-    let mut cmd = Command::new("qemu-img");
-    cmd.args(args).arg(image);
-    if let Some(l) = last {
-        cmd.arg(l);
+fn client_url(lay: &Layout) -> Result<String> {
+    Ok(
+        std::fs::read_to_string(lay.appliance_dir().join("quickstart-url"))?
+            .trim()
+            .to_string(),
+    )
+}
+
+async fn start_appliance(lay: &Layout) -> Result<(Child, Client)> {
+    let dir = lay.appliance_dir();
+    std::fs::create_dir_all(&dir)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    std::fs::write(dir.join("quickstart-url"), &url)?;
+    let log = std::fs::File::create(dir.join("appliance.log"))?;
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "appliance",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .args(["--backoff-ms", "500"])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the appliance")?;
+    std::fs::write(dir.join("appliance.pid"), child.id().to_string())?;
+    let token_file = dir.join("admin-token");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(t) = std::fs::read_to_string(&token_file) {
+            let c = Client::new(&ClientArgs {
+                url: url.clone(),
+                token: Some(t.trim().to_string()),
+                json: false,
+            })?;
+            if c.get::<Value>("/api/health").await.is_ok() {
+                return Ok((child, c));
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the appliance did not come up within 30 s: see {}",
+                dir.join("appliance.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+}
+
+async fn command(c: &Client, id: uuid::Uuid, cmd: Command) -> Result<()> {
+    let _: Value = c
+        .post(
+            &format!("/api/migrations/{id}/commands"),
+            &json!({"command": cmd}),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Waits until the migration rests in one of `states`, showing where it is.
+async fn wait(c: &Client, id: uuid::Uuid, states: &[State]) -> Result<()> {
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.enable_steady_tick(Duration::from_millis(200));
+    let t = Instant::now();
+    loop {
+        let d: Value = c.get(&format!("/api/migrations/{id}")).await?;
+        let m: Migration = serde_json::from_value(d["migration"].clone())?;
+        let st = m.status.state;
+        if states.contains(&st) && m.status.running_step().is_none() {
+            pb.finish_and_clear();
+            println!("    → {st} after {:.1} s", t.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        if st == State::Failed {
+            pb.finish_and_clear();
+            return Err(anyhow!(
+                "the migration failed in {}: {}",
+                m.status
+                    .failed_state
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+                m.last_error.unwrap_or_default()
+            ));
+        }
+        pb.set_message(format!("{st} ({:.0} s)", t.elapsed().as_secs_f64()));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn report_last_sync(c: &Client, id: uuid::Uuid) -> Result<()> {
+    let d: Value = c.get(&format!("/api/migrations/{id}")).await?;
+    if let Some(s) = d["syncs"].as_array().and_then(|s| s.last()) {
+        println!(
+            "    generation {}: {} sent of a {} disk in {:.1} s",
+            s["generation"],
+            crate::cmd::util::human_bytes(s["bytes_sent"].as_u64().unwrap_or(0)),
+            crate::cmd::util::human_bytes(s["bytes_total"].as_u64().unwrap_or(0)),
+            (s["finished_at"].as_i64().unwrap_or(0) - s["started_at"].as_i64().unwrap_or(0)) as f64
+                / 1000.0
         );
     }
     Ok(())
 }
 
-/// Writes `total` bytes in blocks of `block` at random aligned places, half text, half
-/// random, through a writable qemu-nbd (so the image's dirty bitmap records them).
-async fn write_through_nbd(
-    image: &Path,
-    rng: &mut impl Rng,
-    size: u64,
-    total: u64,
-    block: u64,
-) -> Result<u64> {
-    let writes: Vec<(u64, Vec<u8>)> = (0..total / block)
-        .map(|i| {
-            let at = rng.random_range(0..size / block) * block;
-            let mut buf = vec![0u8; block as usize];
-            if i % 2 == 0 {
-                rng.fill_bytes(&mut buf);
-            } else {
-                let line = format!("{at:016x} ferry quickstart record {i}\n");
-                for (j, b) in buf.iter_mut().enumerate() {
-                    *b = line.as_bytes()[j % line.len()];
-                }
-            }
-            (at, buf)
-        })
-        .collect();
-    crate::cmd::util::write_via_qemu_nbd(image, "qcow2", &writes).await?;
-    Ok(total / block * block)
+/// Polls the source's ledger over HTTP from the production network: the highest record
+/// it acknowledged is what the target must hold after cutover.
+struct LedgerWatch {
+    max: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
 }
 
-async fn sync(
-    source: &Path,
-    target: &Path,
-    bitmap: Option<&str>,
-) -> Result<ferry_replication::SyncReport> {
-    let disk = ferry_disk::open(
-        source.to_str().context("non-UTF-8 path")?,
-        &OpenOptions {
-            format: Some("qcow2".into()),
-            dirty_bitmap: bitmap.map(str::to_string),
-        },
-    )
-    .await?;
-    let opts = SendOptions {
-        mode: if bitmap.is_some() {
-            Mode::DirtyBitmap
-        } else {
-            Mode::HashCompare
-        },
-        compress: false,
-        ..Default::default()
-    };
-    let target = target.to_path_buf();
-    let size = disk.size();
-    with_progress(false, size, |p| async move {
-        ferry_replication::sync_local(&disk, &target, &opts, Arc::clone(&p)).await
-    })
-    .await
+impl LedgerWatch {
+    fn start(ns: String) -> LedgerWatch {
+        let max = Arc::new(AtomicU64::new(0));
+        let m = max.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                if let Ok(r) = ferry_net::http_get_async(
+                    &ns,
+                    &format!("http://{GUEST_IP}/cgi-bin/ledger"),
+                    Duration::from_secs(2),
+                )
+                .await
+                {
+                    if let Ok(n) = r.body_text().trim().parse::<u64>() {
+                        m.fetch_max(n, Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        LedgerWatch { max, task }
+    }
+    fn max(&self) -> u64 {
+        self.max.load(Ordering::Relaxed)
+    }
+    async fn rate(&self, over: Duration) -> f64 {
+        let a = self.max();
+        tokio::time::sleep(over).await;
+        (self.max() - a) as f64 / over.as_secs_f64()
+    }
+    fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+/// Stops what an earlier run left: its appliance, VMs, network and DNS server.
+async fn clean_previous(lay: &Layout) {
+    if let Ok(pid) = std::fs::read_to_string(lay.appliance_dir().join("appliance.pid")) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            let _ = std::process::Command::new("kill")
+                .arg("-9")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+    let _ = std::process::Command::new("pkill")
+        .args(["-9", "-f", &format!("{}/dns/knot.conf", lay.data.display())])
+        .status();
+    for root in [lay.vm_dir(), lay.target_dir()] {
+        for run in find_run_dirs(&root) {
+            if let Ok(vm) = Vm::attach(&run) {
+                let _ = vm.kill().await;
+            }
+        }
+    }
+    let ns = lay.prod_ns.clone();
+    let _ = tokio::task::spawn_blocking(move || ferry_net::delete_namespace(&ns)).await;
+    let _ = std::fs::remove_dir_all(&lay.data);
+}
+
+fn find_run_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if p.join("qemu.pid").exists() {
+                    out.push(p.clone());
+                }
+                stack.push(p);
+            }
+        }
+    }
+    out
 }

@@ -98,6 +98,15 @@ impl Subject<'_> {
         facts: &CutoverFacts,
     ) -> AResult<Option<String>> {
         let fail = |m: String| AdapterError::permanent(format!("check {index} ({}): {m}", c.kind));
+        // `phase: uat|final` limits a check to one of the two (e.g. "the test instance
+        // cannot reach production" only means something in UAT).
+        match (param(c, "phase"), phase) {
+            (None, _) | (Some("uat"), CheckPhase::Uat) | (Some("final"), CheckPhase::Final) => {}
+            (Some("uat" | "final"), _) => return Ok(None),
+            (Some(other), _) => {
+                return Err(fail(format!("phase must be uat or final, not '{other}'")))
+            }
+        }
         match c.kind.as_str() {
             "boot" => Ok(Some("guest agent answers".into())),
             "tcp" => {

@@ -28,6 +28,9 @@ pub struct Args {
     /// at the end, to look at them.
     #[arg(long)]
     keep: bool,
+    /// Stop and remove what an earlier run (with --keep) left, then exit.
+    #[arg(long)]
+    clean: bool,
     /// Only the replication engine: a disk image, a full sync and a dirty-bitmap delta.
     #[arg(long)]
     disk_only: bool,
@@ -40,6 +43,26 @@ const GUEST_IP: &str = "10.200.1.10";
 const GATEWAY: &str = "10.200.1.1/24";
 const ZONE: &str = "ferry.test";
 const SERVICES: [&str; 2] = ["ferry-ledger", "ferry-web"];
+/// An address only the production network has, with a listener behind it.
+const CANARY_IP: &str = "10.200.1.253";
+const CANARY_PORT: u16 = 7777;
+
+/// Listens on an address only production has; returns the listener's thread.
+fn start_canary(prod: &Network) -> Result<std::thread::JoinHandle<()>> {
+    let st = prod
+        .command("ip")
+        .args(["addr", "replace", &format!("{CANARY_IP}/24"), "dev", ferry_net::BRIDGE])
+        .status()?;
+    if !st.success() {
+        bail!("adding the canary address to the production network failed ({st})");
+    }
+    let listener = prod.in_netns(|| std::net::TcpListener::bind((CANARY_IP, CANARY_PORT)))??;
+    Ok(std::thread::spawn(move || {
+        for c in listener.incoming() {
+            drop(c);
+        }
+    }))
+}
 
 /// Names and places of one quickstart run.
 struct Layout {
@@ -105,6 +128,10 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
     let started = Instant::now();
     let lay = Layout::new(&args.data_dir);
     clean_previous(&lay).await;
+    if args.clean {
+        println!("removed what the quickstart in {} left running", lay.data.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     std::fs::create_dir_all(&lay.data)
         .with_context(|| format!("creating {}", lay.data.display()))?;
 
@@ -164,6 +191,16 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
         "    source VM 'web' up at {GUEST_IP} after {:.0} s",
         t.elapsed().as_secs_f64()
     );
+    // A canary only production has: the source reaches it, a test instance must not.
+    let canary = start_canary(&prod)?;
+    let reach = format!("timeout 3 bash -c 'echo > /dev/tcp/{CANARY_IP}/{CANARY_PORT}'");
+    let mut agent = vm.qga(Duration::from_secs(30)).await?;
+    let r = agent.exec("/bin/sh", &["-c", &reach], true, Duration::from_secs(10)).await?;
+    drop(agent);
+    if !r.success() {
+        bail!("the source VM cannot reach the production canary {CANARY_IP}:{CANARY_PORT}: the production network is not working");
+    }
+    println!("    the source reaches production's canary at {CANARY_IP}:{CANARY_PORT}");
     let ledger = LedgerWatch::start(prod.namespace.clone());
     tokio::time::sleep(Duration::from_secs(3)).await;
     println!(
@@ -255,6 +292,7 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
         "target": "local",
         "services_to_stop": SERVICES,
         "validation": [
+            {"kind": "command", "params": {"phase": "uat", "command": format!("if {reach}; then echo reached production; exit 1; fi; echo isolated")}},
             {"kind": "http", "params": {"path": "/", "contains": "ferry test guest"}},
             {"kind": "tcp", "params": {"port": "80"}},
             {"kind": "command", "params": {"command": "systemctl is-active ferry-ledger", "expect": "active"}},
@@ -296,6 +334,11 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
         .unwrap_or("none")
         .to_string();
     println!("    UAT verdict: {verdict}");
+    let events: Vec<Value> = client.get(&format!("/api/migrations/{id}/events?limit=1000")).await?;
+    if let Some(e) = events.iter().rev().find(|e| e["kind"] == "uat.validation") {
+        println!("    {}", e["message"].as_str().unwrap_or(""));
+    }
+    println!("    the test instance could not reach production's canary: isolated");
     if verdict != "passed" {
         bail!("the UAT did not pass: see `ferry migration show {id}` and its events");
     }
@@ -303,8 +346,20 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
     step(10, "cutover", "Stop the services through the guest agent and note the last acknowledged ledger record, final delta, shut the source down, start the target on the production network with the source's address, update DNS, validate (HTTP, TCP, a command, and every acknowledged record present).");
     let acked_before = ledger.max();
     command(&client, id, Command::Cutover).await?;
+    if std::env::var("FERRY_QUICKSTART_CRASH").as_deref() == Ok("final_delta") {
+        // A fault test: the appliance dies in the middle of the final delta and starts
+        // again; the cutover must finish from the store alone.
+        wait_for_state(&client, id, State::FinalDelta).await?;
+        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 400)).await;
+        appliance.kill()?;
+        let _ = appliance.wait();
+        println!("    appliance killed during final_delta; starting it again");
+        let (a, _) = start_appliance(&lay).await?;
+        appliance = a;
+    }
     wait(&client, id, &[State::Completed]).await?;
     ledger.stop();
+    drop(canary);
 
     step(11, "afterwards", "What a user checks the morning after.");
     let resp = prod.http_get(
@@ -325,7 +380,7 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
         .iter()
         .rev()
         .find(|e| e["kind"] == "cutover.facts")
-        .and_then(|e| e["data"]["captured"]["3"].as_str().map(str::to_string))
+        .and_then(|e| e["data"]["captured"]["4"].as_str().map(str::to_string))
         .unwrap_or_default();
     println!("    ledger: the source acknowledged {captured} records before its services stopped ({acked_before} seen over HTTP before the cutover began); the target holds all of them");
     if dns.addrs.iter().all(|a| a.to_string() != GUEST_IP) {
@@ -420,21 +475,36 @@ fn client_url(lay: &Layout) -> Result<String> {
 async fn start_appliance(lay: &Layout) -> Result<(Child, Client)> {
     let dir = lay.appliance_dir();
     std::fs::create_dir_all(&dir)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let url = format!("http://127.0.0.1:{port}");
+    // The same address again after a restart: clients keep working.
+    let url = match std::fs::read_to_string(dir.join("quickstart-url")) {
+        Ok(u) => u.trim().to_string(),
+        Err(_) => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            format!("http://127.0.0.1:{port}")
+        }
+    };
+    let port = url.rsplit(':').next().unwrap_or_default().to_string();
     std::fs::write(dir.join("quickstart-url"), &url)?;
-    let log = std::fs::File::create(dir.join("appliance.log"))?;
-    let child = std::process::Command::new(std::env::current_exe()?)
-        .args([
-            "appliance",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .args(["--backoff-ms", "500"])
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("appliance.log"))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args([
+        "appliance",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+    ])
+    .arg(&dir)
+    .args(["--backoff-ms", "500"]);
+    if std::env::var_os("FERRY_QUICKSTART_CRASH").is_some() {
+        // Widens each step so the fault lands inside the one it aims at.
+        cmd.args(["--step-delay-ms", "600"]);
+    }
+    let child = cmd
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
@@ -471,6 +541,19 @@ async fn command(c: &Client, id: uuid::Uuid, cmd: Command) -> Result<()> {
         )
         .await?;
     Ok(())
+}
+
+/// Waits until the migration is in `state` (running or at rest).
+async fn wait_for_state(c: &Client, id: uuid::Uuid, state: State) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < deadline {
+        let d: Value = c.get(&format!("/api/migrations/{id}")).await?;
+        if d["migration"]["status"]["state"] == json!(state) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("the migration never reached {state}")
 }
 
 /// Waits until the migration rests in one of `states`, showing where it is.
@@ -564,10 +647,10 @@ impl LedgerWatch {
 async fn clean_previous(lay: &Layout) {
     if let Ok(pid) = std::fs::read_to_string(lay.appliance_dir().join("appliance.pid")) {
         if let Ok(pid) = pid.trim().parse::<i32>() {
-            let _ = std::process::Command::new("kill")
-                .arg("-9")
-                .arg(pid.to_string())
-                .status();
+            // SAFETY: kill(2) on a pid this data directory's appliance wrote.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
         }
     }
     let _ = std::process::Command::new("pkill")

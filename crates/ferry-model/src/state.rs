@@ -460,6 +460,11 @@ fn apply(status: &Status, input: Input) -> Result<(Status, Vec<Effect>), String>
     use State as S;
     let st = status.state;
     let mut next = status.clone();
+    // A completed migration can still be rolled back (a problem found the morning after):
+    // the one way out of a terminal state.
+    if st == S::Completed && input == Input::Command(Command::Rollback) {
+        return Ok(run(next, S::RollingBack));
+    }
     if st.is_terminal() {
         return Err(String::new());
     }

@@ -50,8 +50,12 @@ proptest! {
                     if status.state.is_running() && matches!(inp, Input::Command(_)) {
                         prop_assert!(effects.contains(&Effect::CancelRunning));
                     }
-                    // Terminal states are absorbing.
-                    prop_assert!(!status.state.is_terminal());
+                    // Terminal states are absorbing, but for rolling back a completed one.
+                    prop_assert!(
+                        !status.state.is_terminal()
+                            || (status.state == State::Completed
+                                && inp == Input::Command(Command::Rollback))
+                    );
                     status = next;
                 }
                 Err(refusal) => {

@@ -128,7 +128,19 @@ impl Placement {
             .unwrap_or_else(|| format!("ferry-uat-{}", short_id(ctx)))
     }
 
+    /// The network `name`: an existing one is used as it is (production is shared with
+    /// the source and whatever else lives there: never reconfigured), a missing one is
+    /// created with the target's gateway address.
     fn network(&self, name: &str) -> AResult<Network> {
+        let ns = ferry_net::sanitize_netns_name(name).map_err(net_err)?;
+        if ferry_net::netns_exists(&ns) {
+            return Ok(Network {
+                name: name.to_string(),
+                namespace: ns,
+                bridge: ferry_net::BRIDGE.to_string(),
+                cidr: None,
+            });
+        }
         let mut spec = NetworkSpec::new(name);
         if let Some(g) = &self.cfg.gateway {
             spec = spec.with_cidr(g.parse().map_err(|e: ferry_net::NetError| {
@@ -305,9 +317,7 @@ impl TargetAdapter for LocalTarget {
         let name = p.uat_network(ctx);
         if ctx.profile.spec.uat.network.is_none() {
             // Ours alone: it goes with the instance.
-            Network::ensure(&NetworkSpec::new(&name))
-                .and_then(|n| n.destroy())
-                .map_err(net_err)?;
+            p.network(&name)?.destroy().map_err(net_err)?;
         }
         match tokio::fs::remove_dir_all(p.uat_dir()).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
@@ -404,10 +414,8 @@ impl TargetAdapter for LocalTarget {
                 dns::undo(u, &ctx.secrets).await?;
             }
         }
-        if let Ok(net) = p.production_network(ctx) {
-            if let Ok(n) = Network::ensure(&NetworkSpec::new(&net)) {
-                let _ = n.remove_tap(&format!("fp{}", short_id(ctx)));
-            }
+        if let Ok(n) = p.production_network(ctx).and_then(|net| p.network(&net)) {
+            let _ = n.remove_tap(&format!("fp{}", short_id(ctx)));
         }
         Ok(())
     }

@@ -51,7 +51,13 @@ const CANARY_PORT: u16 = 7777;
 fn start_canary(prod: &Network) -> Result<std::thread::JoinHandle<()>> {
     let st = prod
         .command("ip")
-        .args(["addr", "replace", &format!("{CANARY_IP}/24"), "dev", ferry_net::BRIDGE])
+        .args([
+            "addr",
+            "replace",
+            &format!("{CANARY_IP}/24"),
+            "dev",
+            ferry_net::BRIDGE,
+        ])
         .status()?;
     if !st.success() {
         bail!("adding the canary address to the production network failed ({st})");
@@ -129,7 +135,10 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
     let lay = Layout::new(&args.data_dir);
     clean_previous(&lay).await;
     if args.clean {
-        println!("removed what the quickstart in {} left running", lay.data.display());
+        println!(
+            "removed what the quickstart in {} left running",
+            lay.data.display()
+        );
         return Ok(ExitCode::SUCCESS);
     }
     std::fs::create_dir_all(&lay.data)
@@ -195,7 +204,9 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
     let canary = start_canary(&prod)?;
     let reach = format!("timeout 3 bash -c 'echo > /dev/tcp/{CANARY_IP}/{CANARY_PORT}'");
     let mut agent = vm.qga(Duration::from_secs(30)).await?;
-    let r = agent.exec("/bin/sh", &["-c", &reach], true, Duration::from_secs(10)).await?;
+    let r = agent
+        .exec("/bin/sh", &["-c", &reach], true, Duration::from_secs(10))
+        .await?;
     drop(agent);
     if !r.success() {
         bail!("the source VM cannot reach the production canary {CANARY_IP}:{CANARY_PORT}: the production network is not working");
@@ -334,7 +345,9 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
         .unwrap_or("none")
         .to_string();
     println!("    UAT verdict: {verdict}");
-    let events: Vec<Value> = client.get(&format!("/api/migrations/{id}/events?limit=1000")).await?;
+    let events: Vec<Value> = client
+        .get(&format!("/api/migrations/{id}/events?limit=1000"))
+        .await?;
     if let Some(e) = events.iter().rev().find(|e| e["kind"] == "uat.validation") {
         println!("    {}", e["message"].as_str().unwrap_or(""));
     }

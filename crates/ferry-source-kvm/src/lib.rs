@@ -229,7 +229,7 @@ impl SourceAdapter for KvmSource {
                 &ctx.work_dir,
                 &nbd_socket(ctx),
                 incremental,
-                agent.as_mut().map(|a| &mut **a),
+                agent.as_deref_mut(),
             )
             .await
             .map_err(qerr(format!("point-in-time view of disk '{}'", d.name)))?;

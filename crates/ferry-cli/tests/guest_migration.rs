@@ -122,6 +122,12 @@ fn a_running_guest_migrates_then_rolls_back() {
     );
     assert!(stdout.contains("UAT verdict: passed"), "{stdout}");
     assert!(stdout.contains("UAT validation passed"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "the source cannot reach the migration network (10.200.1.254): isolated both ways"
+        ),
+        "{stdout}"
+    );
     // Zero acknowledged records missing: the target's validation checked records
     // 1..=N, N the source's last acknowledged one, which is at least what anyone saw.
     let acked = number_after(&stdout, "the source acknowledged ") as u64;

@@ -45,24 +45,30 @@ const ZONE: &str = "ferry.test";
 const SERVICES: [&str; 2] = ["ferry-ledger", "ferry-web"];
 /// An address only the production network has, with a listener behind it.
 const CANARY_IP: &str = "10.200.1.253";
+/// An address only the migration (UAT) network has.
+const UAT_CANARY_IP: &str = "10.200.1.254";
 const CANARY_PORT: u16 = 7777;
 
-/// Listens on an address only production has; returns the listener's thread.
-fn start_canary(prod: &Network) -> Result<std::thread::JoinHandle<()>> {
-    let st = prod
+/// A shell test, run in a guest, that `ip`:CANARY_PORT accepts a connection.
+fn reach(ip: &str) -> String {
+    format!("timeout 3 bash -c 'echo > /dev/tcp/{ip}/{CANARY_PORT}'")
+}
+
+/// Listens on an address only `net` has; returns the listener's thread.
+fn start_canary(net: &Network, ip: &str) -> Result<std::thread::JoinHandle<()>> {
+    let st = net
         .command("ip")
-        .args([
-            "addr",
-            "replace",
-            &format!("{CANARY_IP}/24"),
-            "dev",
-            ferry_net::BRIDGE,
-        ])
+        .args(["addr", "add", &format!("{ip}/24"), "dev", ferry_net::BRIDGE])
         .status()?;
     if !st.success() {
-        bail!("adding the canary address to the production network failed ({st})");
+        bail!(
+            "adding the canary address {ip} to network {} failed ({st})",
+            net.name
+        );
     }
-    let listener = prod.in_netns(|| std::net::TcpListener::bind((CANARY_IP, CANARY_PORT)))??;
+    let ip = ip.to_string();
+    let listener =
+        net.in_netns(move || std::net::TcpListener::bind((ip.as_str(), CANARY_PORT)))??;
     Ok(std::thread::spawn(move || {
         for c in listener.incoming() {
             drop(c);
@@ -75,6 +81,8 @@ struct Layout {
     data: PathBuf,
     /// Network namespace of the production network (short: it names interfaces too).
     prod_ns: String,
+    /// The migration network test instances boot in.
+    uat_ns: String,
     suffix: String,
 }
 
@@ -84,6 +92,7 @@ impl Layout {
         Layout {
             data: data.to_path_buf(),
             prod_ns: format!("fqs-{}", &h[..6]),
+            uat_ns: format!("fqu-{}", &h[..6]),
             suffix: h[..6].to_string(),
         }
     }
@@ -201,11 +210,24 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
         t.elapsed().as_secs_f64()
     );
     // A canary only production has: the source reaches it, a test instance must not.
-    let canary = start_canary(&prod)?;
-    let reach = format!("timeout 3 bash -c 'echo > /dev/tcp/{CANARY_IP}/{CANARY_PORT}'");
+    let canary = start_canary(&prod, CANARY_IP)?;
+    // The migration network: the same addresses as production, no link to it, and a
+    // canary of its own.
+    let uat_net = tokio::task::spawn_blocking({
+        let ns = lay.uat_ns.clone();
+        move || Network::ensure(&NetworkSpec::new(ns).with_cidr(GATEWAY.parse().expect("valid")))
+    })
+    .await??;
+    let uat_canary = start_canary(&uat_net, UAT_CANARY_IP)?;
+    let reach_prod = reach(CANARY_IP);
     let mut agent = vm.qga(Duration::from_secs(30)).await?;
     let r = agent
-        .exec("/bin/sh", &["-c", &reach], true, Duration::from_secs(10))
+        .exec(
+            "/bin/sh",
+            &["-c", &reach_prod],
+            true,
+            Duration::from_secs(10),
+        )
         .await?;
     drop(agent);
     if !r.success() {
@@ -302,8 +324,9 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
         "name": "quickstart",
         "target": "local",
         "services_to_stop": SERVICES,
+        "uat": {"network": lay.uat_ns},
         "validation": [
-            {"kind": "command", "params": {"phase": "uat", "command": format!("if {reach}; then echo reached production; exit 1; fi; echo isolated")}},
+            {"kind": "command", "params": {"phase": "uat", "command": format!("if {reach_prod}; then echo reached production; exit 1; fi; {} && echo isolated", reach(UAT_CANARY_IP))}},
             {"kind": "http", "params": {"path": "/", "contains": "ferry test guest"}},
             {"kind": "tcp", "params": {"port": "80"}},
             {"kind": "command", "params": {"command": "systemctl is-active ferry-ledger", "expect": "active"}},
@@ -351,7 +374,23 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
     if let Some(e) = events.iter().rev().find(|e| e["kind"] == "uat.validation") {
         println!("    {}", e["message"].as_str().unwrap_or(""));
     }
-    println!("    the test instance could not reach production's canary: isolated");
+    println!("    the test instance reached its own network's canary {UAT_CANARY_IP} and not production's {CANARY_IP}");
+    let mut agent = vm.qga(Duration::from_secs(30)).await?;
+    let r = agent
+        .exec(
+            "/bin/sh",
+            &["-c", &reach(UAT_CANARY_IP)],
+            true,
+            Duration::from_secs(10),
+        )
+        .await?;
+    drop(agent);
+    if r.success() {
+        bail!("the source VM reaches the migration network's canary {UAT_CANARY_IP}: the migration network is not isolated");
+    }
+    println!(
+        "    the source cannot reach the migration network ({UAT_CANARY_IP}): isolated both ways"
+    );
     if verdict != "passed" {
         bail!("the UAT did not pass: see `ferry migration show {id}` and its events");
     }
@@ -372,7 +411,7 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
     }
     wait(&client, id, &[State::Completed]).await?;
     ledger.stop();
-    drop(canary);
+    drop((canary, uat_canary));
 
     step(11, "afterwards", "What a user checks the morning after.");
     let resp = prod.http_get(
@@ -676,8 +715,9 @@ async fn clean_previous(lay: &Layout) {
             }
         }
     }
-    let ns = lay.prod_ns.clone();
-    let _ = tokio::task::spawn_blocking(move || ferry_net::delete_namespace(&ns)).await;
+    for ns in [lay.prod_ns.clone(), lay.uat_ns.clone()] {
+        let _ = tokio::task::spawn_blocking(move || ferry_net::delete_namespace(&ns)).await;
+    }
     let _ = std::fs::remove_dir_all(&lay.data);
 }
 

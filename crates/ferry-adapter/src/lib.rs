@@ -190,6 +190,13 @@ pub trait TargetAdapter: Send + Sync {
         ctx: &StepContext,
         actions: &[PostCutoverAction],
     ) -> AResult<Vec<serde_json::Value>>;
+    /// Whether final validation needs the source's disks (quiescent by then): by default
+    /// when a `data` check compares disks rather than a captured value.
+    fn wants_source_disks(&self, checks: &[ValidationCheck]) -> bool {
+        checks
+            .iter()
+            .any(|c| c.kind == "data" && !c.params.contains_key("capture"))
+    }
     /// Runs the profile's validation checks against the test or production instance.
     /// `source_disks` serve data-consistency checks that compare disks.
     async fn validate(

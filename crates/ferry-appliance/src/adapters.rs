@@ -217,6 +217,11 @@ impl TargetAdapter for LocalDirTarget {
         Ok(Self::instance_dir(ctx)?.join(format!("{}.img", sanitize(&disk.name))))
     }
 
+    /// Its final validation always compares the copies with the source's disks.
+    fn wants_source_disks(&self, _checks: &[ValidationCheck]) -> bool {
+        true
+    }
+
     async fn start_test_instance(&self, ctx: &StepContext) -> AResult<()> {
         write_json(
             &Self::instance_dir(ctx)?.join("test-instance.json"),

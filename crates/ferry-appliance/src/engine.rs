@@ -260,31 +260,16 @@ impl Engine {
             .map(|(_, v)| v)
             .collect();
         let mut out = Secrets::default();
-        if refs.is_empty() {
-            return Ok(out);
-        }
-        let (all, _) = self
-            .store
-            .list_credentials(ferry_store::Page {
-                limit: 10_000,
-                offset: 0,
-            })
-            .await
-            .map_err(|e| AdapterError::transient(e.to_string()))?;
         for r in refs {
-            let c = all
-                .iter()
-                .find(|c| c.name == *r || c.id.to_string() == *r)
-                .ok_or_else(|| {
-                    AdapterError::permanent(format!(
+            let sealed = match self.store.credential_secret_by_key(r).await {
+                Ok(s) => s,
+                Err(StoreError::NotFound { .. }) => {
+                    return Err(AdapterError::permanent(format!(
                         "the profile refers to credential '{r}', which does not exist: create it first (POST /api/credentials)"
-                    ))
-                })?;
-            let sealed = self
-                .store
-                .credential_secret(c.id)
-                .await
-                .map_err(|e| AdapterError::transient(e.to_string()))?;
+                    )))
+                }
+                Err(e) => return Err(AdapterError::transient(e.to_string())),
+            };
             let plain = self.secrets.open(&sealed).map_err(|e| {
                 AdapterError::permanent(format!("credential '{r}' cannot be decrypted: {e}"))
             })?;
@@ -405,7 +390,7 @@ impl Engine {
                 out.facts = Some(facts);
             }
             Step::FinalValidation => {
-                if self.needs_source_disks(&ctx) {
+                if target()?.wants_source_disks(checks) {
                     let src = source()?;
                     let disks = src.open_disks(&ctx, false).await?;
                     let r = target()?
@@ -427,18 +412,6 @@ impl Engine {
             }
         }
         Ok(out)
-    }
-
-    /// Disk-comparing data checks need the source's disks (quiescent by then); the local
-    /// directory target always compares them.
-    fn needs_source_disks(&self, ctx: &StepContext) -> bool {
-        ctx.target.kind == TargetKind::LocalDir
-            || ctx
-                .profile
-                .spec
-                .validation
-                .iter()
-                .any(|c| c.kind == "data" && !c.params.contains_key("capture"))
     }
 
     /// One sync of every disk: point-in-time views from the source, the data plane into

@@ -338,6 +338,15 @@ impl Qga {
         self.execute("guest-ping", Value::Null).await.map(drop)
     }
 
+    /// Run `command` with the guest's `/bin/sh -c`, its output captured.
+    pub async fn shell(
+        &mut self,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<ExecResult, QgaError> {
+        self.exec("/bin/sh", &["-c", command], true, timeout).await
+    }
+
     /// Run `path args...` in the guest with `guest-exec` and poll `guest-exec-status`
     /// until it exits or `timeout` passes.
     pub async fn exec(

@@ -109,7 +109,7 @@ impl Agent {
     pub async fn shell(&mut self, command: &str) -> AResult<String> {
         let r = self
             .qga
-            .exec("/bin/sh", &["-c", command], true, COMMAND_TIMEOUT)
+            .shell(command, COMMAND_TIMEOUT)
             .await
             .map_err(|e| {
                 AdapterError::transient(format!("guest agent of VM '{}': {e}", self.name))

@@ -355,13 +355,19 @@ impl Store {
     }
 
     pub async fn credential_secret(&self, id: Uuid) -> Result<String> {
-        let row = sqlx::query("SELECT secret_enc FROM credentials WHERE id = $1")
-            .bind(id.to_string())
+        self.credential_secret_by_key(&id.to_string()).await
+    }
+
+    /// The sealed secret of the credential named `key` (its name or id).
+    pub async fn credential_secret_by_key(&self, key: &str) -> Result<String> {
+        let row = sqlx::query("SELECT secret_enc FROM credentials WHERE id = $1 OR name = $2")
+            .bind(key)
+            .bind(key)
             .fetch_optional(&self.pool)
             .await?
             .ok_or(StoreError::NotFound {
                 what: "credential",
-                id: id.to_string(),
+                id: key.to_string(),
             })?;
         Ok(row.get(0))
     }

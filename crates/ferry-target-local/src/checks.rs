@@ -83,7 +83,7 @@ impl Subject<'_> {
             .await
             .map_err(|e| AdapterError::transient(e.to_string()))?;
         let r = q
-            .exec("/bin/sh", &["-c", command], true, Duration::from_secs(60))
+            .shell(command, Duration::from_secs(60))
             .await
             .map_err(|e| AdapterError::transient(e.to_string()))?;
         Ok((r.exit_code, r.stdout_lossy(), r.stderr_lossy()))

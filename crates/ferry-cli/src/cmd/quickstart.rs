@@ -54,6 +54,15 @@ fn reach(ip: &str) -> String {
     format!("timeout 3 bash -c 'echo > /dev/tcp/{ip}/{CANARY_PORT}'")
 }
 
+/// Whether a shell command exits 0 in the guest (through its agent).
+async fn guest_succeeds(vm: &Vm, command: &str) -> Result<bool> {
+    let mut agent = vm.qga(Duration::from_secs(30)).await?;
+    Ok(agent
+        .shell(command, Duration::from_secs(10))
+        .await?
+        .success())
+}
+
 /// Listens on an address only `net` has; returns the listener's thread.
 fn start_canary(net: &Network, ip: &str) -> Result<std::thread::JoinHandle<()>> {
     let st = net
@@ -220,17 +229,7 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
     .await??;
     let uat_canary = start_canary(&uat_net, UAT_CANARY_IP)?;
     let reach_prod = reach(CANARY_IP);
-    let mut agent = vm.qga(Duration::from_secs(30)).await?;
-    let r = agent
-        .exec(
-            "/bin/sh",
-            &["-c", &reach_prod],
-            true,
-            Duration::from_secs(10),
-        )
-        .await?;
-    drop(agent);
-    if !r.success() {
+    if !guest_succeeds(&vm, &reach_prod).await? {
         bail!("the source VM cannot reach the production canary {CANARY_IP}:{CANARY_PORT}: the production network is not working");
     }
     println!("    the source reaches production's canary at {CANARY_IP}:{CANARY_PORT}");
@@ -375,17 +374,7 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
         println!("    {}", e["message"].as_str().unwrap_or(""));
     }
     println!("    the test instance reached its own network's canary {UAT_CANARY_IP} and not production's {CANARY_IP}");
-    let mut agent = vm.qga(Duration::from_secs(30)).await?;
-    let r = agent
-        .exec(
-            "/bin/sh",
-            &["-c", &reach(UAT_CANARY_IP)],
-            true,
-            Duration::from_secs(10),
-        )
-        .await?;
-    drop(agent);
-    if r.success() {
+    if guest_succeeds(&vm, &reach(UAT_CANARY_IP)).await? {
         bail!("the source VM reaches the migration network's canary {UAT_CANARY_IP}: the migration network is not isolated");
     }
     println!(

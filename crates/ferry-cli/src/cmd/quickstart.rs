@@ -443,16 +443,14 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
         "between steps",
         dt["other_ms"].as_f64().unwrap_or(0.0) / 1000.0
     );
-    println!(
-        "\nquickstart took {:.0} s. Look at the result with:",
-        started.elapsed().as_secs_f64()
-    );
-    println!(
-        "    ferry migration show web --url {} --token $(cat {}/admin-token)",
-        client_url(&lay)?,
-        lay.appliance_dir().display()
-    );
+    let took = started.elapsed().as_secs_f64();
     if args.keep {
+        println!("\nquickstart took {took:.0} s. Look at the result with:");
+        println!(
+            "    ferry migration show web --url {} --token $(cat {}/admin-token)",
+            client_url(&lay)?,
+            lay.appliance_dir().display()
+        );
         println!(
             "    ip netns exec {} wget -qO- http://{GUEST_IP}/   # the migrated web service",
             lay.prod_ns
@@ -462,9 +460,14 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
             knot.addr.ip(),
             knot.addr.port()
         );
+        println!(
+            "    ferry quickstart --clean --data-dir {}   # when done",
+            lay.data.display()
+        );
         std::mem::forget(knot);
         std::mem::forget(appliance);
     } else {
+        println!("\nquickstart took {took:.0} s; everything it started is stopped and removed (run it with --keep to look at the migrated instance, the appliance and the DNS record).");
         let _ = appliance.kill();
         let _ = appliance.wait();
         drop(knot);

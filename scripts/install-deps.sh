@@ -23,7 +23,7 @@ fi
 # --- guests, networks, DNS (end-to-end tests and `ferry quickstart`) -----------------
 # qemu-system-x86 comes from bookworm-backports (the same QEMU 10 as qemu-utils); the
 # Debian kernel under /boot boots the test guest directly; debootstrap builds its image;
-# Knot answers RFC 2136 updates signed with TSIG.
+# Knot answers RFC 2136 updates signed with TSIG; libvirt runs the KVM source's libvirt test.
 if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
   mirror=$(grep -rhoE 'https?://[^ ]*debian/?$' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null | sed -n 1p || true)
   mirror=${mirror:-http://deb.debian.org/debian}
@@ -37,14 +37,17 @@ SRC
   apt-get update -qq
 fi
 guest=()
-for p in qemu-system-x86 linux-image-amd64 debootstrap busybox-static iproute2 knot knot-dnsutils e2fsprogs; do
+for p in qemu-system-x86 linux-image-amd64 debootstrap busybox-static iproute2 knot knot-dnsutils e2fsprogs \
+         libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu; do
   have "$p" || guest+=("$p")
 done
 if [ ${#guest[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   echo "install-deps: installing ${guest[*]}"
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
+  # libvirt from the same backports as QEMU: its pull-mode backups need QEMU >= 6.
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils \
+    libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu >/dev/null
   apt-get install -y -qq --no-install-recommends "${guest[@]}" >/dev/null
 fi
 

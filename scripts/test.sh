@@ -13,6 +13,10 @@ if [ -x scripts/start-postgres.sh ]; then
   export FERRY_TEST_PG_URL
 fi
 
+echo "== starting libvirt"
+FERRY_TEST_LIBVIRT="$(bash scripts/start-libvirt.sh | tail -n 1)"
+export FERRY_TEST_LIBVIRT
+
 # Build artefacts live outside the clone so repeated runs on one machine reuse them.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/ferry/target}"
 mkdir -p "$CARGO_TARGET_DIR"

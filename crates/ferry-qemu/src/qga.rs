@@ -133,6 +133,9 @@ pub struct Qga {
     /// The previous command did not complete: its answer may still arrive.
     needs_sync: bool,
     connect_timeout: Duration,
+    /// When libvirt owns the agent's channel: `(connection URI, domain)`, and every
+    /// command goes through `virsh qemu-agent-command` (libvirt synchronises itself).
+    libvirt: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for Qga {
@@ -155,6 +158,27 @@ impl Qga {
             conn: None,
             needs_sync: true,
             connect_timeout: timeout,
+            libvirt: None,
+        };
+        q.sync(timeout).await?;
+        Ok(q)
+    }
+
+    /// The agent of libvirt domain `domain` on connection `uri`, reached through
+    /// `virsh qemu-agent-command` (libvirt holds the channel's socket). Waits until the
+    /// agent answers a ping, up to `timeout`.
+    pub async fn connect_libvirt(
+        uri: &str,
+        domain: &str,
+        timeout: Duration,
+    ) -> Result<Qga, QgaError> {
+        let mut q = Qga {
+            vm: domain.to_string(),
+            sock: PathBuf::from(format!("libvirt:{uri}")),
+            conn: None,
+            needs_sync: false,
+            connect_timeout: timeout,
+            libvirt: Some((uri.to_string(), domain.to_string())),
         };
         q.sync(timeout).await?;
         Ok(q)
@@ -169,7 +193,14 @@ impl Qga {
     pub async fn sync(&mut self, timeout: Duration) -> Result<(), QgaError> {
         let deadline = Instant::now() + timeout;
         loop {
-            match self.sync_once(deadline).await {
+            let attempt = if self.libvirt.is_some() {
+                self.virsh_command("guest-ping", Value::Null, SYNC_ATTEMPT)
+                    .await
+                    .map(drop)
+            } else {
+                self.sync_once(deadline).await
+            };
+            match attempt {
                 Ok(()) => {
                     self.needs_sync = false;
                     debug!(vm = %self.vm, sock = %self.sock.display(), "guest agent synchronised");
@@ -269,6 +300,9 @@ impl Qga {
         args: Value,
         timeout: Duration,
     ) -> Result<Value, QgaError> {
+        if self.libvirt.is_some() {
+            return self.virsh_command(command, args, timeout).await;
+        }
         if self.needs_sync || self.conn.is_none() {
             self.sync(self.connect_timeout).await?;
         }
@@ -330,6 +364,75 @@ impl Qga {
                 desc: err["desc"].as_str().unwrap_or("").into(),
             });
         }
+        Ok(v.get("return").cloned().unwrap_or(Value::Null))
+    }
+
+    async fn virsh_command(
+        &mut self,
+        command: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<Value, QgaError> {
+        let (uri, domain) = self.libvirt.clone().expect("libvirt channel");
+        let mut msg = json!({ "execute": command });
+        if !args.is_null() {
+            msg["arguments"] = args;
+        }
+        debug!(vm = %self.vm, command, "guest agent execute (libvirt)");
+        let secs = timeout.as_secs().max(1);
+        let out = tokio::process::Command::new("virsh")
+            .args(["-q", "-c", &uri, "qemu-agent-command", &domain])
+            .arg(msg.to_string())
+            .args(["--timeout", &secs.to_string()])
+            .kill_on_drop(true)
+            .output();
+        let out = match tokio::time::timeout(timeout + Duration::from_secs(5), out).await {
+            Ok(r) => r.map_err(|e| self.io(e))?,
+            Err(_) => {
+                return Err(QgaError::Timeout {
+                    vm: self.vm.clone(),
+                    command: command.into(),
+                    secs,
+                })
+            }
+        };
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .replace('\n', " ");
+            // libvirt reports a silent agent as an error of its own.
+            if err.contains("not responding")
+                || err.contains("not connected")
+                || err.contains("not configured")
+            {
+                return Err(QgaError::NotAnswering {
+                    vm: self.vm.clone(),
+                    sock: self.sock.clone(),
+                    secs,
+                });
+            }
+            if err.contains("timed out") || err.contains("timeout") {
+                return Err(QgaError::Timeout {
+                    vm: self.vm.clone(),
+                    command: command.into(),
+                    secs,
+                });
+            }
+            return Err(QgaError::Command {
+                vm: self.vm.clone(),
+                command: command.into(),
+                class: "virsh".into(),
+                desc: err,
+            });
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: Value = serde_json::from_str(text.trim()).map_err(|e| QgaError::Protocol {
+            vm: self.vm.clone(),
+            what: format!(
+                "invalid JSON from virsh qemu-agent-command ({e}): {}",
+                text.trim()
+            ),
+        })?;
         Ok(v.get("return").cloned().unwrap_or(Value::Null))
     }
 

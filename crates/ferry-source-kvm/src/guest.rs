@@ -67,44 +67,56 @@ impl<'a> GuestOps<'a> {
     }
 
     pub async fn info(&self) -> GuestInfo {
-        let Ok(mut a) = self.connect().await else {
-            return GuestInfo::default();
-        };
-        let mut info = GuestInfo::default();
-        if let Ok(v) = a
-            .qga
-            .execute("guest-get-osinfo", serde_json::Value::Null)
-            .await
-        {
-            info.os = v
-                .get("pretty-name")
-                .and_then(|x| x.as_str())
-                .map(str::to_string);
+        match self.connect().await {
+            Ok(a) => info(a).await,
+            Err(_) => GuestInfo::default(),
         }
-        if let Ok(v) = a
-            .qga
-            .execute("guest-network-get-interfaces", serde_json::Value::Null)
-            .await
-        {
-            for iface in v.as_array().into_iter().flatten() {
-                let mac = iface["hardware-address"].as_str().unwrap_or_default();
-                if iface["name"] == "lo" {
-                    continue;
-                }
-                for addr in iface["ip-addresses"].as_array().into_iter().flatten() {
-                    if addr["ip-address-type"] == "ipv4" {
-                        if let Some(ip) = addr["ip-address"].as_str() {
-                            info.ips.push((mac.to_string(), ip.to_string()));
-                        }
+    }
+}
+
+/// The OS name and addresses the agent reports (best effort).
+pub async fn info(mut a: Agent) -> GuestInfo {
+    let mut info = GuestInfo::default();
+    if let Ok(v) = a
+        .qga
+        .execute("guest-get-osinfo", serde_json::Value::Null)
+        .await
+    {
+        info.os = v
+            .get("pretty-name")
+            .and_then(|x| x.as_str())
+            .map(str::to_string);
+    }
+    if let Ok(v) = a
+        .qga
+        .execute("guest-network-get-interfaces", serde_json::Value::Null)
+        .await
+    {
+        for iface in v.as_array().into_iter().flatten() {
+            let mac = iface["hardware-address"].as_str().unwrap_or_default();
+            if iface["name"] == "lo" {
+                continue;
+            }
+            for addr in iface["ip-addresses"].as_array().into_iter().flatten() {
+                if addr["ip-address-type"] == "ipv4" {
+                    if let Some(ip) = addr["ip-address"].as_str() {
+                        info.ips.push((mac.to_string(), ip.to_string()));
                     }
                 }
             }
         }
-        info
     }
+    info
 }
 
 impl Agent {
+    pub fn new(name: &str, qga: Qga) -> Agent {
+        Agent {
+            name: name.to_string(),
+            qga,
+        }
+    }
+
     /// Runs `command` with `/bin/sh -c` in the guest; its standard output when it exits 0.
     pub async fn shell(&mut self, command: &str) -> AResult<String> {
         let r = self

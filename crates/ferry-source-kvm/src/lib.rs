@@ -2,14 +2,17 @@
 //! QMP and guest-agent sockets, nothing installed in the guest beyond the standard
 //! qemu-guest-agent.
 //!
-//! Source config: `{"vm_dir": DIR}`. Each VM has a run directory `DIR/<name>/` as
+//! Two kinds of KVM host. Bare QEMU (the embedded default), source config
+//! `{"vm_dir": DIR}`: each VM has a run directory `DIR/<name>/` as
 //! `ferry_qemu::Vm::launch` lays it out (vm.json, qmp.sock, qga.sock). A workload's
 //! disks are named by their QEMU block node; a sync reads a point-in-time view of each
 //! node exported over NBD (`ferry_qemu::view`), with the dirty bitmap of the changes since
 //! the previous sync. QEMU alone holds the bitmap chain, so a restarted appliance needs
 //! no saved state: leftovers of an interrupted sync are cleaned up before the next one.
+//! A libvirt host, source config `{"libvirt": URI}`: see [`libvirt`].
 
 mod guest;
+pub mod libvirt;
 
 use async_trait::async_trait;
 use ferry_adapter::{AResult, AdapterError, SourceAdapter, SourceDisk, StepContext};
@@ -32,6 +35,12 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(90);
 #[derive(Default)]
 pub struct KvmSource {
     open_views: Mutex<HashMap<Uuid, Vec<View>>>,
+    open_jobs: Mutex<HashMap<Uuid, libvirt::Job>>,
+}
+
+/// The libvirt host of the workload's source, when it is one.
+fn libvirt_host(ctx: &StepContext) -> AResult<Option<libvirt::Host>> {
+    Ok(libvirt::Host::of(source_of(ctx)?))
 }
 
 /// The spec a VM was launched with (`vm.json` in its run directory).
@@ -46,7 +55,7 @@ fn vm_dir(source: &Source) -> AResult<PathBuf> {
     match source.config.get("vm_dir").and_then(|v| v.as_str()) {
         Some(d) => Ok(PathBuf::from(d)),
         None => Err(AdapterError::permanent(format!(
-            "kvm source '{}' needs config.vm_dir: the directory holding one run directory per VM",
+            "kvm source '{}' needs config.vm_dir (the directory holding one run directory per QEMU VM) or config.libvirt (a libvirt connection URI such as qemu:///system)",
             source.name
         ))),
     }
@@ -145,6 +154,9 @@ impl KvmSource {
 #[async_trait]
 impl SourceAdapter for KvmSource {
     async fn discover(&self, source: &Source) -> AResult<Vec<NewWorkload>> {
+        if let Some(h) = libvirt::Host::of(source) {
+            return h.discover(source).await;
+        }
         let dir = vm_dir(source)?;
         let mut entries = tokio::fs::read_dir(&dir).await.map_err(|e| {
             AdapterError::permanent(format!("cannot list VMs in {}: {e}", dir.display()))
@@ -160,6 +172,9 @@ impl SourceAdapter for KvmSource {
     }
 
     async fn preflight(&self, ctx: &StepContext) -> AResult<()> {
+        if let Some(h) = libvirt_host(ctx)? {
+            return h.preflight(ctx).await;
+        }
         let vm = attach(&run_dir(ctx)?, &ctx.workload.name)?;
         let mut q = qmp(&vm).await?;
         let nodes = q
@@ -199,6 +214,9 @@ impl SourceAdapter for KvmSource {
     }
 
     async fn open_disks(&self, ctx: &StepContext, full: bool) -> AResult<Vec<SourceDisk>> {
+        if let Some(h) = libvirt_host(ctx)? {
+            return h.open_disks(&self.open_jobs, ctx, full).await;
+        }
         let rd = run_dir(ctx)?;
         let vm = match Vm::attach(&rd) {
             Ok(vm) => vm,
@@ -256,6 +274,9 @@ impl SourceAdapter for KvmSource {
         _disks: &[SourceDisk],
         committed: bool,
     ) -> AResult<()> {
+        if let Some(h) = libvirt_host(ctx)? {
+            return h.close_disks(&self.open_jobs, ctx, committed).await;
+        }
         let views = self
             .open_views
             .lock()
@@ -276,8 +297,13 @@ impl SourceAdapter for KvmSource {
     }
 
     async fn stop_services(&self, ctx: &StepContext, services: &[String]) -> AResult<()> {
-        let vm = attach(&run_dir(ctx)?, &ctx.workload.name)?;
-        let mut g = GuestOps::new(&vm).connect().await?;
+        let mut g = match libvirt_host(ctx)? {
+            Some(h) => h.guest(ctx).await?,
+            None => {
+                let vm = attach(&run_dir(ctx)?, &ctx.workload.name)?;
+                GuestOps::new(&vm).connect().await?
+            }
+        };
         for s in services {
             g.shell(&format!("systemctl stop {}", guest::quote(s)))
                 .await
@@ -289,11 +315,17 @@ impl SourceAdapter for KvmSource {
     }
 
     async fn guest_command(&self, ctx: &StepContext, command: &str) -> AResult<String> {
+        if let Some(h) = libvirt_host(ctx)? {
+            return h.guest(ctx).await?.shell(command).await;
+        }
         let vm = attach(&run_dir(ctx)?, &ctx.workload.name)?;
         GuestOps::new(&vm).connect().await?.shell(command).await
     }
 
     async fn shutdown(&self, ctx: &StepContext) -> AResult<()> {
+        if let Some(h) = libvirt_host(ctx)? {
+            return h.shutdown(ctx).await;
+        }
         let Ok(vm) = Vm::attach(&run_dir(ctx)?) else {
             return Ok(()); // already off: a retried step
         };
@@ -306,6 +338,9 @@ impl SourceAdapter for KvmSource {
     }
 
     async fn restart(&self, ctx: &StepContext) -> AResult<()> {
+        if let Some(h) = libvirt_host(ctx)? {
+            return h.restart(ctx).await;
+        }
         let rd = run_dir(ctx)?;
         if let Ok(vm) = Vm::attach(&rd) {
             // Still running (cutover stopped before the shutdown): start its services again.

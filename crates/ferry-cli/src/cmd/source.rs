@@ -51,6 +51,9 @@ pub enum EndpointCommand {
     },
     /// Remove one.
     Remove { name: String },
+    /// Sources only: list the source's workloads (VMs with their disks and NICs) and add
+    /// or update them in the inventory.
+    Discover { name: String },
 }
 
 fn config(path: Option<String>, extra: Option<String>) -> Result<serde_json::Value> {
@@ -236,6 +239,51 @@ fn run<E: Endpoint>(a: SourceArgs) -> Result<ExitCode> {
                 }
                 let [name, id, ..] = e.fields();
                 println!("{} {name} added ({id})", E::NOUN);
+            }
+            EndpointCommand::Discover { name } => {
+                if E::NOUN != "source" {
+                    bail!("only sources are discovered: `ferry source discover {name}`");
+                }
+                let found: Vec<ferry_model::Workload> = c
+                    .post(
+                        &format!("{}/{}/discover", E::PATH, enc(&name)),
+                        &serde_json::json!({}),
+                    )
+                    .await?;
+                if c.json {
+                    return print_json(&found).map(|_| ExitCode::SUCCESS);
+                }
+                let rows = found
+                    .iter()
+                    .map(|w| {
+                        let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
+                        vec![
+                            w.name.clone(),
+                            opt(&w.os),
+                            opt(&w.cpus),
+                            w.memory_mib.map(|m| format!("{m} MiB")).unwrap_or_default(),
+                            w.disks
+                                .iter()
+                                .map(|d| format!("{} {}", d.name, gib(d.size_bytes)))
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            w.nics
+                                .iter()
+                                .map(|n| {
+                                    format!("{} {} {}", n.name, opt(&n.network), n.ips.join(" "))
+                                        .trim()
+                                        .to_string()
+                                })
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        ]
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    table(&["WORKLOAD", "OS", "CPUS", "MEMORY", "DISKS", "NICS"], rows)
+                );
+                println!("{} workload(s) discovered on {name}", found.len());
             }
             EndpointCommand::Remove { name } => {
                 c.delete(&format!("{}/{}", E::PATH, enc(&name))).await?;

@@ -96,6 +96,53 @@ fn nbd_socket(ctx: &StepContext) -> PathBuf {
 }
 
 impl KvmSource {
+    /// Views of every disk of the workload (see `open_disks`).
+    async fn begin_views(
+        &self,
+        ctx: &StepContext,
+        q: &mut Qmp,
+        full: bool,
+        mut agent: Option<&mut ferry_qemu::Qga>,
+    ) -> AResult<Vec<SourceDisk>> {
+        let mut out = vec![];
+        for d in &ctx.workload.disks {
+            let node = d.path.clone().unwrap_or_else(|| d.name.clone());
+            // An interrupted sync may have left its view behind: its bitmap is merged
+            // back so no change is lost.
+            view::cleanup_stale(q, &node).await.map_err(qerr(format!(
+                "cleaning up after an earlier sync of '{node}'"
+            )))?;
+            let incremental = !full
+                && view::ferry_bitmaps(q, &node)
+                    .await
+                    .map(|b| !b.is_empty())
+                    .unwrap_or(false);
+            let v = view::begin(
+                q,
+                &node,
+                &ctx.work_dir,
+                &nbd_socket(ctx),
+                incremental,
+                agent.as_deref_mut(),
+            )
+            .await
+            .map_err(qerr(format!("point-in-time view of disk '{}'", d.name)))?;
+            out.push(SourceDisk {
+                name: d.name.clone(),
+                spec: v.nbd_uri.clone(),
+                size_bytes: v.size,
+                format: None,
+                dirty_bitmap: v.bitmap.clone(),
+            });
+            self.open_views
+                .lock()
+                .expect("views lock")
+                .entry(ctx.migration.id)
+                .or_default()
+                .push(v);
+        }
+        Ok(out)
+    }
     async fn describe(run_dir: &Path, source: &Source) -> AResult<Option<NewWorkload>> {
         let Ok(vm) = Vm::attach(run_dir) else {
             return Ok(None);
@@ -226,46 +273,46 @@ impl SourceAdapter for KvmSource {
         tokio::fs::create_dir_all(&ctx.work_dir).await?;
         let mut q = qmp(&vm).await?;
         let mut agent = GuestOps::new(&vm).connect().await.ok();
-        let mut out = vec![];
-        for d in &ctx.workload.disks {
-            let node = d.path.clone().unwrap_or_else(|| d.name.clone());
-            // An interrupted sync may have left its view behind: its bitmap is merged
-            // back so no change is lost.
-            view::cleanup_stale(&mut q, &node)
-                .await
-                .map_err(qerr(format!(
-                    "cleaning up after an earlier sync of '{node}'"
-                )))?;
-            let incremental = !full
-                && view::ferry_bitmaps(&mut q, &node)
-                    .await
-                    .map(|b| !b.is_empty())
-                    .unwrap_or(false);
-            let v = view::begin(
-                &mut q,
-                &node,
-                &ctx.work_dir,
-                &nbd_socket(ctx),
-                incremental,
-                agent.as_deref_mut(),
-            )
-            .await
-            .map_err(qerr(format!("point-in-time view of disk '{}'", d.name)))?;
-            out.push(SourceDisk {
-                name: d.name.clone(),
-                spec: v.nbd_uri.clone(),
-                size_bytes: v.size,
-                format: None,
-                dirty_bitmap: v.bitmap.clone(),
-            });
-            self.open_views
+        // Several disks: one freeze around all their views, so together they show one
+        // instant of the guest's file systems (each view is its own QMP transaction).
+        let freeze_all = ctx.workload.disks.len() > 1 && agent.is_some();
+        if freeze_all {
+            if let Some(a) = agent.as_deref_mut() {
+                if let Err(e) = a.fsfreeze_freeze().await {
+                    tracing::warn!(vm = %ctx.workload.name, "cannot freeze file systems: {e}");
+                }
+            }
+        }
+        let one_freeze = if freeze_all {
+            None
+        } else {
+            agent.as_deref_mut()
+        };
+        let r = self.begin_views(ctx, &mut q, full, one_freeze).await;
+        if r.is_err() {
+            // Release the views of the disks before the one that failed: none of them
+            // will be read, and their changes go back to the bitmaps.
+            let opened = self
+                .open_views
                 .lock()
                 .expect("views lock")
-                .entry(ctx.migration.id)
-                .or_default()
-                .push(v);
+                .remove(&ctx.migration.id)
+                .unwrap_or_default();
+            for v in opened {
+                let node = v.node.clone();
+                if let Err(e) = v.end(&mut q, false).await {
+                    tracing::warn!(vm = %ctx.workload.name, "releasing the view of '{node}': {e}");
+                }
+            }
         }
-        Ok(out)
+        if freeze_all {
+            if let Some(a) = agent.as_deref_mut() {
+                if let Err(e) = a.fsfreeze_thaw().await {
+                    tracing::error!(vm = %ctx.workload.name, "thawing file systems: {e}");
+                }
+            }
+        }
+        r
     }
 
     async fn close_disks(

@@ -103,6 +103,14 @@ fn define_domain(uri: &str, name: &str) -> Domain {
     for f in ["disk.qcow2", "vmlinuz", "initrd.img"] {
         std::fs::copy(image.join(f), dir.join(f)).unwrap();
     }
+    // A second, blank data disk: one backup covers both at the same instant.
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(dir.join("data.qcow2"))
+        .arg("256M")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
     let xml = format!(
         "<domain type='qemu'>
   <name>{name}</name>
@@ -115,6 +123,8 @@ fn define_domain(uri: &str, name: &str) -> Domain {
   <devices>
     <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
       <source file='{dir}/disk.qcow2'/><target dev='vda' bus='virtio'/></disk>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+      <source file='{dir}/data.qcow2'/><target dev='vdb' bus='virtio'/></disk>
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
     <serial type='file'><source path='{dir}/serial.log'/></serial>
     <video><model type='none'/></video>
@@ -204,10 +214,27 @@ fn file_in_image(image: &Path, path: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Writes marker `n` into a file on the system disk and into block `n` of the data disk.
 async fn write_marker(src: &KvmSource, ctx: &StepContext, n: u32) {
-    src.guest_command(ctx, &format!("echo marker-{n} > /root/marker{n} && sync"))
-        .await
+    src.guest_command(
+        ctx,
+        &format!(
+            "echo marker-{n} > /root/marker{n} && printf 'data-marker-{n}' | dd of=/dev/vdb bs=4096 seek={n} conv=notrunc,fsync 2>/dev/null && sync"
+        ),
+    )
+    .await
+    .unwrap();
+}
+
+/// Block `n` of a raw data-disk image, as written by `write_marker`.
+fn data_marker(image: &Path, n: u64) -> String {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 13];
+    std::fs::File::open(image)
+        .unwrap()
+        .read_exact_at(&mut b, n * 4096)
         .unwrap();
+    String::from_utf8_lossy(&b).into_owned()
 }
 
 fn ferry_checkpoints(uri: &str, name: &str) -> Vec<String> {
@@ -229,6 +256,7 @@ async fn libvirt_domain_is_discovered_synced_through_checkpoints_and_shut_down()
     let dom = define_domain(&uri, &name);
     let work = tempfile::tempdir().unwrap();
     let dst = work.path().join("target.raw");
+    let dst_data = work.path().join("data.raw");
     let source = Source {
         id: Uuid::new_v4(),
         name: "kvm-host".into(),
@@ -255,9 +283,11 @@ async fn libvirt_domain_is_discovered_synced_through_checkpoints_and_shut_down()
         .expect("the domain is discovered");
     assert_eq!(w.cpus, Some(1));
     assert_eq!(w.memory_mib, Some(512));
-    assert_eq!(w.disks.len(), 1);
+    assert_eq!(w.disks.len(), 2);
     assert_eq!(w.disks[0].name, "vda");
     assert_eq!(w.disks[0].size_bytes, 2 << 30);
+    assert_eq!(w.disks[1].name, "vdb");
+    assert_eq!(w.disks[1].size_bytes, 256 << 20);
     assert!(
         w.os.as_deref().unwrap_or("").contains("Debian"),
         "OS from the agent: {:?}",
@@ -290,7 +320,7 @@ async fn libvirt_domain_is_discovered_synced_through_checkpoints_and_shut_down()
     // Full copy through a backup that also creates the first checkpoint.
     write_marker(&adapter, &ctx, 1).await;
     let disks = adapter.open_disks(&ctx, true).await.unwrap();
-    assert_eq!(disks.len(), 1);
+    assert_eq!(disks.len(), 2);
     assert!(
         disks[0].spec.starts_with("nbd+unix:///"),
         "{}",
@@ -298,16 +328,20 @@ async fn libvirt_domain_is_discovered_synced_through_checkpoints_and_shut_down()
     );
     assert_eq!(disks[0].dirty_bitmap, None);
     let r = sync(&disks[0], &dst).await;
+    sync(&disks[1], &dst_data).await;
     adapter.close_disks(&ctx, &disks, true).await.unwrap();
     eprintln!("full: read {} bytes in {:.2}s", r.bytes_read, r.duration_s);
     assert_eq!(file_in_image(&dst, "/root/marker1"), "marker-1");
+    assert_eq!(data_marker(&dst_data, 1), "data-marker-1");
     assert_eq!(ferry_checkpoints(&uri, &name).len(), 1);
 
     // A delta reads only the checkpoint's dirty bitmap.
     write_marker(&adapter, &ctx, 2).await;
     let disks = adapter.open_disks(&ctx, false).await.unwrap();
     assert_eq!(disks[0].dirty_bitmap.as_deref(), Some("backup-vda"));
+    assert_eq!(disks[1].dirty_bitmap.as_deref(), Some("backup-vdb"));
     let r = sync(&disks[0], &dst).await;
+    sync(&disks[1], &dst_data).await;
     adapter.close_disks(&ctx, &disks, true).await.unwrap();
     eprintln!(
         "delta: read {} bytes, {} chunks changed",
@@ -319,6 +353,7 @@ async fn libvirt_domain_is_discovered_synced_through_checkpoints_and_shut_down()
         r.bytes_read
     );
     assert_eq!(file_in_image(&dst, "/root/marker2"), "marker-2");
+    assert_eq!(data_marker(&dst_data, 2), "data-marker-2");
     assert_eq!(ferry_checkpoints(&uri, &name).len(), 1);
 
     // A sync that never commits: its changes reach the next delta.
@@ -328,9 +363,12 @@ async fn libvirt_domain_is_discovered_synced_through_checkpoints_and_shut_down()
     write_marker(&adapter, &ctx, 4).await;
     let disks = adapter.open_disks(&ctx, false).await.unwrap();
     sync(&disks[0], &dst).await;
+    sync(&disks[1], &dst_data).await;
     adapter.close_disks(&ctx, &disks, true).await.unwrap();
     assert_eq!(file_in_image(&dst, "/root/marker3"), "marker-3");
+    assert_eq!(data_marker(&dst_data, 3), "data-marker-3");
     assert_eq!(file_in_image(&dst, "/root/marker4"), "marker-4");
+    assert_eq!(data_marker(&dst_data, 4), "data-marker-4");
 
     // The appliance vanishes with a backup job open: a new one cleans up, loses nothing.
     let gone = KvmSource::default();
@@ -344,9 +382,12 @@ async fn libvirt_domain_is_discovered_synced_through_checkpoints_and_shut_down()
     write_marker(&adapter, &ctx, 6).await;
     let disks = adapter.open_disks(&ctx, false).await.unwrap();
     sync(&disks[0], &dst).await;
+    sync(&disks[1], &dst_data).await;
     adapter.close_disks(&ctx, &disks, true).await.unwrap();
     assert_eq!(file_in_image(&dst, "/root/marker5"), "marker-5");
+    assert_eq!(data_marker(&dst_data, 5), "data-marker-5");
     assert_eq!(file_in_image(&dst, "/root/marker6"), "marker-6");
+    assert_eq!(data_marker(&dst_data, 6), "data-marker-6");
     assert_eq!(ferry_checkpoints(&uri, &name).len(), 1);
     assert!(
         virsh(&uri, &["backup-dumpxml", &name]).is_err(),
@@ -363,18 +404,21 @@ async fn libvirt_domain_is_discovered_synced_through_checkpoints_and_shut_down()
     assert_eq!(disks[0].format.as_deref(), Some("qcow2"));
     assert_eq!(disks[0].dirty_bitmap, None);
     sync(&disks[0], &dst).await;
+    sync(&disks[1], &dst_data).await;
     adapter.close_disks(&ctx, &disks, true).await.unwrap();
-    let img = Command::new("qemu-img")
-        .args(["compare", "-f", "qcow2", "-F", "raw"])
-        .arg(&disks[0].spec)
-        .arg(&dst)
-        .output()
-        .unwrap();
-    assert!(
-        img.status.success(),
-        "the target equals the powered-off source: {}",
-        String::from_utf8_lossy(&img.stdout)
-    );
+    for (d, t) in [(&disks[0], &dst), (&disks[1], &dst_data)] {
+        let img = Command::new("qemu-img")
+            .args(["compare", "-f", "qcow2", "-F", "raw"])
+            .arg(&d.spec)
+            .arg(t)
+            .output()
+            .unwrap();
+        assert!(
+            img.status.success(),
+            "the target equals the powered-off source: {}",
+            String::from_utf8_lossy(&img.stdout)
+        );
+    }
     adapter.restart(&ctx).await.unwrap();
     assert_eq!(virsh(&uri, &["domstate", &name]).unwrap().trim(), "running");
     ferry_qemu::Qga::connect_libvirt(&uri, &name, Duration::from_secs(180))

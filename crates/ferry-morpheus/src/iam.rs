@@ -1,0 +1,261 @@
+//! Step 1 of the workflow: the `ferry-migration` role with only what migration needs, and
+//! a service user bound to it. Idempotent: what already matches is left alone, so a
+//! second run makes no call that changes anything.
+
+use crate::client::Client;
+use crate::error::MorpheusError;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// The role Ferry's service user holds.
+pub const ROLE: &str = "ferry-migration";
+
+/// Feature permissions of the role, as (code, access). Everything else stays `none`.
+pub const PERMISSIONS: &[(&str, &str)] = &[
+    // Virtual images and their upload (image mode, the target worker image).
+    ("virtual-images", "full"),
+    ("provisioning-import-image", "full"),
+    // Instances: list, add, edit, delete, power, reconfigure disks and interfaces.
+    ("provisioning", "full"),
+    ("provisioning-add", "full"),
+    ("provisioning-edit", "full"),
+    ("provisioning-delete", "full"),
+    ("provisioning-power", "full"),
+    ("provisioning-reconfigure", "full"),
+    ("provisioning-reconfigure-add-disk", "full"),
+    ("provisioning-reconfigure-modify-disk", "full"),
+    ("provisioning-reconfigure-remove-disk", "full"),
+    ("provisioning-reconfigure-add-network", "full"),
+    ("provisioning-reconfigure-modify-network", "full"),
+    ("provisioning-reconfigure-remove-network", "full"),
+    // Snapshots: taken before each delta, reverted on failure and rollback.
+    ("snapshots", "full"),
+    // Placement discovery: clouds, groups, clusters, hosts, plans; networks; storage.
+    ("admin-zones", "read"),
+    ("admin-groups", "read"),
+    ("infrastructure-cluster", "read"),
+    ("admin-servers", "read"),
+    ("admin-servicePlans", "read"),
+    ("infrastructure-networks", "read"),
+    ("infrastructure-storage", "read"),
+    // Following provisioning and power tasks.
+    ("activity", "read"),
+];
+
+/// What to set up.
+#[derive(Debug, Clone)]
+pub struct IamRequest {
+    pub service_user: String,
+    pub email: String,
+    /// Set as the service user's password when the user is created, or reset when
+    /// `reset_password` (the appliance lost or never had it).
+    pub password: String,
+    pub reset_password: bool,
+    /// Only read and report what would change.
+    pub dry_run: bool,
+}
+
+/// One call that changes something, done or (with `dry_run`) only planned.
+#[derive(Debug, Clone, Serialize)]
+pub struct Change {
+    pub call: String,
+    pub what: String,
+    /// The request body with secrets replaced by `<redacted>`.
+    pub body: Value,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IamReport {
+    pub role_id: Option<i64>,
+    pub user_id: Option<i64>,
+    /// Changes made (or, with `dry_run`, that would be made). Empty: all was in place.
+    pub changes: Vec<Change>,
+    /// The password in the request is now the service user's.
+    pub password_set: bool,
+    pub dry_run: bool,
+}
+
+#[derive(Deserialize)]
+struct RoleRef {
+    id: i64,
+    #[serde(default)]
+    authority: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct FeaturePermission {
+    code: String,
+    #[serde(default)]
+    access: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UserRef {
+    id: i64,
+    username: String,
+    #[serde(default)]
+    roles: Vec<RoleRef>,
+}
+
+fn change(call: &str, what: String, body: Value) -> Change {
+    Change {
+        call: call.into(),
+        what,
+        body,
+    }
+}
+
+/// Brings the role and the service user to what Ferry needs.
+pub async fn setup(c: &Client, req: &IamRequest) -> Result<IamReport, MorpheusError> {
+    let mut rep = IamReport {
+        role_id: None,
+        user_id: None,
+        changes: vec![],
+        password_set: false,
+        dry_run: req.dry_run,
+    };
+
+    // The role.
+    let roles: Vec<RoleRef> = c
+        .list_all("api/roles", "roles", &[("phrase", ROLE.to_string())])
+        .await?;
+    let role = roles
+        .into_iter()
+        .find(|r| r.authority.as_deref() == Some(ROLE));
+    match role {
+        None => {
+            let body = json!({"role": {
+                "authority": ROLE,
+                "description": "Ferry workload migration service account: images, instances, power, reconfigure, snapshots; read-only placement",
+                "roleType": "user",
+                "featurePermissions": PERMISSIONS.iter().map(|(code, access)| json!({"code": code, "access": access})).collect::<Vec<_>>(),
+            }});
+            rep.changes.push(change(
+                "POST /api/roles",
+                format!("create role {ROLE} with {} permissions", PERMISSIONS.len()),
+                body.clone(),
+            ));
+            if !req.dry_run {
+                let v = c.post("api/roles", &body).await?;
+                rep.role_id = v.pointer("/role/id").and_then(Value::as_i64);
+                if rep.role_id.is_none() {
+                    return Err(MorpheusError::BadAnswer {
+                        call: "POST /api/roles".into(),
+                        why: "no role.id in the answer".into(),
+                    });
+                }
+            }
+        }
+        Some(r) => {
+            rep.role_id = Some(r.id);
+            let path = format!("api/roles/{}", r.id);
+            let v: Value = c.get(&path, &[]).await?;
+            let have: Vec<FeaturePermission> = crate::client::decode(
+                &format!("GET /{path}"),
+                v.get("featurePermissions").cloned().unwrap_or(json!([])),
+            )?;
+            let current = |code: &str| {
+                have.iter()
+                    .find(|p| p.code == code)
+                    .and_then(|p| p.access.clone())
+                    .unwrap_or_else(|| "none".into())
+            };
+            let mut wanted: Vec<(String, String)> = PERMISSIONS
+                .iter()
+                .map(|(c, a)| (c.to_string(), a.to_string()))
+                .collect();
+            // Anything else granted is more than migration needs.
+            for p in &have {
+                let granted = p.access.as_deref().is_some_and(|a| a != "none");
+                if granted && !PERMISSIONS.iter().any(|(c, _)| *c == p.code) {
+                    wanted.push((p.code.clone(), "none".into()));
+                }
+            }
+            for (code, access) in wanted {
+                let now = current(&code);
+                if now == access {
+                    continue;
+                }
+                let body = json!({"permissionCode": code, "access": access});
+                let call = format!("PUT /api/roles/{}/update-permission", r.id);
+                rep.changes.push(change(
+                    &call,
+                    format!("set {code} from {now} to {access}"),
+                    body.clone(),
+                ));
+                if !req.dry_run {
+                    c.put(&format!("api/roles/{}/update-permission", r.id), &body)
+                        .await?;
+                }
+            }
+        }
+    }
+
+    // The service user.
+    let users: Vec<UserRef> = c
+        .list_all(
+            "api/users",
+            "users",
+            &[("phrase", req.service_user.clone())],
+        )
+        .await?;
+    let user = users.into_iter().find(|u| u.username == req.service_user);
+    let role_ref = json!([{"id": rep.role_id.unwrap_or(0)}]);
+    match user {
+        None => {
+            let body = |password: &str| {
+                json!({"user": {
+                    "username": req.service_user,
+                    "email": req.email,
+                    "firstName": "Ferry",
+                    "lastName": "Migration",
+                    "password": password,
+                    "roles": role_ref,
+                    "receiveNotifications": false,
+                }})
+            };
+            rep.changes.push(change(
+                "POST /api/users",
+                format!("create service user {} with role {ROLE}", req.service_user),
+                body("<redacted>"),
+            ));
+            if !req.dry_run {
+                let v = c.post("api/users", &body(&req.password)).await?;
+                rep.user_id = v.pointer("/user/id").and_then(Value::as_i64);
+                rep.password_set = true;
+            }
+        }
+        Some(u) => {
+            rep.user_id = Some(u.id);
+            let bound_only = u.roles.len() == 1 && Some(u.roles[0].id) == rep.role_id;
+            let mut user = serde_json::Map::new();
+            let mut what = vec![];
+            if !bound_only {
+                user.insert("roles".into(), role_ref.clone());
+                what.push(format!("bind to role {ROLE} only"));
+            }
+            if req.reset_password {
+                user.insert("password".into(), json!(req.password));
+                what.push("set a new password (the appliance holds none for it)".into());
+            }
+            if !user.is_empty() {
+                let call = format!("PUT /api/users/{}", u.id);
+                let mut shown = user.clone();
+                if shown.contains_key("password") {
+                    shown.insert("password".into(), json!("<redacted>"));
+                }
+                rep.changes.push(change(
+                    &call,
+                    format!("service user {}: {}", u.username, what.join(", ")),
+                    json!({ "user": shown }),
+                ));
+                if !req.dry_run {
+                    c.put(&format!("api/users/{}", u.id), &json!({ "user": user }))
+                        .await?;
+                    rep.password_set = req.reset_password;
+                }
+            }
+        }
+    }
+    Ok(rep)
+}

@@ -1,0 +1,200 @@
+//! Discovery of what a profile places workloads on: clouds (zones), groups, clusters,
+//! hosts, datastores, networks, service plans, instance types and layouts. Profiles name
+//! these objects; [`Inventory::check_placement`] turns a name that does not exist into an
+//! error naming it, before any data moves.
+
+use crate::client::Client;
+use crate::error::MorpheusError;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Any named object of the manager.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Named {
+    pub id: i64,
+    #[serde(default)]
+    pub name: String,
+    /// The cloud (zone) it belongs to, when the API says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone_id: Option<i64>,
+}
+
+fn named(v: &Value) -> Option<Named> {
+    Some(Named {
+        id: v.get("id")?.as_i64()?,
+        name: v
+            .get("name")
+            .or_else(|| v.get("authority"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        zone_id: v
+            .pointer("/zone/id")
+            .or_else(|| v.pointer("/cloud/id"))
+            .or_else(|| v.get("zoneId"))
+            .and_then(Value::as_i64),
+    })
+}
+
+/// Everything placement can refer to.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Inventory {
+    pub clouds: Vec<Named>,
+    pub groups: Vec<Named>,
+    pub clusters: Vec<Named>,
+    pub hosts: Vec<Named>,
+    pub datastores: Vec<Named>,
+    pub networks: Vec<Named>,
+    pub service_plans: Vec<Named>,
+    pub instance_types: Vec<Named>,
+    pub layouts: Vec<Named>,
+}
+
+/// A profile's placement, by name.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Placement {
+    #[serde(default)]
+    pub cloud: Option<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub plan: Option<String>,
+    #[serde(default)]
+    pub datastore: Option<String>,
+    /// Networks the workload's NICs are mapped to.
+    #[serde(default)]
+    pub networks: Vec<String>,
+}
+
+async fn list(c: &Client, path: &str, key: &str) -> Result<Vec<Named>, MorpheusError> {
+    let items: Vec<Value> = c.list_all(path, key, &[]).await?;
+    Ok(items.iter().filter_map(named).collect())
+}
+
+impl Inventory {
+    pub async fn discover(c: &Client) -> Result<Inventory, MorpheusError> {
+        let mut inv = Inventory {
+            clouds: list(c, "api/zones", "zones").await?,
+            groups: list(c, "api/groups", "groups").await?,
+            clusters: list(c, "api/clusters", "clusters").await?,
+            hosts: list(c, "api/servers", "servers").await?,
+            networks: list(c, "api/networks", "networks").await?,
+            service_plans: list(c, "api/service-plans", "servicePlans").await?,
+            instance_types: list(c, "api/instance-types", "instanceTypes").await?,
+            layouts: list(c, "api/library/layouts", "instanceTypeLayouts").await?,
+            datastores: vec![],
+        };
+        for z in inv.clouds.clone() {
+            let mut ds = list(c, &format!("api/zones/{}/data-stores", z.id), "datastores").await?;
+            for d in &mut ds {
+                d.zone_id.get_or_insert(z.id);
+            }
+            inv.datastores.extend(ds);
+        }
+        Ok(inv)
+    }
+
+    /// Every object `p` names must exist (in its cloud, when one is given); the error
+    /// lists all that are missing, with what exists.
+    pub fn check_placement(&self, p: &Placement) -> Result<(), MorpheusError> {
+        let mut missing = vec![];
+        let cloud = match &p.cloud {
+            Some(name) => match find(&self.clouds, name, None) {
+                Some(c) => Some(c.id),
+                None => {
+                    missing.push(describe("cloud", name, &self.clouds));
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut check = |kind: &str, name: &Option<String>, list: &[Named], scoped: bool| {
+            if let Some(n) = name {
+                if find(list, n, if scoped { cloud } else { None }).is_none() {
+                    missing.push(describe(kind, n, list));
+                }
+            }
+        };
+        check("group", &p.group, &self.groups, false);
+        check("cluster", &p.cluster, &self.clusters, true);
+        check("service plan", &p.plan, &self.service_plans, false);
+        check("datastore", &p.datastore, &self.datastores, true);
+        for n in &p.networks {
+            check("network", &Some(n.clone()), &self.networks, true);
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(MorpheusError::Invalid {
+                what: format!(
+                    "the profile's placement names objects the manager does not have: {}",
+                    missing.join("; ")
+                ),
+            })
+        }
+    }
+}
+
+fn find<'a>(list: &'a [Named], name: &str, zone: Option<i64>) -> Option<&'a Named> {
+    list.iter().find(|x| {
+        (x.name == name || x.id.to_string() == name)
+            && (zone.is_none() || x.zone_id.is_none() || x.zone_id == zone)
+    })
+}
+
+fn describe(kind: &str, name: &str, list: &[Named]) -> String {
+    let mut have: Vec<&str> = list.iter().map(|x| x.name.as_str()).collect();
+    have.truncate(10);
+    if have.is_empty() {
+        format!("no {kind} '{name}' (the manager has none)")
+    } else {
+        format!("no {kind} '{name}' (it has: {})", have.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(id: i64, name: &str, zone: Option<i64>) -> Named {
+        Named {
+            id,
+            name: name.into(),
+            zone_id: zone,
+        }
+    }
+
+    #[test]
+    fn missing_placement_objects_are_named_with_what_exists() {
+        let inv = Inventory {
+            clouds: vec![n(1, "vme-prod", None), n(2, "vme-lab", None)],
+            groups: vec![n(3, "migrations", None)],
+            clusters: vec![n(4, "hvm-a", Some(1)), n(5, "hvm-lab", Some(2))],
+            networks: vec![n(6, "VLAN-120", Some(1))],
+            datastores: vec![n(7, "ceph-rbd", Some(1))],
+            ..Default::default()
+        };
+        let ok = Placement {
+            cloud: Some("vme-prod".into()),
+            group: Some("migrations".into()),
+            cluster: Some("hvm-a".into()),
+            datastore: Some("ceph-rbd".into()),
+            networks: vec!["VLAN-120".into()],
+            ..Default::default()
+        };
+        inv.check_placement(&ok).unwrap();
+        let bad = Placement {
+            cluster: Some("hvm-lab".into()), // in the other cloud
+            networks: vec!["VLAN-999".into()],
+            ..ok
+        };
+        let e = inv.check_placement(&bad).unwrap_err().to_string();
+        assert!(e.contains("no cluster 'hvm-lab'"), "{e}");
+        assert!(
+            e.contains("no network 'VLAN-999' (it has: VLAN-120)"),
+            "{e}"
+        );
+    }
+}

@@ -333,7 +333,7 @@ pub struct JobInfo {
         openapi_json, health, list_tokens, create_token,
         list_credentials, create_credential,
         list_sources, create_source, get_source, delete_source, discover_source,
-        list_targets, create_target, get_target, delete_target,
+        list_targets, create_target, get_target, patch_target, delete_target,
         list_workloads, create_workload, get_workload, patch_workload, import_workloads,
         list_groups, create_group, get_group, group_migrations, group_cutover, group_sync,
         list_profiles, create_profile, get_profile,
@@ -486,7 +486,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/sources/{key}", get(get_source).delete(delete_source))
         .route("/api/sources/{key}/discover", post(discover_source))
         .route("/api/targets", get(list_targets).post(create_target))
-        .route("/api/targets/{key}", get(get_target).delete(delete_target))
+        .route(
+            "/api/targets/{key}",
+            get(get_target).patch(patch_target).delete(delete_target),
+        )
         .route("/api/workloads", get(list_workloads).post(create_workload))
         .route("/api/workloads/import", post(import_workloads))
         .route(
@@ -760,6 +763,28 @@ async fn get_target(
     ApiPath(key): ApiPath<String>,
 ) -> ApiResult<Json<Target>> {
     Ok(Json(st.store().get_target(&key).await?))
+}
+
+/// Changes a target's endpoint, credential or config.
+#[utoipa::path(patch, path = "/api/targets/{key}", params(("key" = String, Path, description = "Name or id")), request_body = TargetPatch, responses((status = 200, body = Target)))]
+async fn patch_target(
+    AxState(st): AxState<AppState>,
+    ApiPath(key): ApiPath<String>,
+    ApiJson(p): ApiJson<TargetPatch>,
+) -> ApiResult<Json<Target>> {
+    let mut t = st.store().get_target(&key).await?;
+    if let Some(e) = p.endpoint {
+        t.endpoint = Some(e);
+    }
+    if let Some(c) = p.config {
+        check_config(&c)?;
+        t.config = c;
+    }
+    if p.credential_id.is_some() {
+        check_credential(&st, p.credential_id).await?;
+        t.credential_id = p.credential_id;
+    }
+    Ok(Json(st.store().update_target(&t).await?))
 }
 
 #[utoipa::path(delete, path = "/api/targets/{key}", params(("key" = String, Path, description = "Name or id")), responses((status = 204, description = "Deleted")))]

@@ -134,6 +134,22 @@ pub struct NewTarget {
     pub config: serde_json::Value,
 }
 
+/// Changes to a target: the fields given replace the stored ones.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TargetPatch {
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The credential the target's adapter logs in with (e.g. the service account that
+    /// `ferry target setup-iam` made).
+    #[serde(default)]
+    pub credential_id: Option<Uuid>,
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub config: Option<serde_json::Value>,
+}
+
 fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(Default::default())
 }

@@ -536,6 +536,29 @@ impl Store {
             .await
     }
 
+    /// Replaces a target's endpoint, credential and config.
+    pub async fn update_target(&self, t: &Target) -> Result<Target> {
+        let mut w = self.write().await?;
+        let n = sqlx::query(
+            "UPDATE targets SET endpoint = $1, credential_id = $2, config = $3 WHERE id = $4",
+        )
+        .bind(t.endpoint.clone())
+        .bind(opt_uuid(t.credential_id))
+        .bind(t.config.to_string())
+        .bind(t.id.to_string())
+        .execute(&mut *w.tx)
+        .await?
+        .rows_affected();
+        w.commit().await?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what: "target",
+                id: t.id.to_string(),
+            });
+        }
+        Ok(t.clone())
+    }
+
     pub async fn delete_target(&self, id: Uuid) -> Result<()> {
         self.delete("targets", "target", id).await
     }

@@ -15,3 +15,4 @@ pub mod inventory;
 pub mod migration;
 pub mod profile;
 pub mod source;
+pub mod target_iam;

@@ -54,6 +54,10 @@ pub enum EndpointCommand {
     /// Sources only: list the source's workloads (VMs with their disks and NICs) and add
     /// or update them in the inventory.
     Discover { name: String },
+    /// Targets only (kind vme): with an administrator's login, once, create or update the
+    /// `ferry-migration` role (only what migration needs) and a service user bound to it,
+    /// and store that user's credentials, encrypted, in the appliance for the target.
+    SetupIam(super::target_iam::SetupIamArgs),
 }
 
 fn config(path: Option<String>, extra: Option<String>) -> Result<serde_json::Value> {
@@ -284,6 +288,15 @@ fn run<E: Endpoint>(a: SourceArgs) -> Result<ExitCode> {
                     table(&["WORKLOAD", "OS", "CPUS", "MEMORY", "DISKS", "NICS"], rows)
                 );
                 println!("{} workload(s) discovered on {name}", found.len());
+            }
+            EndpointCommand::SetupIam(args) => {
+                if E::NOUN != "target" {
+                    bail!(
+                        "setup-iam is for targets: `ferry target setup-iam {}`",
+                        args.name
+                    );
+                }
+                return super::target_iam::run(&c, args).await;
             }
             EndpointCommand::Remove { name } => {
                 c.delete(&format!("{}/{}", E::PATH, enc(&name))).await?;

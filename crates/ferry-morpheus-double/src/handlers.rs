@@ -24,9 +24,47 @@ pub struct User {
     pub admin: bool,
 }
 
+/// A virtual image; `file` once uploaded.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub id: i64,
+    pub name: String,
+    pub file: Option<std::path::PathBuf>,
+    pub size: u64,
+}
+
+/// An instance: its volumes are qcow2 files, and it runs as a QEMU process when the
+/// double has a boot configuration.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub id: i64,
+    pub name: String,
+    pub status: String,
+    pub image_id: Option<i64>,
+    pub volumes: Vec<std::path::PathBuf>,
+    /// (network id, static address) per interface.
+    pub nics: Vec<(String, Option<String>)>,
+    pub plan_id: i64,
+    pub cloud_id: i64,
+    /// The request body it was created with.
+    pub body: Value,
+}
+
+/// Work to do outside the state lock (it takes time).
+#[derive(Debug, Clone)]
+pub enum Effect {
+    Boot(i64),
+    Halt(i64),
+}
+
 /// The manager's state.
 #[derive(Debug, Default)]
 pub struct State {
+    /// Where images and volumes are kept.
+    pub data_dir: std::path::PathBuf,
+    pub images: Vec<Image>,
+    pub instances: Vec<Instance>,
+    pub effects: Vec<Effect>,
     pub next_id: i64,
     pub users: Vec<User>,
     pub roles: Vec<Role>,
@@ -112,7 +150,16 @@ impl State {
 }
 
 /// The feature permission a route needs.
-fn permission(template: &str) -> &'static str {
+fn permission(method: &str, template: &str) -> &'static str {
+    match (method, template) {
+        ("POST", "/api/instances") => return "provisioning-add",
+        ("DELETE", "/api/instances/{id}") => return "provisioning-delete",
+        ("PUT", t) if t.ends_with("/start") || t.ends_with("/stop") => return "provisioning-power",
+        ("POST", "/api/virtual-images/{virtualImageId}/upload") => {
+            return "provisioning-import-image"
+        }
+        _ => {}
+    }
     let t = template.trim_start_matches("/api/");
     match t.split('/').next().unwrap_or("") {
         "roles" => "admin-roles",
@@ -124,6 +171,8 @@ fn permission(template: &str) -> &'static str {
         "networks" => "infrastructure-networks",
         "service-plans" => "admin-servicePlans",
         "instance-types" | "library" => "provisioning",
+        "virtual-images" => "virtual-images",
+        "instances" => "provisioning",
         _ => "admin-appliance",
     }
 }
@@ -166,6 +215,161 @@ fn page(key: &str, items: Vec<Value>, q: &HashMap<String, String>) -> Answer {
     )
 }
 
+fn image_json(i: &Image) -> Value {
+    json!({"id": i.id, "name": i.name, "imageType": "qcow2", "status": if i.file.is_some() { "Active" } else { "Queued" }, "rawSize": i.size})
+}
+
+fn instance_json(i: &Instance) -> Value {
+    json!({"id": i.id, "name": i.name, "status": i.status, "cloud": {"id": i.cloud_id}, "plan": {"id": i.plan_id}})
+}
+
+fn exists(s: &State, key: &str, id: i64) -> bool {
+    s.inventory
+        .get(key)
+        .is_some_and(|l| l.iter().any(|v| v["id"].as_i64() == Some(id)))
+}
+
+fn create_instance(s: &mut State, b: Value) -> Answer {
+    let bad = |field: &str, msg: &str| {
+        (
+            400,
+            json!({"success": false, "msg": "Unable to create instance", "errors": {field: msg}}),
+        )
+    };
+    let name = b
+        .pointer("/instance/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if s.instances.iter().any(|i| i.name == name) {
+        return bad("name", "an instance with this name exists");
+    }
+    let cloud = b["zoneId"].as_i64().unwrap_or(0);
+    if !exists(s, "zones", cloud) {
+        return bad("zoneId", "no such cloud");
+    }
+    let group = b
+        .pointer("/instance/site/id")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    if !exists(s, "groups", group) {
+        return bad("site", "no such group");
+    }
+    let plan = b
+        .pointer("/instance/plan/id")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    if !exists(s, "servicePlans", plan) {
+        return bad("plan", "no such service plan");
+    }
+    let layout = b
+        .pointer("/instance/layout/id")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    if !exists(s, "instanceTypeLayouts", layout) {
+        return bad("layout", "no such layout");
+    }
+    let image_id = b.pointer("/config/imageId").and_then(Value::as_i64);
+    let image = match image_id {
+        Some(i) => match s.images.iter().find(|x| x.id == i) {
+            Some(Image { file: Some(f), .. }) => Some(f.clone()),
+            Some(_) => return bad("imageId", "the image has no uploaded file"),
+            None => return bad("imageId", "no such image"),
+        },
+        None => None,
+    };
+    let mut nics = vec![];
+    for n in b["networkInterfaces"].as_array().into_iter().flatten() {
+        let id = n
+            .pointer("/network/id")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let num: i64 = id.trim_start_matches("network-").parse().unwrap_or(0);
+        if !exists(s, "networks", num) {
+            return bad("networkInterfaces", &format!("no such network {id}"));
+        }
+        nics.push((id.to_string(), n["ipAddress"].as_str().map(str::to_string)));
+    }
+    let id = s.id();
+    let dir = s.data_dir.join(format!("instance-{id}"));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        return err(500, &format!("storage: {e}"));
+    }
+    let mut volumes = vec![];
+    for (k, v) in b["volumes"].as_array().into_iter().flatten().enumerate() {
+        let gib = v["size"].as_u64().unwrap_or(10);
+        let path = dir.join(format!("vol{k}.qcow2"));
+        let made = if let (0, Some(img)) = (k, image.as_ref()) {
+            // The root volume starts as a copy of the image, grown to its size.
+            std::fs::copy(img, &path).map(drop).and_then(|_| {
+                run(
+                    "qemu-img",
+                    &[
+                        "resize",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        &path.to_string_lossy(),
+                        &format!("{gib}G"),
+                    ],
+                )
+            })
+        } else {
+            run(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    &path.to_string_lossy(),
+                    &format!("{gib}G"),
+                ],
+            )
+        };
+        if let Err(e) = made {
+            return err(500, &format!("creating volume {k}: {e}"));
+        }
+        volumes.push(path);
+    }
+    let powered_off = b
+        .pointer("/config/provisionPoweredOff")
+        .and_then(Value::as_bool)
+        == Some(true);
+    let inst = Instance {
+        id,
+        name,
+        status: if powered_off {
+            "stopped".into()
+        } else {
+            "provisioning".into()
+        },
+        image_id,
+        volumes,
+        nics,
+        plan_id: plan,
+        cloud_id: cloud,
+        body: b,
+    };
+    if !powered_off {
+        s.effects.push(Effect::Boot(id));
+    }
+    let out = json!({"success": true, "instance": instance_json(&inst)});
+    s.instances.push(inst);
+    (200, out)
+}
+
+fn run(program: &str, args: &[&str]) -> std::io::Result<()> {
+    let o = std::process::Command::new(program).args(args).output()?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(
+            String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        ))
+    }
+}
+
 fn json_body(c: &Call) -> Result<Value, Answer> {
     serde_json::from_slice(c.body).map_err(|e| err(400, &format!("invalid JSON: {e}")))
 }
@@ -183,7 +387,7 @@ pub fn handle(s: &mut State, c: &Call) -> Answer {
         return err(401, "Unauthorized: invalid or expired access token");
     };
     let write = c.method != "GET";
-    let code = permission(c.template);
+    let code = permission(c.method, c.template);
     if !s.allowed(&user, code, write) {
         return err(
             403,
@@ -334,6 +538,108 @@ pub fn handle(s: &mut State, c: &Call) -> Answer {
             }
             let u = u.clone();
             (200, json!({"success": true, "user": user_json(s, &u)}))
+        }
+        ("POST", "/api/virtual-images") => {
+            let b = match json_body(c) {
+                Ok(b) => b,
+                Err(e) => return e,
+            };
+            let img = Image {
+                id: s.id(),
+                name: b
+                    .pointer("/virtualImage/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("image")
+                    .into(),
+                file: None,
+                size: 0,
+            };
+            let out = json!({"success": true, "virtualImage": image_json(&img)});
+            s.images.push(img);
+            (200, out)
+        }
+        ("GET", "/api/virtual-images/{virtualImageId}") => {
+            match s.images.iter().find(|i| Some(i.id) == id("virtualImageId")) {
+                None => err(404, "Virtual image not found"),
+                Some(i) => (200, json!({"virtualImage": image_json(i)})),
+            }
+        }
+        ("DELETE", "/api/virtual-images/{virtualImageId}") => {
+            let vid = id("virtualImageId");
+            let Some(k) = s.images.iter().position(|i| Some(i.id) == vid) else {
+                return err(404, "Virtual image not found");
+            };
+            let img = s.images.remove(k);
+            if let Some(f) = img.file {
+                let _ = std::fs::remove_file(f);
+            }
+            (200, json!({"success": true}))
+        }
+        ("POST", "/api/virtual-images/{virtualImageId}/upload") => {
+            let vid = id("virtualImageId");
+            let dir = s.data_dir.join("images");
+            let Some(i) = s.images.iter_mut().find(|i| Some(i.id) == vid) else {
+                return err(404, "Virtual image not found");
+            };
+            let name = c
+                .query
+                .get("filename")
+                .cloned()
+                .unwrap_or_else(|| format!("{}.qcow2", i.id));
+            let path = dir.join(format!("{}-{}", i.id, name.replace('/', "_")));
+            if let Err(e) =
+                std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, c.body))
+            {
+                return err(500, &format!("storing the upload: {e}"));
+            }
+            i.file = Some(path);
+            i.size = c.body.len() as u64;
+            (200, json!({"success": true}))
+        }
+        ("POST", "/api/instances") => match json_body(c) {
+            Ok(b) => create_instance(s, b),
+            Err(e) => e,
+        },
+        ("GET", "/api/instances/{id}") => match s.instances.iter().find(|i| Some(i.id) == id("id"))
+        {
+            None => err(404, "Instance not found"),
+            Some(i) => (200, json!({"instance": instance_json(i)})),
+        },
+        ("PUT", "/api/instances/{id}/start") | ("PUT", "/api/instances/{id}/stop") => {
+            let start = c.template.ends_with("start");
+            let iid = id("id");
+            let Some(i) = s.instances.iter_mut().find(|i| Some(i.id) == iid) else {
+                return err(404, "Instance not found");
+            };
+            let effect = if start {
+                if i.status == "running" {
+                    None
+                } else {
+                    i.status = "starting".into();
+                    Some(Effect::Boot(i.id))
+                }
+            } else if i.status == "stopped" {
+                None
+            } else {
+                i.status = "stopping".into();
+                Some(Effect::Halt(i.id))
+            };
+            if let Some(e) = effect {
+                s.effects.push(e);
+            }
+            (200, json!({"success": true, "results": {}}))
+        }
+        ("DELETE", "/api/instances/{id}") => {
+            let iid = id("id");
+            let Some(k) = s.instances.iter().position(|i| Some(i.id) == iid) else {
+                return err(404, "Instance not found");
+            };
+            let i = s.instances.remove(k);
+            s.effects.push(Effect::Halt(i.id));
+            if let Some(dir) = i.volumes.first().and_then(|v| v.parent()) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            (200, json!({"success": true}))
         }
         ("GET", "/api/zones/{zoneId}/data-stores") => {
             let zone = id("zoneId");

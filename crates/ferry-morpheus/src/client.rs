@@ -401,6 +401,78 @@ impl Client {
         }
     }
 
+    /// POSTs a file as `application/octet-stream`, streamed from disk (images are
+    /// gigabytes). Renews an expired token once (reopening the file); never retried
+    /// otherwise: a failed upload is reported and the caller decides. Bytes sent.
+    pub async fn upload_file(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        file: &std::path::Path,
+    ) -> Result<u64, MorpheusError> {
+        let call = format!("POST /{}", path.trim_start_matches('/'));
+        if self.session.lock().await.access.is_none() {
+            self.log_in().await?;
+        }
+        let mut renewed = false;
+        loop {
+            let f = tokio::fs::File::open(file)
+                .await
+                .map_err(|e| MorpheusError::Invalid {
+                    what: format!("cannot read {}: {e}", file.display()),
+                })?;
+            let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+            let token = self.session.lock().await.access.clone().unwrap_or_default();
+            let mut url = self.endpoint(path);
+            {
+                let mut q = url.query_pairs_mut();
+                for (k, v) in query {
+                    q.append_pair(k, v);
+                }
+            }
+            let r = self
+                .http
+                .post(url.clone())
+                .bearer_auth(&token)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .header(reqwest::header::CONTENT_LENGTH, len)
+                // Large files take longer than one API call may.
+                .timeout(self.timeout.max(Duration::from_secs(3600)))
+                .body(reqwest::Body::from(f))
+                .send()
+                .await
+                .map_err(|e| transport_error(&call, &url, &e))?;
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap_or_default();
+            match status {
+                200..=299 => return Ok(len),
+                401 if !renewed => {
+                    renewed = true;
+                    self.renew().await?;
+                }
+                s => {
+                    let (msg, errors) = api_message(&text);
+                    return Err(match s {
+                        403 => MorpheusError::Forbidden { call, msg },
+                        404 => MorpheusError::NotFound { call, msg },
+                        s if s >= 500 => MorpheusError::Server {
+                            call,
+                            status: s,
+                            msg,
+                            attempts: 1,
+                        },
+                        s => MorpheusError::Rejected {
+                            call,
+                            status: s,
+                            msg,
+                            errors,
+                        },
+                    });
+                }
+            }
+        }
+    }
+
     pub async fn get<T: DeserializeOwned>(
         &self,
         path: &str,

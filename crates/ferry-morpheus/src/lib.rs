@@ -5,13 +5,15 @@
 //! what to do.
 //!
 //! Modules by workflow step: [`iam`] (step 1: the `ferry-migration` role and its service
-//! user), [`inventory`] (placement discovery and validation). Paths and bodies follow the
+//! user), [`inventory`] (placement discovery and validation), [`provision`] (virtual
+//! images, instances and their power, waiting for final states). Paths and bodies follow the
 //! official OpenAPI document (8.1.2); the test double checks every request against it.
 
 mod client;
 mod error;
 pub mod iam;
 pub mod inventory;
+pub mod provision;
 
 pub use client::{Client, ClientOptions, Login, CLIENT_ID};
 pub use error::MorpheusError;

@@ -1,0 +1,318 @@
+//! Delivery and lifecycle on the target: virtual images (create, upload), instances
+//! (create, power, status, delete), and waiting for a final state with a timeout.
+
+use crate::client::Client;
+use crate::error::MorpheusError;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Creates a qcow2 virtual image record (no file yet); its id.
+pub async fn create_image(c: &Client, name: &str) -> Result<i64, MorpheusError> {
+    let v = c
+        .post(
+            "api/virtual-images",
+            &json!({"virtualImage": {
+                "name": name,
+                "imageType": "qcow2",
+                "isCloudInit": false,
+                "installAgent": false,
+            }}),
+        )
+        .await?;
+    v.pointer("/virtualImage/id")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| MorpheusError::BadAnswer {
+            call: "POST /api/virtual-images".into(),
+            why: "no virtualImage.id in the answer".into(),
+        })
+}
+
+/// Streams `file` as the image's content (`filename` is what the manager stores it as).
+pub async fn upload_image(
+    c: &Client,
+    image: i64,
+    file: &Path,
+    filename: &str,
+) -> Result<u64, MorpheusError> {
+    c.upload_file(
+        &format!("api/virtual-images/{image}/upload"),
+        &[("filename", filename.to_string())],
+        file,
+    )
+    .await
+}
+
+/// Where and how an instance is created.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceSpec {
+    pub name: String,
+    pub cloud_id: i64,
+    pub group_id: i64,
+    pub plan_id: i64,
+    pub layout_id: i64,
+    pub instance_type: String,
+    /// `pool-N` or a cluster's resource pool id.
+    pub resource_pool: Option<String>,
+    pub image_id: Option<i64>,
+    /// (size in GiB, datastore id) per volume; the first is the root volume.
+    pub volumes: Vec<(u64, Option<i64>)>,
+    /// (network id, static IPv4 address or None for DHCP) per interface.
+    pub networks: Vec<(i64, Option<String>)>,
+    pub powered_off: bool,
+}
+
+/// The request body of `POST /api/instances` for an HVM (VME) instance.
+pub fn instance_body(s: &InstanceSpec) -> Value {
+    let volumes: Vec<Value> = s
+        .volumes
+        .iter()
+        .enumerate()
+        .map(|(i, (gib, ds))| {
+            let mut v = json!({
+                "rootVolume": i == 0,
+                "name": if i == 0 { "root".to_string() } else { format!("data-{i}") },
+                "size": gib,
+            });
+            if let Some(d) = ds {
+                v["datastoreId"] = json!(d);
+            }
+            v
+        })
+        .collect();
+    let nics: Vec<Value> = s
+        .networks
+        .iter()
+        .map(|(id, ip)| match ip {
+            Some(ip) => json!({"network": {"id": format!("network-{id}")}, "ipMode": "static", "ipAddress": ip}),
+            None => json!({"network": {"id": format!("network-{id}")}, "ipMode": "dhcp"}),
+        })
+        .collect();
+    let mut config = json!({
+        "poolProviderType": "mvm",
+        "provisionPoweredOff": s.powered_off,
+        "noAgent": true,
+        "createUser": false,
+    });
+    if let Some(p) = &s.resource_pool {
+        config["resourcePoolId"] = json!(p);
+    }
+    if let Some(i) = s.image_id {
+        config["imageId"] = json!(i);
+    }
+    json!({
+        "zoneId": s.cloud_id,
+        "instance": {
+            "name": s.name,
+            "site": {"id": s.group_id},
+            "instanceType": {"code": s.instance_type},
+            "layout": {"id": s.layout_id},
+            "plan": {"id": s.plan_id},
+        },
+        "config": config,
+        "volumes": volumes,
+        "networkInterfaces": nics,
+    })
+}
+
+/// Creates an instance; its id.
+pub async fn create_instance(c: &Client, s: &InstanceSpec) -> Result<i64, MorpheusError> {
+    let v = c.post("api/instances", &instance_body(s)).await?;
+    if v.get("success").and_then(Value::as_bool) == Some(false) {
+        return Err(MorpheusError::Rejected {
+            call: "POST /api/instances".into(),
+            status: 200,
+            msg: v
+                .get("msg")
+                .and_then(Value::as_str)
+                .unwrap_or("instance not created")
+                .into(),
+            errors: vec![],
+        });
+    }
+    v.pointer("/instance/id")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| MorpheusError::BadAnswer {
+            call: "POST /api/instances".into(),
+            why: "no instance.id in the answer".into(),
+        })
+}
+
+/// An instance's status (`provisioning`, `running`, `stopped`, `failed`, …).
+pub async fn instance_status(c: &Client, id: i64) -> Result<String, MorpheusError> {
+    let v: Value = c.get(&format!("api/instances/{id}"), &[]).await?;
+    Ok(v.pointer("/instance/status")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown")
+        .to_string())
+}
+
+pub async fn start_instance(c: &Client, id: i64) -> Result<(), MorpheusError> {
+    // No body: the API declares none for power operations.
+    c.call(
+        reqwest::Method::PUT,
+        &format!("api/instances/{id}/start"),
+        &[],
+        None,
+    )
+    .await
+    .map(drop)
+}
+
+pub async fn stop_instance(c: &Client, id: i64) -> Result<(), MorpheusError> {
+    // No body: the API declares none for power operations.
+    c.call(
+        reqwest::Method::PUT,
+        &format!("api/instances/{id}/stop"),
+        &[],
+        None,
+    )
+    .await
+    .map(drop)
+}
+
+pub async fn delete_instance(c: &Client, id: i64) -> Result<(), MorpheusError> {
+    c.delete(&format!("api/instances/{id}")).await.map(drop)
+}
+
+/// Polls the instance until its status is `want`; a `failed` status or the timeout is an
+/// error naming the last status seen.
+pub async fn wait_status(
+    c: &Client,
+    id: i64,
+    want: &str,
+    timeout: Duration,
+) -> Result<(), MorpheusError> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let s = instance_status(c, id).await?;
+        if s == want {
+            return Ok(());
+        }
+        if s == "failed" || s == "warning" {
+            return Err(MorpheusError::Rejected {
+                call: format!("GET /api/instances/{id}"),
+                status: 200,
+                msg: format!("the instance went to status '{s}' while Ferry waited for '{want}': see its history in the manager"),
+                errors: vec![],
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(MorpheusError::Stuck {
+                call: format!("instance {id} reaching '{want}'"),
+                secs: timeout.as_secs(),
+                status: s,
+            });
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_body_for_hvm() {
+        let b = instance_body(&InstanceSpec {
+            name: "web01".into(),
+            cloud_id: 1,
+            group_id: 2,
+            plan_id: 3,
+            layout_id: 4,
+            instance_type: "mvm".into(),
+            resource_pool: Some("pool-7".into()),
+            image_id: Some(9),
+            volumes: vec![(20, Some(5)), (100, None)],
+            networks: vec![(6, Some("10.20.120.15".into()))],
+            powered_off: true,
+        });
+        assert_eq!(b["zoneId"], 1);
+        assert_eq!(b["config"]["poolProviderType"], "mvm");
+        assert_eq!(b["config"]["imageId"], 9);
+        assert_eq!(b["config"]["provisionPoweredOff"], true);
+        assert_eq!(b["volumes"][0]["rootVolume"], true);
+        assert_eq!(b["volumes"][1]["rootVolume"], false);
+        assert_eq!(b["networkInterfaces"][0]["network"]["id"], "network-6");
+        assert_eq!(b["networkInterfaces"][0]["ipAddress"], "10.20.120.15");
+    }
+}
+
+/// Deletes a virtual image (clean-up of a delivery that did not finish).
+pub async fn delete_image(c: &Client, id: i64) -> Result<(), MorpheusError> {
+    c.delete(&format!("api/virtual-images/{id}"))
+        .await
+        .map(drop)
+}
+
+/// What image mode delivered.
+#[derive(Debug, Clone, Serialize)]
+pub struct Delivered {
+    pub image_id: i64,
+    pub instance_id: i64,
+    /// The qcow2 Ferry made from the synced disk and uploaded.
+    pub qcow2: std::path::PathBuf,
+    pub uploaded_bytes: u64,
+}
+
+/// Image mode: the synced disk (any format qemu-img reads) is converted to qcow2 in
+/// `work_dir`, uploaded as a virtual image, and an instance is created from it, powered
+/// off. On failure what was already created is removed, or the error names it.
+pub async fn deliver_image_mode(
+    c: &Client,
+    synced_disk: &Path,
+    work_dir: &Path,
+    spec: &InstanceSpec,
+) -> Result<Delivered, MorpheusError> {
+    let qcow2 = work_dir.join(format!("{}.qcow2", spec.name));
+    let _ = tokio::fs::remove_file(&qcow2).await;
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "qcow2"])
+        .arg(synced_disk)
+        .arg(&qcow2)
+        .output()
+        .await
+        .map_err(|e| MorpheusError::Invalid {
+            what: format!("cannot run qemu-img ({e}): install qemu-utils"),
+        })?;
+    if !out.status.success() {
+        return Err(MorpheusError::Invalid {
+            what: format!(
+                "converting {} to qcow2: {}",
+                synced_disk.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    let image_id = create_image(c, &spec.name).await?;
+    let undo_image = |e: MorpheusError| async move {
+        match delete_image(c, image_id).await {
+            Ok(()) => e,
+            Err(d) => MorpheusError::Invalid {
+                what: format!("{e}; virtual image {image_id} was left behind (deleting it failed: {d}): delete it in the manager"),
+            },
+        }
+    };
+    let uploaded_bytes =
+        match upload_image(c, image_id, &qcow2, &format!("{}.qcow2", spec.name)).await {
+            Ok(n) => n,
+            Err(e) => return Err(undo_image(e).await),
+        };
+    let mut s = spec.clone();
+    s.image_id = Some(image_id);
+    s.powered_off = true;
+    let instance_id = match create_instance(c, &s).await {
+        Ok(id) => id,
+        Err(e) => return Err(undo_image(e).await),
+    };
+    wait_status(c, instance_id, "stopped", Duration::from_secs(1800)).await?;
+    Ok(Delivered {
+        image_id,
+        instance_id,
+        qcow2,
+        uploaded_bytes,
+    })
+}

@@ -67,6 +67,11 @@ pub struct StepContext {
     pub secrets: Secrets,
 }
 
+/// Where [`StepContext::secrets`] holds the target's own credential (its `credential_id`):
+/// the account the target adapter logs in with.
+pub const TARGET_USERNAME: &str = "target:username";
+pub const TARGET_PASSWORD: &str = "target:password";
+
 /// Decrypted secrets; never printed.
 #[derive(Clone, Default)]
 pub struct Secrets(pub std::collections::BTreeMap<String, String>);

@@ -30,6 +30,7 @@ impl Default for Adapters {
         let mut targets: HashMap<TargetKind, Arc<dyn TargetAdapter>> = HashMap::new();
         targets.insert(TargetKind::LocalDir, Arc::new(LocalDirTarget));
         targets.insert(TargetKind::Local, Arc::new(ferry_target_local::LocalTarget));
+        targets.insert(TargetKind::Vme, Arc::new(ferry_target_vme::VmeTarget));
         Adapters {
             sources,
             targets,

@@ -235,7 +235,29 @@ impl Engine {
             .map_err(perm)?
             .and_then(|e| serde_json::from_value(e.data).ok())
             .unwrap_or_default();
-        let secrets = self.credentials_for(&profile).await?;
+        let mut secrets = self.credentials_for(&profile).await?;
+        if let Some(id) = target.credential_id {
+            let (cred, sealed) = self
+                .store
+                .credential_with_secret(&id.to_string())
+                .await
+                .map_err(|e| {
+                    AdapterError::permanent(format!(
+                        "target '{}' refers to credential {id}: {e}",
+                        target.name
+                    ))
+                })?;
+            let plain = self.secrets.open(&sealed).map_err(|e| {
+                AdapterError::permanent(format!("credential {id} cannot be decrypted: {e}"))
+            })?;
+            secrets.0.insert(
+                ferry_adapter::TARGET_USERNAME.into(),
+                cred.username.unwrap_or_default(),
+            );
+            secrets
+                .0
+                .insert(ferry_adapter::TARGET_PASSWORD.into(), plain);
+        }
         Ok(StepContext {
             migration: m,
             workload,

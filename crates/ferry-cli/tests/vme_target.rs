@@ -172,3 +172,194 @@ async fn setup_iam_once_then_nothing_and_no_password_in_clear() {
         "setup-iam through the CLI: {n} requests validated against the Morpheus API document"
     ));
 }
+
+/// The migration's current state, failing the test with the error if it failed.
+async fn state_of(api: &Api, id: &str) -> (String, serde_json::Value) {
+    let m = api.ok(&format!("/api/migrations/{id}"), None).await;
+    let st = m["migration"]["status"]["state"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    if st == "failed" {
+        panic!("the migration failed: {}", m["migration"]["last_error"]);
+    }
+    (st, m)
+}
+
+async fn wait_state(
+    api: &Api,
+    id: &str,
+    want: &str,
+    within: std::time::Duration,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let (st, m) = state_of(api, id).await;
+        if st == want {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {st} after {within:?}, waiting for {want}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
+
+/// A workload from a disk image migrated to VME in image mode through the whole workflow:
+/// pre-flight against the manager's inventory, initial sync into staging, UAT on the
+/// migration network (instance delivered, booted by the double as a QEMU guest, checked
+/// over HTTP, deleted with its image), cutover (the production instance serves the page).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_migrates_to_vme_in_image_mode() {
+    if unsafe { libc::geteuid() } != 0 {
+        note("SKIP: needs root (network namespaces)");
+        return;
+    }
+    let image = {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../scripts/testbed/build-guest-image.sh");
+        let out = Command::new("bash").arg(&script).output().unwrap();
+        assert!(
+            out.status.success(),
+            "guest image: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::path::PathBuf::from(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .unwrap()
+                .trim(),
+        )
+    };
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(image.join("manifest.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::copy(image.join("disk.qcow2"), images.join("web01.qcow2")).unwrap();
+
+    let path = Spec::morpheus_default_path();
+    let spec = Arc::new(Spec::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
+    let d = Double::start(spec, "admin", ADMIN_PASSWORD).await;
+    let net = ferry_net::Network::ensure(
+        &ferry_net::NetworkSpec::new(format!("fmw-{}", std::process::id()))
+            .with_cidr("10.204.0.1/24".parse().unwrap()),
+    )
+    .unwrap();
+    struct Gone(ferry_net::Network);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = self.0.destroy();
+        }
+    }
+    let net = Gone(net);
+    d.set_boot(ferry_morpheus_double::Boot {
+        kernel: image.join("vmlinuz"),
+        initrd: image.join("initrd.img"),
+        append: format!(
+            "{} ferry.ip={{ip}}/24",
+            manifest["append"].as_str().unwrap()
+        ),
+        network: net.0.clone(),
+        memory_mib: 512,
+    });
+
+    let app = Appliance::start(&tmp.path().join("appliance"), &[], None);
+    let config = serde_json::json!({
+        "cloud": "vme-prod", "group": "migrations", "plan": "2 CPU, 4GB Memory",
+        "probe_netns": net.0.namespace, "boot_timeout_s": 240,
+    })
+    .to_string();
+    app.ok(&[
+        "target",
+        "add",
+        "vme1",
+        "--kind",
+        "vme",
+        "--endpoint",
+        &d.url,
+        "--config",
+        &config,
+    ]);
+    let o = Command::new(FERRY)
+        .args(["target", "setup-iam", "vme1"])
+        .env("FERRY_URL", &app.url)
+        .env("FERRY_TOKEN", &app.token)
+        .env("FERRY_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let api = app.client();
+    api.ok("/api/sources", Some(serde_json::json!({"name": "images", "kind": "disk_image", "config": {"path": images.display().to_string()}}))).await;
+    let src = api.ok("/api/sources/images", None).await;
+    api.ok("/api/workloads", Some(serde_json::json!({
+        "name": "web01", "source_id": src["id"],
+        "disks": [{"name": "root", "size_bytes": 2u64 << 30, "path": images.join("web01.qcow2").display().to_string()}],
+        "nics": [{"name": "eth0", "network": "prod-vlan", "ips": ["10.204.0.10"]}],
+    }))).await;
+    api.ok("/api/profiles", Some(serde_json::json!({
+        "name": "to-vme", "target": "vme1",
+        "placement": {"datastore": "ceph-rbd"},
+        "network_map": {"prod-vlan": "VLAN-120-prod"},
+        "uat": {"network": "VLAN-900-migration"},
+        "validation": [{"kind": "boot"}, {"kind": "http", "params": {"contains": "ferry test guest"}}],
+    }))).await;
+    let m = api
+        .ok(
+            "/api/migrations",
+            Some(serde_json::json!({"workload": "web01", "profile": "to-vme"})),
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_string();
+    let t = std::time::Instant::now();
+    wait_state(&api, &id, "synced", std::time::Duration::from_secs(120)).await;
+    let t_sync = t.elapsed();
+
+    api.ok(
+        &format!("/api/migrations/{id}/commands"),
+        Some(serde_json::json!({"command": "uat_start"})),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let m = wait_state(&api, &id, "synced", std::time::Duration::from_secs(400)).await;
+    assert_eq!(m["migration"]["status"]["uat_verdict"], "passed", "{m}");
+    assert!(
+        d.state().instances.is_empty(),
+        "the test instance was deleted"
+    );
+    assert!(
+        d.state().images.is_empty(),
+        "the test instance's image was deleted"
+    );
+    let t_uat = t.elapsed() - t_sync;
+
+    api.ok(
+        &format!("/api/migrations/{id}/commands"),
+        Some(serde_json::json!({"command": "cutover"})),
+    )
+    .await;
+    wait_state(&api, &id, "completed", std::time::Duration::from_secs(400)).await;
+    let t_cutover = t.elapsed() - t_sync - t_uat;
+    {
+        let st = d.state();
+        assert_eq!(st.instances.len(), 1);
+        assert_eq!(st.instances[0].name, "web01");
+        assert_eq!(st.instances[0].status, "running");
+        let nic = &st.instances[0].body["networkInterfaces"][0];
+        assert_eq!(nic["network"]["id"], "network-1", "the production network");
+        assert_eq!(nic["ipAddress"], "10.204.0.10");
+    }
+    let page = net
+        .0
+        .http_get("http://10.204.0.10/", std::time::Duration::from_secs(5))
+        .unwrap();
+    assert!(page.body_text().contains("ferry test guest"));
+    let n = d.assert_conforming();
+    note(&format!(
+        "vme image mode: sync {:.1}s, UAT {:.1}s, cutover {:.1}s; {n} requests validated against the Morpheus API document",
+        t_sync.as_secs_f64(), t_uat.as_secs_f64(), t_cutover.as_secs_f64()
+    ));
+}

@@ -354,6 +354,22 @@ impl Store {
         ))
     }
 
+    /// A credential's public face and its sealed secret, by id or name.
+    pub async fn credential_with_secret(&self, key: &str) -> Result<(Credential, String)> {
+        let row = sqlx::query(
+            "SELECT id, name, kind, username, created_at, secret_enc FROM credentials WHERE id = $1 OR name = $2",
+        )
+        .bind(key)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::NotFound {
+            what: "credential",
+            id: key.to_string(),
+        })?;
+        Ok((rows::credential(&row)?, row.try_get("secret_enc")?))
+    }
+
     pub async fn credential_secret(&self, id: Uuid) -> Result<String> {
         self.credential_secret_by_key(&id.to_string()).await
     }

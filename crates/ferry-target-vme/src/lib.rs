@@ -1,0 +1,465 @@
+//! The HPE Morpheus VM Essentials (VME) target, through the Morpheus REST API only.
+//!
+//! Target: `kind: vme`, `endpoint: https://vme-manager`, `credential_id`: the service
+//! account `ferry target setup-iam` made. Config (all optional but the placement the
+//! profile does not give): `cloud`, `group`, `plan`, `layout` (default the first layout
+//! of `instance_type`), `instance_type` (default `mvm`), `datastore`, `network` (the
+//! production network when the profile's network map has none), `ca_bundle`,
+//! `insecure`, `boot_timeout_s`, `probe_netns` (run tcp/http checks from inside this
+//! network namespace: for labs and tests where the appliance is not routed to VME).
+//!
+//! Delivery is *image mode*: the replication engine syncs each disk into the migration's
+//! work directory (the staging copy), and each instance (test or production) is
+//! created from a virtual image made of the last complete generation, powered off, then
+//! started on its network. Test instances and their images are temporary: stopping UAT
+//! deletes both. What an instance is for is recorded in the work directory, so a retried
+//! or resumed step finds what an earlier attempt created instead of creating it twice.
+
+mod state;
+
+use async_trait::async_trait;
+use ferry_adapter::{
+    AResult, AdapterError, CheckPhase, SourceDisk, StepContext, TargetAdapter, TARGET_PASSWORD,
+    TARGET_USERNAME,
+};
+use ferry_model::{PostCutoverAction, ValidationCheck};
+use ferry_morpheus::inventory::{Inventory, Named, Placement};
+use ferry_morpheus::provision::{self, InstanceSpec};
+use ferry_morpheus::{Client, ClientOptions, Login, MorpheusError};
+use state::{Deployed, Role};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+pub struct VmeTarget;
+
+fn api_err(e: MorpheusError) -> AdapterError {
+    AdapterError {
+        retryable: e.is_retryable(),
+        message: e.to_string(),
+    }
+}
+
+fn cfg<'a>(ctx: &'a StepContext, key: &str) -> Option<&'a str> {
+    ctx.target.config.get(key).and_then(|v| v.as_str())
+}
+
+fn client(ctx: &StepContext) -> AResult<Client> {
+    let url = ctx.target.endpoint.clone().ok_or_else(|| {
+        AdapterError::permanent(format!(
+            "vme target '{}' has no endpoint: set the manager's URL",
+            ctx.target.name
+        ))
+    })?;
+    let (Some(user), Some(pass)) = (
+        ctx.secrets.get(TARGET_USERNAME),
+        ctx.secrets.get(TARGET_PASSWORD),
+    ) else {
+        return Err(AdapterError::permanent(format!(
+            "vme target '{}' has no service account: run `ferry target setup-iam {}`",
+            ctx.target.name, ctx.target.name
+        )));
+    };
+    let mut o = ClientOptions::new(url);
+    o.ca_bundle = cfg(ctx, "ca_bundle").map(PathBuf::from);
+    o.insecure = ctx.target.config.get("insecure").and_then(|v| v.as_bool()) == Some(true);
+    Client::new(
+        &o,
+        Login {
+            username: user.to_string(),
+            password: pass.to_string(),
+        },
+    )
+    .map_err(api_err)
+}
+
+/// The placement of a workload, by name, from the profile then the target config.
+fn placement(ctx: &StepContext) -> Placement {
+    let p = &ctx.profile.spec.placement;
+    let mut networks: Vec<String> = production_network(ctx).into_iter().collect();
+    if let Some(u) = &ctx.profile.spec.uat.network {
+        networks.push(u.clone());
+    }
+    Placement {
+        cloud: cfg(ctx, "cloud").map(str::to_string),
+        group: cfg(ctx, "group").map(str::to_string),
+        cluster: p
+            .cluster
+            .clone()
+            .or(cfg(ctx, "cluster").map(str::to_string)),
+        plan: p.plan.clone().or(cfg(ctx, "plan").map(str::to_string)),
+        datastore: p
+            .datastore
+            .clone()
+            .or(cfg(ctx, "datastore").map(str::to_string)),
+        networks,
+    }
+}
+
+/// The target network of the workload's first NIC: the profile's network map, else the
+/// target's `network`.
+fn production_network(ctx: &StepContext) -> Option<String> {
+    ctx.workload
+        .nics
+        .first()
+        .and_then(|n| n.network.as_ref())
+        .and_then(|n| ctx.profile.spec.network_map.get(n).cloned())
+        .or_else(|| cfg(ctx, "network").map(str::to_string))
+}
+
+fn find<'a>(list: &'a [Named], kind: &str, name: Option<&str>) -> AResult<&'a Named> {
+    let name = name.ok_or_else(|| {
+        AdapterError::permanent(format!(
+            "no {kind} given: set it in the profile's placement or the target's config"
+        ))
+    })?;
+    list.iter()
+        .find(|x| x.name == name || x.id.to_string() == name)
+        .ok_or_else(|| AdapterError::permanent(format!("the manager has no {kind} '{name}'")))
+}
+
+/// The instance to create for `role`, with ids resolved from the manager's inventory.
+async fn instance_spec(c: &Client, ctx: &StepContext, role: Role) -> AResult<InstanceSpec> {
+    let inv = Inventory::discover(c).await.map_err(api_err)?;
+    let p = placement(ctx);
+    inv.check_placement(&p).map_err(api_err)?;
+    let cloud = find(&inv.clouds, "cloud", p.cloud.as_deref())?;
+    let group = find(&inv.groups, "group", p.group.as_deref())?;
+    let plan = find(&inv.service_plans, "service plan", p.plan.as_deref())?;
+    let layout = match cfg(ctx, "layout") {
+        Some(l) => find(&inv.layouts, "layout", Some(l))?,
+        None => inv.layouts.first().ok_or_else(|| {
+            AdapterError::permanent("the manager has no instance layout: set config.layout")
+        })?,
+    };
+    let datastore = match &p.datastore {
+        Some(d) => Some(find(&inv.datastores, "datastore", Some(d))?.id),
+        None => None,
+    };
+    let net_name = match role {
+        Role::Production => production_network(ctx),
+        Role::Test => ctx.profile.spec.uat.network.clone(),
+    };
+    let network = find(
+        &inv.networks,
+        match role {
+            Role::Production => "production network",
+            Role::Test => "migration network (profile uat.network)",
+        },
+        net_name.as_deref(),
+    )?;
+    let ip = ctx
+        .workload
+        .nics
+        .first()
+        .and_then(|n| n.ips.first())
+        .map(|ip| ip.split('/').next().unwrap_or(ip).to_string());
+    let gib = |b: u64| b.div_ceil(1 << 30).max(1);
+    Ok(InstanceSpec {
+        name: state::instance_name(ctx, role),
+        cloud_id: cloud.id,
+        group_id: group.id,
+        plan_id: plan.id,
+        layout_id: layout.id,
+        instance_type: cfg(ctx, "instance_type").unwrap_or("mvm").to_string(),
+        resource_pool: match &p.cluster {
+            Some(name) => Some(format!(
+                "pool-{}",
+                find(&inv.clusters, "cluster", Some(name))?.id
+            )),
+            None => None,
+        },
+        image_id: None,
+        volumes: ctx
+            .workload
+            .disks
+            .iter()
+            .map(|d| (gib(d.size_bytes), datastore))
+            .collect(),
+        networks: vec![(network.id, ip)],
+        powered_off: true,
+    })
+}
+
+fn staging(ctx: &StepContext, disk: &str) -> PathBuf {
+    ctx.work_dir.join("vme").join(format!("{disk}.raw"))
+}
+
+fn boot_timeout(ctx: &StepContext) -> Duration {
+    Duration::from_secs(
+        ctx.target
+            .config
+            .get("boot_timeout_s")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(900),
+    )
+}
+
+/// Delivers the last complete generation as an instance for `role` and starts it.
+async fn deploy(ctx: &StepContext, role: Role) -> AResult<()> {
+    let c = client(ctx)?;
+    if let Some(d) = state::load(ctx, role) {
+        // A retried step: it exists; make sure it runs.
+        provision::start_instance(&c, d.instance_id)
+            .await
+            .map_err(api_err)?;
+        return provision::wait_status(&c, d.instance_id, "running", boot_timeout(ctx))
+            .await
+            .map_err(api_err);
+    }
+    let disks = &ctx.workload.disks;
+    if disks.len() != 1 {
+        return Err(AdapterError::permanent(format!(
+            "image mode delivers one disk per instance; workload '{}' has {}",
+            ctx.workload.name,
+            disks.len()
+        )));
+    }
+    let synced = staging(ctx, &disks[0].name);
+    if !synced.exists() {
+        return Err(AdapterError::permanent(format!(
+            "no complete sync of disk '{}' to deliver ({} is missing): run a sync first",
+            disks[0].name,
+            synced.display()
+        )));
+    }
+    let spec = instance_spec(&c, ctx, role).await?;
+    let t = Instant::now();
+    let got = provision::deliver_image_mode(&c, &synced, &ctx.work_dir.join("vme"), &spec)
+        .await
+        .map_err(api_err)?;
+    state::save(
+        ctx,
+        role,
+        &Deployed {
+            instance_id: got.instance_id,
+            image_id: got.image_id,
+        },
+    )?;
+    let _ = tokio::fs::remove_file(&got.qcow2).await;
+    tracing::info!(
+        workload = %ctx.workload.name, ?role, instance = got.instance_id,
+        bytes = got.uploaded_bytes, secs = t.elapsed().as_secs_f64(), "delivered as a virtual image"
+    );
+    provision::start_instance(&c, got.instance_id)
+        .await
+        .map_err(api_err)?;
+    provision::wait_status(&c, got.instance_id, "running", boot_timeout(ctx))
+        .await
+        .map_err(api_err)
+}
+
+/// Stops and deletes what was deployed for `role`, and its image.
+async fn undeploy(ctx: &StepContext, role: Role) -> AResult<()> {
+    let Some(d) = state::load(ctx, role) else {
+        return Ok(());
+    };
+    let c = client(ctx)?;
+    match provision::delete_instance(&c, d.instance_id).await {
+        Ok(()) | Err(MorpheusError::NotFound { .. }) => {}
+        Err(e) => return Err(api_err(e)),
+    }
+    match provision::delete_image(&c, d.image_id).await {
+        Ok(()) | Err(MorpheusError::NotFound { .. }) => {}
+        Err(e) => return Err(api_err(e)),
+    }
+    state::clear(ctx, role)
+}
+
+fn param<'a>(c: &'a ValidationCheck, key: &str) -> Option<&'a str> {
+    c.params.get(key).map(String::as_str)
+}
+
+/// Retries `f` until it succeeds or `within` passes (a booting guest is not up at once).
+async fn retry<T, F, Fut>(within: Duration, mut f: F) -> AResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = AResult<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+#[async_trait]
+impl TargetAdapter for VmeTarget {
+    async fn preflight(&self, ctx: &StepContext) -> AResult<()> {
+        let c = client(ctx)?;
+        c.log_in().await.map_err(api_err)?;
+        instance_spec(&c, ctx, Role::Production).await?;
+        if ctx.profile.spec.uat.network.is_some() {
+            instance_spec(&c, ctx, Role::Test).await?;
+        }
+        Ok(())
+    }
+
+    async fn disk_destination(&self, ctx: &StepContext, disk: &SourceDisk) -> AResult<PathBuf> {
+        Ok(staging(ctx, &disk.name))
+    }
+
+    async fn start_test_instance(&self, ctx: &StepContext) -> AResult<()> {
+        if ctx.profile.spec.uat.network.is_none() {
+            return Err(AdapterError::permanent(
+                "UAT on VME needs the profile's uat.network: the migration network test instances boot on",
+            ));
+        }
+        deploy(ctx, Role::Test).await
+    }
+
+    async fn stop_test_instance(&self, ctx: &StepContext) -> AResult<()> {
+        undeploy(ctx, Role::Test).await
+    }
+
+    async fn start_production(&self, ctx: &StepContext) -> AResult<()> {
+        deploy(ctx, Role::Production).await
+    }
+
+    async fn post_cutover(
+        &self,
+        ctx: &StepContext,
+        actions: &[PostCutoverAction],
+    ) -> AResult<Vec<serde_json::Value>> {
+        if let Some(a) = actions.first() {
+            return Err(AdapterError::permanent(format!(
+                "the vme target does not run post-cutover action '{}' yet (target '{}'): remove it from the profile",
+                a.kind, ctx.target.name
+            )));
+        }
+        Ok(vec![])
+    }
+
+    async fn validate(
+        &self,
+        ctx: &StepContext,
+        phase: CheckPhase,
+        checks: &[ValidationCheck],
+        _source_disks: &[SourceDisk],
+    ) -> AResult<()> {
+        let role = match phase {
+            CheckPhase::Uat => Role::Test,
+            CheckPhase::Final => Role::Production,
+        };
+        let d = state::load(ctx, role)
+            .ok_or_else(|| AdapterError::permanent(format!("no {role:?} instance to validate")))?;
+        let c = client(ctx)?;
+        let within = boot_timeout(ctx);
+        let ip = ctx
+            .workload
+            .nics
+            .first()
+            .and_then(|n| n.ips.first())
+            .map(|ip| ip.split('/').next().unwrap_or(ip).to_string());
+        let netns = cfg(ctx, "probe_netns").map(str::to_string);
+        for (i, check) in checks.iter().enumerate() {
+            let fail =
+                |m: String| AdapterError::permanent(format!("check {i} ({}): {m}", check.kind));
+            match (param(check, "phase"), phase) {
+                (None, _) | (Some("uat"), CheckPhase::Uat) | (Some("final"), CheckPhase::Final) => {
+                }
+                _ => continue,
+            }
+            let host = param(check, "host")
+                .map(str::to_string)
+                .or(ip.clone())
+                .ok_or_else(|| fail("no host: the workload has no address".into()));
+            match check.kind.as_str() {
+                "boot" => {
+                    let s = provision::instance_status(&c, d.instance_id)
+                        .await
+                        .map_err(api_err)?;
+                    if s != "running" {
+                        return Err(fail(format!("instance {} is {s}", d.instance_id)));
+                    }
+                }
+                "tcp" => {
+                    let addr: std::net::SocketAddr =
+                        format!("{}:{}", host?, param(check, "port").unwrap_or("22"))
+                            .parse()
+                            .map_err(|e| fail(format!("bad address: {e}")))?;
+                    let ns = netns.clone();
+                    retry(within, || {
+                        let ns = ns.clone();
+                        async move {
+                            let r = match &ns {
+                                Some(ns) => {
+                                    ferry_net::tcp_check_async(ns, addr, Duration::from_secs(3))
+                                        .await
+                                        .map(drop)
+                                        .map_err(|e| e.to_string())
+                                }
+                                None => tokio::time::timeout(
+                                    Duration::from_secs(3),
+                                    tokio::net::TcpStream::connect(addr),
+                                )
+                                .await
+                                .map_err(|_| "timeout".to_string())
+                                .and_then(|r| r.map(drop).map_err(|e| e.to_string())),
+                            };
+                            r.map_err(AdapterError::transient)
+                        }
+                    })
+                    .await
+                    .map_err(|e| fail(format!("{addr}: {}", e.message)))?;
+                }
+                "http" => {
+                    let url = format!(
+                        "http://{}:{}{}",
+                        host?,
+                        param(check, "port").unwrap_or("80"),
+                        param(check, "path").unwrap_or("/")
+                    );
+                    let want: u16 = param(check, "status")
+                        .unwrap_or("200")
+                        .parse()
+                        .unwrap_or(200);
+                    let contains = param(check, "contains").map(str::to_string);
+                    let Some(ns) = netns.clone() else {
+                        return Err(fail(
+                            "http checks on VME run from config.probe_netns (set it to a namespace routed to the instance's network)".into(),
+                        ));
+                    };
+                    retry(within, || {
+                        let (ns, url, contains) = (ns.clone(), url.clone(), contains.clone());
+                        async move {
+                            let r = ferry_net::http_get_async(&ns, &url, Duration::from_secs(5))
+                                .await
+                                .map_err(|e| AdapterError::transient(e.to_string()))?;
+                            if r.status != want {
+                                return Err(AdapterError::transient(format!(
+                                    "status {} (expected {want})",
+                                    r.status
+                                )));
+                            }
+                            if let Some(s) = &contains {
+                                if !r.body_text().contains(s.as_str()) {
+                                    return Err(AdapterError::transient(format!(
+                                        "the body does not contain {s:?}"
+                                    )));
+                                }
+                            }
+                            Ok(())
+                        }
+                    })
+                    .await
+                    .map_err(|e| fail(format!("GET {url}: {}", e.message)))?;
+                }
+                other => {
+                    return Err(fail(format!(
+                        "the vme target does not run '{other}' checks yet: use boot, tcp or http"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, ctx: &StepContext) -> AResult<()> {
+        undeploy(ctx, Role::Test).await?;
+        undeploy(ctx, Role::Production).await
+    }
+}

@@ -1,0 +1,60 @@
+//! What this target deployed for a migration, kept in its work directory: written right
+//! after the manager confirms an instance, so a retried step finds it instead of making a
+//! second one.
+
+use ferry_adapter::{AResult, StepContext};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The UAT instance on the migration network.
+    Test,
+    Production,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Deployed {
+    pub instance_id: i64,
+    pub image_id: i64,
+}
+
+fn path(ctx: &StepContext, role: Role) -> PathBuf {
+    ctx.work_dir.join("vme").join(match role {
+        Role::Test => "test-instance.json",
+        Role::Production => "production-instance.json",
+    })
+}
+
+/// The instance's name in the manager: the workload's, marked for a test instance.
+pub fn instance_name(ctx: &StepContext, role: Role) -> String {
+    match role {
+        Role::Production => ctx.workload.name.clone(),
+        Role::Test => format!("{}-ferry-uat", ctx.workload.name),
+    }
+}
+
+pub fn load(ctx: &StepContext, role: Role) -> Option<Deployed> {
+    let b = std::fs::read(path(ctx, role)).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+pub fn save(ctx: &StepContext, role: Role, d: &Deployed) -> AResult<()> {
+    let p = path(ctx, role);
+    if let Some(dir) = p.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = p.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(d).expect("serialisable"))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &p)?;
+    Ok(())
+}
+
+pub fn clear(ctx: &StepContext, role: Role) -> AResult<()> {
+    match std::fs::remove_file(path(ctx, role)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -48,6 +48,8 @@ pub struct Instance {
     pub cloud_id: i64,
     /// The request body it was created with.
     pub body: Value,
+    /// (id, name, copies of the volumes)
+    pub snapshots: Vec<(i64, String, Vec<std::path::PathBuf>)>,
 }
 
 /// Work to do outside the state lock (it takes time).
@@ -350,6 +352,7 @@ fn create_instance(s: &mut State, b: Value) -> Answer {
         plan_id: plan,
         cloud_id: cloud,
         body: b,
+        snapshots: vec![],
     };
     if !powered_off {
         s.effects.push(Effect::Boot(id));
@@ -628,6 +631,96 @@ pub fn handle(s: &mut State, c: &Call) -> Answer {
                 s.effects.push(e);
             }
             (200, json!({"success": true, "results": {}}))
+        }
+        ("PUT", "/api/instances/{id}/snapshot") => {
+            let b = match json_body(c) {
+                Ok(b) => b,
+                Err(e) => return e,
+            };
+            let sid = s.id();
+            let iid = id("id");
+            let Some(i) = s.instances.iter_mut().find(|i| Some(i.id) == iid) else {
+                return err(404, "Instance not found");
+            };
+            if i.status != "stopped" {
+                // The double copies volume files: only consistent while nothing writes.
+                return err(
+                    400,
+                    "the test double snapshots stopped instances only: stop it first",
+                );
+            }
+            let name = b
+                .pointer("/snapshot/name")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("{}.{sid}", i.name));
+            let mut copies = vec![];
+            for (k, v) in i.volumes.iter().enumerate() {
+                let to = v.with_file_name(format!("snap{sid}-vol{k}.qcow2"));
+                if let Err(e) = std::fs::copy(v, &to) {
+                    return err(500, &format!("snapshot: {e}"));
+                }
+                copies.push(to);
+            }
+            i.snapshots.push((sid, name, copies));
+            (200, json!({"success": true, "processIds": [sid]}))
+        }
+        ("GET", "/api/instances/{id}/snapshots") => {
+            match s.instances.iter().find(|i| Some(i.id) == id("id")) {
+                None => err(404, "Instance not found"),
+                Some(i) => (
+                    200,
+                    json!({"snapshots": i.snapshots.iter().map(|(sid, name, _)| json!({"id": sid, "name": name, "status": "complete"})).collect::<Vec<_>>()}),
+                ),
+            }
+        }
+        ("PUT", "/api/instances/{id}/revert-snapshot/{snapshotId}") => {
+            let (iid, sid) = (id("id"), id("snapshotId"));
+            let Some(i) = s.instances.iter_mut().find(|i| Some(i.id) == iid) else {
+                return err(404, "Instance not found");
+            };
+            if i.status != "stopped" {
+                return err(400, "stop the instance before reverting it to a snapshot");
+            }
+            let Some((_, _, copies)) = i.snapshots.iter().find(|(x, _, _)| Some(*x) == sid) else {
+                return err(404, "Snapshot not found");
+            };
+            for (from, to) in copies.iter().zip(&i.volumes) {
+                if let Err(e) = std::fs::copy(from, to) {
+                    return err(500, &format!("revert: {e}"));
+                }
+            }
+            (200, json!({"success": true}))
+        }
+        ("PUT", "/api/instances/{id}/resize") => {
+            let b = match json_body(c) {
+                Ok(b) => b,
+                Err(e) => return e,
+            };
+            let mut nics = vec![];
+            for n in b["networkInterfaces"].as_array().into_iter().flatten() {
+                let nid = n
+                    .pointer("/network/id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let num: i64 = nid.trim_start_matches("network-").parse().unwrap_or(0);
+                if !exists(s, "networks", num) {
+                    return (
+                        400,
+                        json!({"success": false, "msg": "Unable to resize instance", "errors": {"networkInterfaces": format!("no such network {nid}")}}),
+                    );
+                }
+                nics.push((nid.to_string(), n["ipAddress"].as_str().map(str::to_string)));
+            }
+            let iid = id("id");
+            let Some(i) = s.instances.iter_mut().find(|i| Some(i.id) == iid) else {
+                return err(404, "Instance not found");
+            };
+            if !nics.is_empty() {
+                i.nics = nics;
+            }
+            let out = json!({"success": true, "instance": instance_json(i), "zoneId": i.cloud_id, "config": {}});
+            (200, out)
         }
         ("DELETE", "/api/instances/{id}") => {
             let iid = id("id");

@@ -316,3 +316,66 @@ pub async fn deliver_image_mode(
         uploaded_bytes,
     })
 }
+
+/// Takes a snapshot of the instance's volumes named `name`; its id.
+pub async fn snapshot(c: &Client, id: i64, name: &str) -> Result<i64, MorpheusError> {
+    c.put(
+        &format!("api/instances/{id}/snapshot"),
+        &json!({"snapshot": {"name": name, "description": "taken by Ferry before changing the instance"}}),
+    )
+    .await?;
+    snapshots(c, id)
+        .await?
+        .into_iter()
+        .find(|(_, n)| n == name)
+        .map(|(sid, _)| sid)
+        .ok_or_else(|| MorpheusError::BadAnswer {
+            call: format!("GET /api/instances/{id}/snapshots"),
+            why: format!("the snapshot '{name}' just taken is not listed"),
+        })
+}
+
+/// (id, name) of the instance's snapshots.
+pub async fn snapshots(c: &Client, id: i64) -> Result<Vec<(i64, String)>, MorpheusError> {
+    let v: Value = c.get(&format!("api/instances/{id}/snapshots"), &[]).await?;
+    Ok(v.get("snapshots")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|s| Some((s.get("id")?.as_i64()?, s.get("name")?.as_str()?.to_string())))
+        .collect())
+}
+
+/// Puts the instance's volumes back as they were in the snapshot.
+pub async fn revert_snapshot(c: &Client, id: i64, snapshot: i64) -> Result<(), MorpheusError> {
+    c.call(
+        reqwest::Method::PUT,
+        &format!("api/instances/{id}/revert-snapshot/{snapshot}"),
+        &[],
+        None,
+    )
+    .await
+    .map(drop)
+}
+
+/// Moves the instance's (first) interface to another network, keeping or setting its
+/// address: from the migration network to production at cutover, and back.
+pub async fn move_to_network(
+    c: &Client,
+    id: i64,
+    network: i64,
+    ip: Option<&str>,
+) -> Result<(), MorpheusError> {
+    let nic = match ip {
+        Some(ip) => {
+            json!({"network": {"id": format!("network-{network}")}, "ipMode": "static", "ipAddress": ip})
+        }
+        None => json!({"network": {"id": format!("network-{network}")}, "ipMode": "dhcp"}),
+    };
+    c.put(
+        &format!("api/instances/{id}/resize"),
+        &json!({ "networkInterfaces": [nic] }),
+    )
+    .await
+    .map(drop)
+}

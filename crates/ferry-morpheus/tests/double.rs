@@ -275,3 +275,70 @@ async fn bad_credentials_expiry_server_errors_and_timeouts_are_clear() {
     let n = d.assert_conforming();
     println!("errors: {n} requests validated against the Morpheus API document");
 }
+
+#[tokio::test]
+async fn snapshot_revert_and_network_moves() {
+    use ferry_morpheus::provision::{self, InstanceSpec};
+    let d = double().await;
+    let c = client(&d, "admin", ADMIN_PASSWORD);
+    let spec = InstanceSpec {
+        name: "db01".into(),
+        cloud_id: 1,
+        group_id: 1,
+        plan_id: 1,
+        layout_id: 1,
+        instance_type: "mvm".into(),
+        resource_pool: None,
+        image_id: None,
+        volumes: vec![(1, Some(1))],
+        networks: vec![(2, Some("10.99.0.20".into()))],
+        powered_off: true,
+    };
+    let id = provision::create_instance(&c, &spec).await.unwrap();
+    let vol = d.state().instances[0].volumes[0].clone();
+    let before = std::fs::read(&vol).unwrap();
+    let sid = provision::snapshot(&c, id, "before-delta-1").await.unwrap();
+    assert_eq!(
+        provision::snapshots(&c, id).await.unwrap(),
+        vec![(sid, "before-delta-1".to_string())]
+    );
+    // A delta that went wrong half-way.
+    std::fs::write(&vol, b"half-written").unwrap();
+    provision::revert_snapshot(&c, id, sid).await.unwrap();
+    assert_eq!(
+        std::fs::read(&vol).unwrap(),
+        before,
+        "reverted to the snapshot"
+    );
+
+    // From the migration network to production, keeping the address.
+    provision::move_to_network(&c, id, 1, Some("10.99.0.20"))
+        .await
+        .unwrap();
+    assert_eq!(
+        d.state().instances[0].nics,
+        vec![("network-1".to_string(), Some("10.99.0.20".to_string()))]
+    );
+    let e = provision::move_to_network(&c, id, 42, None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no such network network-42"), "{e}");
+
+    // Snapshots need the instance stopped in the double; the message says so.
+    provision::start_instance(&c, id).await.unwrap();
+    provision::wait_status(&c, id, "running", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let e = provision::snapshot(&c, id, "live").await.unwrap_err();
+    assert!(e.to_string().contains("stop it first"), "{e}");
+    // Waiting for a status that never comes ends with the last one seen.
+    let e = provision::wait_status(&c, id, "stopped", Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, MorpheusError::Stuck { .. }) && e.to_string().contains("running"),
+        "{e}"
+    );
+    let n = d.assert_conforming();
+    println!("snapshots: {n} requests validated against the Morpheus API document");
+}

@@ -292,7 +292,50 @@ async fn a_workload_migrates_to_vme_in_image_mode() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
+    // A DNS server whose web01 record points at the old address until cutover.
+    let key = ferry_dns::TsigKey::new(
+        "ferry-vme-test",
+        ferry_dns::TsigAlgorithm::HmacSha256,
+        vec![7u8; 32],
+    )
+    .unwrap();
+    let zone = ferry_dns::parse_name("vme.test").unwrap();
+    let record = ferry_dns::parse_name("web01.vme.test").unwrap();
+    let knot = {
+        let (dir, zone, key, record) = (
+            tmp.path().join("dns"),
+            zone.clone(),
+            key.clone(),
+            record.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).unwrap();
+            ferry_dns::knot::KnotServer::start(
+                &dir,
+                &zone,
+                &key,
+                &[ferry_dns::RecordSet {
+                    name: record,
+                    ttl: 3600,
+                    addrs: vec!["192.0.2.10".parse().unwrap()],
+                }],
+            )
+        })
+        .await
+        .unwrap()
+        .expect("knotd starts (scripts/install-deps.sh installs knot)")
+    };
     let api = app.client();
+    use base64::Engine as _;
+    let tsig = format!(
+        "hmac-sha256:ferry-vme-test:{}",
+        base64::engine::general_purpose::STANDARD.encode([7u8; 32])
+    );
+    api.ok(
+        "/api/credentials",
+        Some(serde_json::json!({"name": "vme-tsig", "kind": "token", "secret": tsig})),
+    )
+    .await;
     api.ok("/api/sources", Some(serde_json::json!({"name": "images", "kind": "disk_image", "config": {"path": images.display().to_string()}}))).await;
     let src = api.ok("/api/sources/images", None).await;
     api.ok("/api/workloads", Some(serde_json::json!({
@@ -306,6 +349,7 @@ async fn a_workload_migrates_to_vme_in_image_mode() {
         "network_map": {"prod-vlan": "VLAN-120-prod"},
         "uat": {"network": "VLAN-900-migration"},
         "validation": [{"kind": "boot"}, {"kind": "http", "params": {"contains": "ferry test guest"}}],
+        "post_cutover": [{"kind": "dns", "params": {"server": knot.addr.to_string(), "zone": "vme.test", "tsig_credential": "vme-tsig"}}],
     }))).await;
     let m = api
         .ok(
@@ -357,6 +401,39 @@ async fn a_workload_migrates_to_vme_in_image_mode() {
         .http_get("http://10.204.0.10/", std::time::Duration::from_secs(5))
         .unwrap();
     assert!(page.body_text().contains("ferry test guest"));
+    let a = knot.client(None).query_a(&record).await.unwrap();
+    assert_eq!(
+        a.addrs,
+        vec!["10.204.0.10".parse::<std::net::Ipv4Addr>().unwrap()],
+        "DNS points at the VME instance"
+    );
+
+    // Rollback: the VME instance goes, DNS points back.
+    api.ok(
+        &format!("/api/migrations/{id}/commands"),
+        Some(serde_json::json!({"command": "rollback"})),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let (st, _) = state_of(&api, &id).await;
+        if st != "rolling_back" && st != "completed" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "rollback still {st}");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    assert!(
+        d.state().instances.is_empty(),
+        "the production instance was deleted"
+    );
+    let a = knot.client(None).query_a(&record).await.unwrap();
+    assert_eq!(
+        a.addrs,
+        vec!["192.0.2.10".parse::<std::net::Ipv4Addr>().unwrap()],
+        "DNS points back"
+    );
     let n = d.assert_conforming();
     note(&format!(
         "vme image mode: sync {:.1}s, UAT {:.1}s, cutover {:.1}s; {n} requests validated against the Morpheus API document",

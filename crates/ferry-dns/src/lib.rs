@@ -7,6 +7,7 @@
 //! - [`TsigKey`] holds the key; its `Debug` never shows the secret.
 //! - [`knot::KnotServer`] runs a real local Knot DNS server for tests and `ferry quickstart`.
 
+pub mod action;
 mod client;
 mod error;
 mod key;

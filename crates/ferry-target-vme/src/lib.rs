@@ -148,12 +148,7 @@ async fn instance_spec(c: &Client, ctx: &StepContext, role: Role) -> AResult<Ins
         },
         net_name.as_deref(),
     )?;
-    let ip = ctx
-        .workload
-        .nics
-        .first()
-        .and_then(|n| n.ips.first())
-        .map(|ip| ip.split('/').next().unwrap_or(ip).to_string());
+    let ip = workload_ip(ctx);
     let gib = |b: u64| b.div_ceil(1 << 30).max(1);
     Ok(InstanceSpec {
         name: state::instance_name(ctx, role),
@@ -179,6 +174,15 @@ async fn instance_spec(c: &Client, ctx: &StepContext, role: Role) -> AResult<Ins
         networks: vec![(network.id, ip)],
         powered_off: true,
     })
+}
+
+/// The workload's IPv4 address (its first NIC's), without a prefix length.
+fn workload_ip(ctx: &StepContext) -> Option<String> {
+    ctx.workload
+        .nics
+        .first()
+        .and_then(|n| n.ips.first())
+        .map(|ip| ip.split('/').next().unwrap_or(ip).to_string())
 }
 
 fn staging(ctx: &StepContext, disk: &str) -> PathBuf {
@@ -324,13 +328,28 @@ impl TargetAdapter for VmeTarget {
         ctx: &StepContext,
         actions: &[PostCutoverAction],
     ) -> AResult<Vec<serde_json::Value>> {
-        if let Some(a) = actions.first() {
-            return Err(AdapterError::permanent(format!(
-                "the vme target does not run post-cutover action '{}' yet (target '{}'): remove it from the profile",
-                a.kind, ctx.target.name
-            )));
+        let lookup = |r: &str| ctx.secrets.get(r).map(str::to_string);
+        let ip = workload_ip(ctx);
+        let mut undo = vec![];
+        for a in actions {
+            match a.kind.as_str() {
+                "dns" => undo.push(
+                    ferry_dns::action::update(&a.params, &ctx.workload.name, ip.as_deref(), &lookup)
+                        .await
+                        .map_err(|e| AdapterError {
+                            message: e.message,
+                            retryable: e.retryable,
+                        })?,
+                ),
+                other => {
+                    return Err(AdapterError::permanent(format!(
+                        "the vme target does not run post-cutover action '{other}' (target '{}'; it runs dns)",
+                        ctx.target.name
+                    )))
+                }
+            }
         }
-        Ok(vec![])
+        Ok(undo)
     }
 
     async fn validate(
@@ -348,12 +367,7 @@ impl TargetAdapter for VmeTarget {
             .ok_or_else(|| AdapterError::permanent(format!("no {role:?} instance to validate")))?;
         let c = client(ctx)?;
         let within = boot_timeout(ctx);
-        let ip = ctx
-            .workload
-            .nics
-            .first()
-            .and_then(|n| n.ips.first())
-            .map(|ip| ip.split('/').next().unwrap_or(ip).to_string());
+        let ip = workload_ip(ctx);
         let netns = cfg(ctx, "probe_netns").map(str::to_string);
         for (i, check) in checks.iter().enumerate() {
             let fail =
@@ -460,6 +474,16 @@ impl TargetAdapter for VmeTarget {
 
     async fn remove(&self, ctx: &StepContext) -> AResult<()> {
         undeploy(ctx, Role::Test).await?;
-        undeploy(ctx, Role::Production).await
+        undeploy(ctx, Role::Production).await?;
+        let lookup = |r: &str| ctx.secrets.get(r).map(str::to_string);
+        for u in ctx.facts.undo.iter().rev().filter(|u| u["kind"] == "dns") {
+            ferry_dns::action::undo(u, &lookup)
+                .await
+                .map_err(|e| AdapterError {
+                    message: format!("rollback: {}", e.message),
+                    retryable: e.retryable,
+                })?;
+        }
+        Ok(())
     }
 }

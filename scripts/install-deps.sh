@@ -38,7 +38,8 @@ SRC
 fi
 guest=()
 for p in qemu-system-x86 linux-image-amd64 debootstrap busybox-static iproute2 knot knot-dnsutils e2fsprogs \
-         libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu; do
+         libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu \
+         golang-go golang-github-vmware-govmomi-dev; do
   have "$p" || guest+=("$p")
 done
 if [ ${#guest[@]} -gt 0 ]; then

@@ -16,6 +16,9 @@ fi
 echo "== starting libvirt"
 FERRY_TEST_LIBVIRT="$(bash scripts/start-libvirt.sh | tail -n 1)"
 export FERRY_TEST_LIBVIRT
+# The vSphere tests build govmomi's simulator (scripts/testbed/build-vcsim.sh); here they
+# must run, not skip.
+export FERRY_TEST_VCSIM=1
 
 # Build artefacts live outside the clone so repeated runs on one machine reuse them.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/ferry/target}"

@@ -57,6 +57,8 @@ pub struct Instance {
 pub enum Effect {
     Boot(i64),
     Halt(i64),
+    /// Halt, then remove the instance's files (it was deleted).
+    Purge(i64),
 }
 
 /// The manager's state.
@@ -728,10 +730,8 @@ pub fn handle(s: &mut State, c: &Call) -> Answer {
                 return err(404, "Instance not found");
             };
             let i = s.instances.remove(k);
-            s.effects.push(Effect::Halt(i.id));
-            if let Some(dir) = i.volumes.first().and_then(|v| v.parent()) {
-                let _ = std::fs::remove_dir_all(dir);
-            }
+            // Halting needs the run directory: the files go after the guest is gone.
+            s.effects.push(Effect::Purge(i.id));
             (200, json!({"success": true}))
         }
         ("GET", "/api/zones/{zoneId}/data-stores") => {

@@ -111,8 +111,20 @@ pub struct Double {
 impl Drop for Double {
     fn drop(&mut self) {
         self.task.abort();
-        // Instances are detached QEMU processes: end them with the double.
-        let ids: Vec<i64> = self.state().instances.iter().map(|i| i.id).collect();
+        // Instances are detached QEMU processes: end every one still on disk (deleted
+        // ones too, whose clean-up may not have run), with the double.
+        let ids: Vec<i64> = std::fs::read_dir(&self.shared.data_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("instance-")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
         for id in ids {
             halt_now(&self.shared, id);
         }
@@ -331,6 +343,14 @@ async fn serve(s: Arc<Shared>, req: axum::extract::Request) -> axum::response::R
                 Effect::Halt(id) => {
                     let s2 = s.clone();
                     let _ = tokio::task::spawn_blocking(move || halt_now(&s2, id)).await;
+                }
+                Effect::Purge(id) => {
+                    let s2 = s.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        halt_now(&s2, id);
+                        let _ = std::fs::remove_dir_all(s2.data_dir.join(format!("instance-{id}")));
+                    })
+                    .await;
                 }
             }
         });

@@ -71,6 +71,9 @@ pub struct StepContext {
 /// the account the target adapter logs in with.
 pub const TARGET_USERNAME: &str = "target:username";
 pub const TARGET_PASSWORD: &str = "target:password";
+/// The same for the source's credential (e.g. the vCenter account).
+pub const SOURCE_USERNAME: &str = "source:username";
+pub const SOURCE_PASSWORD: &str = "source:password";
 
 /// Decrypted secrets; never printed.
 #[derive(Clone, Default)]
@@ -148,7 +151,8 @@ pub enum CheckPhase {
 #[async_trait]
 pub trait SourceAdapter: Send + Sync {
     /// The workloads this source holds now, for the inventory (`source_id` set).
-    async fn discover(&self, source: &Source) -> AResult<Vec<NewWorkload>> {
+    /// `secrets` holds the source's own credential ([`SOURCE_USERNAME`], [`SOURCE_PASSWORD`]).
+    async fn discover(&self, source: &Source, _secrets: &Secrets) -> AResult<Vec<NewWorkload>> {
         Err(AdapterError::permanent(format!(
             "source '{}' ({}) cannot discover its workloads: add them by hand or import a CSV",
             source.name, source.kind

@@ -27,6 +27,10 @@ impl Default for Adapters {
             SourceKind::Kvm,
             Arc::new(ferry_source_kvm::KvmSource::default()),
         );
+        sources.insert(
+            SourceKind::Vsphere,
+            Arc::new(ferry_source_vsphere::VsphereSource),
+        );
         let mut targets: HashMap<TargetKind, Arc<dyn TargetAdapter>> = HashMap::new();
         targets.insert(TargetKind::LocalDir, Arc::new(LocalDirTarget));
         targets.insert(TargetKind::Local, Arc::new(ferry_target_local::LocalTarget));

@@ -688,7 +688,20 @@ async fn discover_source(
                 src.kind
             ))
         })?;
-    let found = adapter.discover(&src).await.map_err(|e| {
+    let mut secrets = ferry_adapter::Secrets::default();
+    st.engine
+        .endpoint_credential(
+            &mut secrets,
+            src.credential_id,
+            &format!("source '{}'", src.name),
+            (
+                ferry_adapter::SOURCE_USERNAME,
+                ferry_adapter::SOURCE_PASSWORD,
+            ),
+        )
+        .await
+        .map_err(|e| ApiError::bad_request(e.message))?;
+    let found = adapter.discover(&src, &secrets).await.map_err(|e| {
         ApiError::bad_request(format!(
             "discovery on source '{}' failed: {}",
             src.name, e.message

@@ -236,27 +236,27 @@ impl Engine {
             .and_then(|e| serde_json::from_value(e.data).ok())
             .unwrap_or_default();
         let mut secrets = self.credentials_for(&profile).await?;
-        if let Some(id) = target.credential_id {
-            let (cred, sealed) = self
-                .store
-                .credential_with_secret(&id.to_string())
-                .await
-                .map_err(|e| {
-                    AdapterError::permanent(format!(
-                        "target '{}' refers to credential {id}: {e}",
-                        target.name
-                    ))
-                })?;
-            let plain = self.secrets.open(&sealed).map_err(|e| {
-                AdapterError::permanent(format!("credential {id} cannot be decrypted: {e}"))
-            })?;
-            secrets.0.insert(
-                ferry_adapter::TARGET_USERNAME.into(),
-                cred.username.unwrap_or_default(),
-            );
-            secrets
-                .0
-                .insert(ferry_adapter::TARGET_PASSWORD.into(), plain);
+        self.endpoint_credential(
+            &mut secrets,
+            target.credential_id,
+            &format!("target '{}'", target.name),
+            (
+                ferry_adapter::TARGET_USERNAME,
+                ferry_adapter::TARGET_PASSWORD,
+            ),
+        )
+        .await?;
+        if let Some(s) = &source {
+            self.endpoint_credential(
+                &mut secrets,
+                s.credential_id,
+                &format!("source '{}'", s.name),
+                (
+                    ferry_adapter::SOURCE_USERNAME,
+                    ferry_adapter::SOURCE_PASSWORD,
+                ),
+            )
+            .await?;
         }
         Ok(StepContext {
             migration: m,
@@ -268,6 +268,33 @@ impl Engine {
             facts,
             secrets,
         })
+    }
+
+    /// Decrypts a source's or target's own credential into `secrets` under `keys`
+    /// (username, password).
+    pub async fn endpoint_credential(
+        &self,
+        secrets: &mut Secrets,
+        id: Option<uuid::Uuid>,
+        whose: &str,
+        keys: (&str, &str),
+    ) -> Result<(), AdapterError> {
+        let Some(id) = id else { return Ok(()) };
+        let (cred, sealed) = self
+            .store
+            .credential_with_secret(&id.to_string())
+            .await
+            .map_err(|e| {
+                AdapterError::permanent(format!("{whose} refers to credential {id}: {e}"))
+            })?;
+        let plain = self.secrets.open(&sealed).map_err(|e| {
+            AdapterError::permanent(format!("credential {id} cannot be decrypted: {e}"))
+        })?;
+        secrets
+            .0
+            .insert(keys.0.into(), cred.username.unwrap_or_default());
+        secrets.0.insert(keys.1.into(), plain);
+        Ok(())
     }
 
     /// Decrypts the credentials the profile's actions and checks refer to by name or id.

@@ -200,7 +200,11 @@ impl KvmSource {
 
 #[async_trait]
 impl SourceAdapter for KvmSource {
-    async fn discover(&self, source: &Source) -> AResult<Vec<NewWorkload>> {
+    async fn discover(
+        &self,
+        source: &Source,
+        _secrets: &ferry_adapter::Secrets,
+    ) -> AResult<Vec<NewWorkload>> {
         if let Some(h) = libvirt::Host::of(source) {
             return h.discover(source).await;
         }

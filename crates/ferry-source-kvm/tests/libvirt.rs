@@ -276,7 +276,10 @@ async fn libvirt_domain_is_discovered_synced_through_checkpoints_and_shut_down()
     eprintln!("guest up in {:.1}s", t.elapsed().as_secs_f64());
 
     // Discovery: the domain, its disk and hardware, and what the agent knows.
-    let found = adapter.discover(&source).await.unwrap();
+    let found = adapter
+        .discover(&source, &Default::default())
+        .await
+        .unwrap();
     let w = found
         .into_iter()
         .find(|w| w.name == name)

@@ -10,6 +10,7 @@
 
 mod inventory;
 mod soap;
+pub mod vcsim;
 
 pub use inventory::{Inventory, Vm, VmDisk, VmNic};
 pub use soap::{Client, ClientOptions};

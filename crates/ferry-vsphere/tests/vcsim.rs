@@ -4,62 +4,23 @@
 //! with what the simulator itself reports, and the errors of a wrong password, an
 //! unknown CA and a closed session.
 
+use ferry_vsphere::vcsim::Vcsim;
 use ferry_vsphere::{Client, ClientOptions, VsphereError};
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
-struct Vcsim {
-    child: Child,
-    info: serde_json::Value,
-}
-
-impl Drop for Vcsim {
-    fn drop(&mut self) {
-        // SIGTERM: it removes its temporary datastores.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.child.wait();
-    }
-}
 
 fn start(pki: &Path) -> Option<Vcsim> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/testbed/build-vcsim.sh");
-    let out = Command::new("bash").arg(&script).output().unwrap();
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        if std::env::var("FERRY_TEST_VCSIM").is_ok() {
-            panic!("building vcsim failed: {err}");
+    let bin = match Vcsim::build() {
+        Ok(b) => b,
+        Err(e) if std::env::var("FERRY_TEST_VCSIM").is_ok() => panic!("building vcsim failed: {e}"),
+        Err(e) => {
+            eprintln!("SKIP: vcsim cannot be built here: {e}");
+            return None;
         }
-        eprintln!("SKIP: vcsim cannot be built here: {err}");
-        return None;
-    }
-    let bin = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    };
     let ca = ferry_pki::CaDir::new(pki);
     ca.init("ferry-test-ca").unwrap();
     ca.issue("vcsim", &["127.0.0.1".to_string()]).unwrap();
-    let mut child = Command::new(bin)
-        .arg("--cert")
-        .arg(ca.cert_path("vcsim"))
-        .arg("--key")
-        .arg(ca.key_path("vcsim"))
-        .env("TMPDIR", pki)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let info: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("vcsim said {line:?}: {e}"));
-    Some(Vcsim { child, info })
+    Some(Vcsim::start(&bin, &ca.cert_path("vcsim"), &ca.key_path("vcsim"), pki).unwrap())
 }
 
 #[tokio::test]

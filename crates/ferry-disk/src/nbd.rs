@@ -113,12 +113,25 @@ impl Disk for NbdDisk {
                 size: self.size(),
             });
         }
-        let mut buf = vec![0u8; len];
         self.client
-            .read(offset, &mut buf)
+            .read_into(offset, len, Vec::new())
             .await
-            .map_err(|e| self.nbd(e))?;
-        Ok(buf)
+            .map_err(|e| self.nbd(e))
+    }
+
+    async fn read_into(&self, offset: u64, len: usize, buf: Vec<u8>) -> Result<Vec<u8>, DiskError> {
+        if offset.saturating_add(len as u64) > self.size() {
+            return Err(DiskError::OutOfRange {
+                disk: self.name.clone(),
+                offset,
+                len: len as u64,
+                size: self.size(),
+            });
+        }
+        self.client
+            .read_into(offset, len, buf)
+            .await
+            .map_err(|e| self.nbd(e))
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {

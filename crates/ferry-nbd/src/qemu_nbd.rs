@@ -14,6 +14,9 @@ use crate::NbdError;
 
 /// How long `start` waits for the socket to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// For how long after the start `start` polls the socket every millisecond (then every
+/// 20 ms).
+const FAST_POLL_FOR: Duration = Duration::from_millis(500);
 /// How long a stop waits after SIGTERM before SIGKILL. qemu-nbd flushes and
 /// stores persistent bitmaps on SIGTERM; killing it outright can leave a qcow2
 /// bitmap marked in-use (and then unusable).
@@ -149,7 +152,15 @@ impl QemuNbd {
                 self.kill_and_wait_blocking();
                 return Err(err);
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // qemu-nbd is usually up within 10-30 ms: look often at first, so a short
+            // sync does not spend most of a poll interval waiting for nothing.
+            let started = deadline - START_TIMEOUT;
+            let pause = if started.elapsed() < FAST_POLL_FOR {
+                Duration::from_millis(1)
+            } else {
+                Duration::from_millis(20)
+            };
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -235,7 +246,9 @@ impl QemuNbd {
                     }
                     return;
                 }
-                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                // qemu-nbd usually exits within a few milliseconds of SIGTERM: look
+                // often, so a short-lived export does not cost a long poll interval.
+                Ok(None) => std::thread::sleep(Duration::from_micros(500)),
             }
         }
     }

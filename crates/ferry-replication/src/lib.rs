@@ -24,7 +24,7 @@ mod sink;
 pub mod target;
 pub mod transport;
 
-pub use local::sync_local;
+pub use local::{sync_local, LocalTarget};
 pub use proto::Mode;
 pub use receiver::Receiver;
 pub use report::{Progress, SyncReport};

@@ -2,7 +2,7 @@
 //! through TLS over in-memory pipes, with a throwaway CA — the very protocol code of a
 //! sync between two machines, mutual TLS included.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferry_disk::Disk;
@@ -14,6 +14,47 @@ use crate::sender::{send, SendOptions};
 use crate::transport::Endpoint;
 use crate::SyncError;
 
+/// A receiver for one target in this process, with its throwaway CA and certificate.
+/// Making them is CPU work that needs nothing from the source, so a caller can do it
+/// while the source is being opened (starting a `qemu-nbd` takes a while).
+pub struct LocalTarget {
+    dst: PathBuf,
+    endpoint: Endpoint,
+}
+
+impl LocalTarget {
+    /// Makes the identity and the in-process endpoint. Touches nothing on disk.
+    pub async fn prepare(dst: &Path) -> Result<Self, SyncError> {
+        let identity = tokio::task::spawn_blocking(|| {
+            Identity::ephemeral(&["localhost".to_string()])
+                .map_err(|e| SyncError::Config(e.to_string()))
+        })
+        .await??;
+        let receiver = Receiver::new(dst.to_path_buf());
+        let endpoint = Endpoint::in_process(receiver, &identity)?;
+        Ok(Self {
+            dst: dst.to_path_buf(),
+            endpoint,
+        })
+    }
+
+    /// Syncs `disk` into the target.
+    pub async fn sync<D: Disk + Clone + 'static>(
+        &self,
+        disk: &D,
+        opts: &SendOptions,
+        progress: Arc<Progress>,
+    ) -> Result<SyncReport, SyncError> {
+        // Fail before any work when the target cannot be opened (and finish a commit a
+        // crash interrupted, so the sync starts from a clean state).
+        let dst_path = self.dst.clone();
+        tokio::task::spawn_blocking(move || crate::target::Target::open(&dst_path)).await??;
+        let mut report = send(disk, &self.endpoint, opts, progress).await?;
+        report.target = self.dst.display().to_string();
+        Ok(report)
+    }
+}
+
 /// Syncs `disk` into the raw image at `dst`.
 pub async fn sync_local<D: Disk + Clone + 'static>(
     disk: &D,
@@ -21,15 +62,8 @@ pub async fn sync_local<D: Disk + Clone + 'static>(
     opts: &SendOptions,
     progress: Arc<Progress>,
 ) -> Result<SyncReport, SyncError> {
-    // Fail before any work when the target cannot be opened (and finish a commit a crash
-    // interrupted, so the sync starts from a clean state).
-    let dst_path = dst.to_path_buf();
-    tokio::task::spawn_blocking(move || crate::target::Target::open(&dst_path)).await??;
-    let identity = Identity::ephemeral(&["localhost".to_string()])
-        .map_err(|e| SyncError::Config(e.to_string()))?;
-    let receiver = Receiver::new(dst.to_path_buf());
-    let endpoint = Endpoint::in_process(receiver, &identity)?;
-    let mut report = send(disk, &endpoint, opts, progress).await?;
-    report.target = dst.display().to_string();
-    Ok(report)
+    LocalTarget::prepare(dst)
+        .await?
+        .sync(disk, opts, progress)
+        .await
 }

@@ -61,6 +61,10 @@ pub enum Control {
         chunk_size: u32,
         source: String,
         mode: Mode,
+        /// Whether the sender wants zstd where it pays, the index included (not on an
+        /// in-process pipe, where it only costs time). Absent from older senders: yes.
+        #[serde(default = "yes")]
+        compress: bool,
     },
     HelloOk {
         session: String,
@@ -97,6 +101,10 @@ pub enum Control {
     },
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// One frame as read from the wire.
 #[derive(Debug)]
 pub struct Frame {
@@ -115,6 +123,15 @@ pub struct DataChunk<'a> {
 }
 
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoError> {
+    read_frame_into(r, Vec::new()).await
+}
+
+/// Like [`read_frame`], reading the payload into `buf` (whatever it held is replaced):
+/// a caller that passes buffers back in reuses their memory.
+pub async fn read_frame_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    mut payload: Vec<u8>,
+) -> Result<Frame, ProtoError> {
     let mut h = [0u8; HEADER];
     r.read_exact(&mut h).await?;
     let len = u32::from_le_bytes(h[4..8].try_into().unwrap());
@@ -125,7 +142,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoE
     }
     // Read into spare capacity: zeroing a buffer that is overwritten at once costs as
     // much as a copy.
-    let mut payload = Vec::with_capacity(len as usize);
+    payload.clear();
+    payload.reserve_exact(len as usize);
     (&mut *r).take(len as u64).read_to_end(&mut payload).await?;
     if payload.len() != len as usize {
         return Err(ProtoError::Io(std::io::ErrorKind::UnexpectedEof.into()));
@@ -178,11 +196,23 @@ pub fn encode_zero(out: &mut Vec<u8>, chunk: u64) {
     out.extend_from_slice(&chunk.to_le_bytes());
 }
 
-/// Sends a window of raw index entries, zstd-compressed when that pays (the index of a
-/// mostly empty disk is mostly zeros: 1 GiB at 2 TiB shrinks to almost nothing).
-pub async fn write_index<W: AsyncWrite + Unpin>(w: &mut W, raw: &[u8]) -> Result<(), ProtoError> {
+/// Sends a window of raw index entries, zstd-compressed when `compress` and that pays
+/// (the index of a mostly empty disk is mostly zeros: 1 GiB at 2 TiB shrinks to almost
+/// nothing).
+pub async fn write_index<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    raw: &[u8],
+    compress: bool,
+) -> Result<(), ProtoError> {
     let mut packed = Vec::new();
-    if crate::compress::compress_if_worth_it(raw, &mut packed) {
+    // Digests of data chunks are random: only the zero entries compress, so unless at
+    // least an eighth are zero, trying costs time for nothing.
+    let zero_entries = raw
+        .chunks_exact(32)
+        .filter(|e| crate::chunk::is_zero(e))
+        .count();
+    let worth_trying = compress && zero_entries * 8 >= raw.len() / 32;
+    if worth_trying && crate::compress::compress_if_worth_it(raw, &mut packed) {
         let mut body = Vec::with_capacity(4 + packed.len());
         body.extend_from_slice(&(raw.len() as u32).to_le_bytes());
         body.extend_from_slice(&packed);

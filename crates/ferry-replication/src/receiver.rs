@@ -103,6 +103,7 @@ impl Receiver {
                 chunk_size,
                 source,
                 mode,
+                compress,
             } => {
                 if protocol != proto::PROTOCOL_VERSION {
                     Err(SyncError::Config(format!(
@@ -113,7 +114,8 @@ impl Receiver {
                     Err(SyncError::Config(e))
                 } else {
                     tracing::info!(%source, ?mode, disk_size, "sync starting");
-                    self.control(&mut r, &mut w, Geometry::new(disk_size, chunk_size), source)
+                    let geometry = Geometry::new(disk_size, chunk_size);
+                    self.control(&mut r, &mut w, geometry, source, compress)
                         .await
                 }
             }
@@ -144,6 +146,7 @@ impl Receiver {
         w: &mut W,
         geometry: Geometry,
         source: String,
+        compress: bool,
     ) -> Result<(), SyncError>
     where
         R: AsyncRead + Unpin,
@@ -183,7 +186,7 @@ impl Receiver {
             },
         )
         .await?;
-        let result = self.control_loop(r, w, &active).await;
+        let result = self.control_loop(r, w, &active, compress).await;
         // However the control connection ended, the data connections end with it, and
         // what they stored becomes durable for the next attempt.
         if result.is_err() {
@@ -203,6 +206,7 @@ impl Receiver {
         r: &mut R,
         w: &mut W,
         active: &Arc<Active>,
+        compress: bool,
     ) -> Result<(), SyncError>
     where
         R: AsyncRead + Unpin,
@@ -224,7 +228,7 @@ impl Receiver {
                 Err(e) => return Err(e.into()),
             };
             match msg {
-                Control::GetIndex => self.send_index(w, &active.session).await?,
+                Control::GetIndex => self.send_index(w, &active.session, compress).await?,
                 Control::Commit { entries_digest } => {
                     let mut conns = active.conns.subscribe();
                     let _ =
@@ -269,6 +273,7 @@ impl Receiver {
         &self,
         w: &mut W,
         session: &Arc<Session>,
+        compress: bool,
     ) -> Result<(), SyncError> {
         const WINDOW: u64 = 32 * 1024; // entries: 1 MiB frames
         let count = session.index().chunk_count();
@@ -279,7 +284,7 @@ impl Receiver {
             let raw: Vec<u8> =
                 tokio::task::spawn_blocking(move || s.index().read(first, n).map(|v| v.concat()))
                     .await??;
-            proto::write_index(w, &raw).await?;
+            proto::write_index(w, &raw, compress).await?;
             first += n;
         }
         proto::write_control(w, &Control::IndexEnd { entries: count }).await?;
@@ -316,9 +321,12 @@ impl Receiver {
         let mut batch: Vec<Frame> = Vec::new();
         let mut batch_bytes = 0usize;
         let mut chunks = 0u64;
+        // Frame buffers go round: memory already mapped costs nothing, fresh memory a
+        // page fault per 4 KiB. About a batch's worth per connection.
+        let mut buffers: Vec<Vec<u8>> = Vec::new();
         loop {
             let frame = tokio::select! {
-                f = proto::read_frame(r) => f?,
+                f = proto::read_frame_into(r, buffers.pop().unwrap_or_default()) => f?,
                 _ = until_cancelled(&mut cancelled) => {
                     store(&active.session, std::mem::take(&mut batch)).await?;
                     return Err(SyncError::Interrupted("superseded by a newer sync of the same target".into()));
@@ -330,7 +338,7 @@ impl Receiver {
                     batch.push(frame);
                     chunks += 1;
                     if batch_bytes >= 1 << 20 {
-                        store(&active.session, std::mem::take(&mut batch)).await?;
+                        buffers = store(&active.session, std::mem::take(&mut batch)).await?;
                         batch_bytes = 0;
                     }
                 }
@@ -356,17 +364,19 @@ impl Receiver {
 }
 
 /// Verifies and stores a batch of chunk frames (off the async threads: hashing and
-/// decompression are CPU work).
-async fn store(session: &Arc<Session>, batch: Vec<Frame>) -> Result<(), SyncError> {
+/// decompression are CPU work). Hands the frames' buffers back for the next ones.
+async fn store(session: &Arc<Session>, batch: Vec<Frame>) -> Result<Vec<Vec<u8>>, SyncError> {
     if batch.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let s = Arc::clone(session);
     tokio::task::spawn_blocking(move || {
-        for frame in &batch {
-            store_one(&s, frame)?;
+        let mut buffers = Vec::with_capacity(batch.len());
+        for frame in batch {
+            store_one(&s, &frame)?;
+            buffers.push(frame.payload);
         }
-        Ok(())
+        Ok(buffers)
     })
     .await?
 }

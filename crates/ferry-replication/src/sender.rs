@@ -13,7 +13,7 @@ use crate::chunk::{self, Geometry, ZERO};
 use crate::index::IndexFile;
 use crate::proto::{self, Control, Mode, ProtoError, KIND_CONTROL, KIND_INDEX};
 use crate::report::{Progress, SyncReport};
-use crate::transport::Endpoint;
+use crate::transport::{Conn, Endpoint};
 use crate::SyncError;
 
 /// How to send.
@@ -124,6 +124,16 @@ async fn send_once<D: Disk + Clone + 'static>(
         .total
         .store(geometry.disk_size, std::sync::atomic::Ordering::Relaxed);
 
+    // The data connections' TLS handshakes run while the control connection sets the
+    // session up and fetches the index; they join the session once it exists.
+    let mut connecting = Connecting(
+        (0..opts.streams.max(1))
+            .map(|_| {
+                let endpoint = endpoint.clone();
+                tokio::spawn(async move { endpoint.connect().await })
+            })
+            .collect(),
+    );
     let control = endpoint.connect().await?;
     let (r, w) = tokio::io::split(control);
     let mut r = BufReader::with_capacity(1 << 20, r);
@@ -136,6 +146,7 @@ async fn send_once<D: Disk + Clone + 'static>(
             chunk_size: geometry.chunk_size,
             source: disk.name().to_string(),
             mode: opts.mode,
+            compress: opts.compress,
         },
     )
     .await?;
@@ -163,11 +174,10 @@ async fn send_once<D: Disk + Clone + 'static>(
         base_generation + 1,
     )?);
     tracing::debug!(elapsed = ?started.elapsed(), "session open");
-    proto::write_control(&mut w, &Control::GetIndex).await?;
-    let index_bytes = receive_index(&mut r, &local).await?;
-    tracing::debug!(elapsed = ?started.elapsed(), index_bytes, "target index received");
 
-    // Plan → units → streams.
+    // Plan → units → streams. Planning needs only the source, so it starts while the
+    // index arrives; units wait in the queue until the streams (which compare against
+    // the index) take them.
     let (tx, rx) = mpsc::channel::<Unit>(opts.streams.max(1) * 4);
     let rx = Arc::new(Mutex::new(rx));
     let planner = {
@@ -176,6 +186,10 @@ async fn send_once<D: Disk + Clone + 'static>(
         let mode = opts.mode;
         tokio::spawn(async move { plan(&disk, geometry, mode, tx, &progress).await })
     };
+    let mut planner = AbortOnDrop(planner);
+    proto::write_control(&mut w, &Control::GetIndex).await?;
+    let index_bytes = receive_index(&mut r, &local).await?;
+    tracing::debug!(elapsed = ?started.elapsed(), index_bytes, "target index received");
     let limiter = opts.max_rate.map(|r| Arc::new(RateLimit::new(r)));
     let mut streams = tokio::task::JoinSet::new();
     for _ in 0..opts.streams.max(1) {
@@ -186,12 +200,15 @@ async fn send_once<D: Disk + Clone + 'static>(
             progress: Arc::clone(&progress),
             compress: opts.compress,
             limiter: limiter.clone(),
-            spare: Mutex::new(None),
+            spare: Mutex::new(Spare::default()),
         };
-        let endpoint = endpoint.clone();
+        let conn = connecting.0.pop().expect("one connection per stream");
         let rx = Arc::clone(&rx);
         let session = session.clone();
-        streams.spawn(async move { s.run(&endpoint, &session, rx).await });
+        streams.spawn(async move {
+            let conn = conn.await??;
+            s.run(conn, &session, rx).await
+        });
     }
     let mut first_error = None;
     while let Some(res) = streams.join_next().await {
@@ -200,14 +217,14 @@ async fn send_once<D: Disk + Clone + 'static>(
             if first_error.is_none() {
                 first_error = Some(e);
                 streams.abort_all();
-                planner.abort();
+                planner.0.abort();
             }
         }
     }
     if let Some(e) = first_error {
         return Err(e);
     }
-    planner.await??;
+    (&mut planner.0).await??;
     tracing::debug!(elapsed = ?started.elapsed(), "all chunks sent and stored");
 
     let digest = {
@@ -255,6 +272,27 @@ async fn send_once<D: Disk + Clone + 'static>(
         duration_s: duration,
         throughput_mib_s: g(&progress.scanned) as f64 / (1 << 20) as f64 / duration.max(1e-9),
     })
+}
+
+/// A task that is aborted when this goes away (an early return of the sync).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Data connections being set up ahead of their session; the ones a failed sync never
+/// used are abandoned (aborted) with it.
+struct Connecting(Vec<tokio::task::JoinHandle<Result<Conn, SyncError>>>);
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            c.abort();
+        }
+    }
 }
 
 fn unexpected(msg: Control) -> SyncError {
@@ -426,8 +464,16 @@ struct Stream<D> {
     progress: Arc<Progress>,
     compress: bool,
     limiter: Option<Arc<RateLimit>>,
-    /// The last unit's read buffer, for the next read.
-    spare: Mutex<Option<Vec<u8>>>,
+    /// The last unit's buffers, for the next one.
+    spare: Mutex<Spare>,
+}
+
+/// Buffers a stream hands from one unit to the next: memory that is already mapped
+/// costs nothing, fresh memory a page fault per 4 KiB (as much as a copy of it).
+#[derive(Default)]
+struct Spare {
+    reads: Vec<Vec<u8>>,
+    frames: Vec<u8>,
 }
 
 /// A bandwidth limit shared by all streams: each write waits until the average rate since
@@ -463,11 +509,10 @@ impl RateLimit {
 impl<D: Disk> Stream<D> {
     async fn run(
         &self,
-        endpoint: &Endpoint,
+        conn: Conn,
         session: &str,
         rx: Arc<Mutex<mpsc::Receiver<Unit>>>,
     ) -> Result<(), SyncError> {
-        let conn = endpoint.connect().await?;
         let (r, w) = tokio::io::split(conn);
         let mut r = BufReader::new(r);
         let mut w = BufWriter::with_capacity(256 << 10, w);
@@ -494,6 +539,7 @@ impl<D: Disk> Stream<D> {
                     w.write_all(&frames).await?;
                     Progress::add(&self.progress.bytes_sent, frames.len() as u64);
                 }
+                self.spare.lock().await.frames = frames;
             }
             proto::write_control(&mut w, &Control::End).await?;
             Ok::<_, SyncError>(())
@@ -536,19 +582,20 @@ impl<D: Disk> Stream<D> {
             })
             .collect();
         let total: u64 = spans.iter().map(|s| s.1).sum();
+        let (mut pool, mut frames) = {
+            let mut spare = self.spare.lock().await;
+            (
+                std::mem::take(&mut spare.reads),
+                std::mem::take(&mut spare.frames),
+            )
+        };
         let data: Option<Vec<Vec<u8>>> = if unit.read {
-            let bufs = if let [(start, len)] = spans[..] {
-                let spare = self.spare.lock().await.take().unwrap_or_default();
-                vec![self.disk.read_into(start, len as usize, spare).await?]
-            } else {
-                // Scattered runs: read them all at once (NBD pipelines the requests).
-                futures::future::try_join_all(
-                    spans
-                        .iter()
-                        .map(|&(start, len)| self.disk.read_at(start, len as usize)),
-                )
-                .await?
-            };
+            // All runs at once: over NBD the requests are pipelined on the connection.
+            let bufs = futures::future::try_join_all(spans.iter().map(|&(start, len)| {
+                let buf = pool.pop().unwrap_or_default();
+                self.disk.read_into(start, len as usize, buf)
+            }))
+            .await?;
             Progress::add(&self.progress.bytes_read, total);
             Some(bufs)
         } else {
@@ -558,7 +605,7 @@ impl<D: Disk> Stream<D> {
         let compress = self.compress;
         let runs = unit.runs;
         let (frames, changed, zeroed, bufs) = tokio::task::spawn_blocking(move || {
-            let mut frames = Vec::new();
+            frames.clear();
             let mut changed = Vec::new();
             let mut zeroed = 0u64;
             let mut packed = Vec::new();
@@ -601,11 +648,17 @@ impl<D: Disk> Stream<D> {
             Ok::<_, SyncError>((frames, n, zeroed, data))
         })
         .await??;
-        if let Some(mut bufs) = bufs {
-            if bufs.len() == 1 {
-                *self.spare.lock().await = bufs.pop();
-            }
+        if let Some(bufs) = bufs {
+            pool.extend(bufs);
         }
+        // Keep about a unit's worth: memory per stream stays bounded whatever the mix of
+        // large and small runs.
+        let mut kept = 0;
+        pool.retain(|b| {
+            kept += b.capacity() as u64;
+            kept <= 2 * UNIT_BYTES
+        });
+        self.spare.lock().await.reads = pool;
         Progress::add(&self.progress.chunks_changed, changed);
         Progress::add(&self.progress.chunks_zeroed, zeroed);
         Progress::add(&self.progress.scanned, total);

@@ -105,6 +105,21 @@ impl Sink {
         }
     }
 
+    /// Writes `len` bytes of `src` at `src_offset` to `offset`, through `buf` (reused
+    /// from call to call: memory already mapped costs nothing).
+    pub fn copy_from(
+        &self,
+        src: &File,
+        src_offset: u64,
+        offset: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        buf.resize(len, 0);
+        src.read_exact_at(&mut buf[..len], src_offset)?;
+        self.write(offset, &buf[..len])
+    }
+
     /// Makes a range read as zeros, freeing its space where the format can.
     pub fn zero(&self, offset: u64, len: u64) -> std::io::Result<()> {
         match self {
@@ -112,6 +127,15 @@ impl Sink {
             Sink::Nbd { client, rt, .. } => rt
                 .block_on(client.write_zeroes(offset, len, true))
                 .map_err(other),
+        }
+    }
+
+    /// Starts writing back what was written so far, without waiting: the final flush
+    /// then finds little left to do. Advisory (a failure only makes that flush longer).
+    pub fn start_writeback(&self) {
+        if let Sink::File(f) = self {
+            use std::os::unix::io::AsRawFd;
+            unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
         }
     }
 

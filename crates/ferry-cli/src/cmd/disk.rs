@@ -129,11 +129,15 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
     runtime()?.block_on(async move {
         match cmd {
             DiskCommand::Sync { src, dst, send } => {
-                let disk = open_source(&src, &send).await?;
                 let opts = send_options(&send, false)?;
-                let target = dst.clone();
+                // The receiver's certificates are made while qemu-nbd (if any) starts.
+                let (disk, local) = tokio::join!(
+                    open_source(&src, &send),
+                    ferry_replication::LocalTarget::prepare(&dst)
+                );
+                let (disk, local) = (disk?, local?);
                 let report = with_progress(send.json, disk.size(), |p| async move {
-                    ferry_replication::sync_local(&disk, &target, &opts, p).await
+                    local.sync(&disk, &opts, p).await
                 })
                 .await
                 .with_context(|| format!("sync of {src} to {} failed", dst.display()))?;

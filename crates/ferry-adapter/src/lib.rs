@@ -5,6 +5,8 @@
 //! which call a step makes. Adding a platform means implementing [`SourceAdapter`] or
 //! [`TargetAdapter`] in a crate of its own and registering it with the appliance.
 
+pub mod checks;
+
 use async_trait::async_trait;
 use ferry_model::{
     Migration, NewWorkload, PostCutoverAction, Profile, Source, Target, ValidationCheck, Workload,

@@ -17,25 +17,7 @@ pub struct Subject<'a> {
     pub check_timeout: Duration,
 }
 
-fn param<'a>(c: &'a ValidationCheck, key: &str) -> Option<&'a str> {
-    c.params.get(key).map(String::as_str)
-}
-
-/// Retries `f` until it succeeds or `timeout` passes; the last error is the answer.
-async fn retry<T, F, Fut>(timeout: Duration, mut f: F) -> AResult<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = AResult<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
-}
+use ferry_adapter::checks::{param, retry};
 
 impl Subject<'_> {
     fn host(&self, c: &ValidationCheck) -> AResult<String> {

@@ -270,25 +270,7 @@ async fn undeploy(ctx: &StepContext, role: Role) -> AResult<()> {
     state::clear(ctx, role)
 }
 
-fn param<'a>(c: &'a ValidationCheck, key: &str) -> Option<&'a str> {
-    c.params.get(key).map(String::as_str)
-}
-
-/// Retries `f` until it succeeds or `within` passes (a booting guest is not up at once).
-async fn retry<T, F, Fut>(within: Duration, mut f: F) -> AResult<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = AResult<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
-        }
-    }
-}
+use ferry_adapter::checks::{param, retry};
 
 #[async_trait]
 impl TargetAdapter for VmeTarget {

@@ -1,6 +1,7 @@
 //! Guest operations through the QEMU guest agent: run commands, read facts.
 
 use ferry_adapter::{AResult, AdapterError};
+use ferry_model::Nic;
 use ferry_qemu::{Qga, Vm};
 use std::time::Duration;
 
@@ -13,6 +14,24 @@ pub struct GuestInfo {
     pub os: Option<String>,
     /// (MAC, address) pairs of the guest's interfaces, IPv4 only.
     pub ips: Vec<(String, String)>,
+}
+
+impl GuestInfo {
+    /// The inventory entry of the guest's `index`th NIC, with the addresses the agent
+    /// reports for its MAC.
+    pub fn nic(&self, index: usize, network: Option<String>, mac: Option<String>) -> Nic {
+        Nic {
+            name: format!("eth{index}"),
+            ips: self
+                .ips
+                .iter()
+                .filter(|(m, _)| Some(m) == mac.as_ref())
+                .map(|(_, ip)| ip.clone())
+                .collect(),
+            network,
+            mac,
+        }
+    }
 }
 
 pub struct GuestOps<'a> {

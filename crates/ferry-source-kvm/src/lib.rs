@@ -16,7 +16,7 @@ pub mod libvirt;
 
 use async_trait::async_trait;
 use ferry_adapter::{AResult, AdapterError, SourceAdapter, SourceDisk, StepContext};
-use ferry_model::{Disk, NewWorkload, Nic, Source};
+use ferry_model::{Disk, NewWorkload, Source};
 use ferry_qemu::{view, Qmp, View, Vm, VmSpec};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -173,17 +173,7 @@ impl KvmSource {
             .nics
             .iter()
             .enumerate()
-            .map(|(i, n)| Nic {
-                name: format!("eth{i}"),
-                network: spec.netns.clone(),
-                mac: n.mac.clone(),
-                ips: info
-                    .ips
-                    .iter()
-                    .filter(|(mac, _)| Some(mac) == n.mac.as_ref())
-                    .map(|(_, ip)| ip.clone())
-                    .collect(),
-            })
+            .map(|(i, n)| info.nic(i, spec.netns.clone(), n.mac.clone()))
             .collect();
         Ok(Some(NewWorkload {
             name: spec.name.clone(),

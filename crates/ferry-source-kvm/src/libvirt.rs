@@ -17,7 +17,7 @@
 
 use crate::guest::{self, Agent};
 use ferry_adapter::{AResult, AdapterError, SourceDisk, StepContext};
-use ferry_model::{Disk, NewWorkload, Nic, Source};
+use ferry_model::{Disk, NewWorkload, Source};
 use ferry_qemu::Qga;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -157,17 +157,7 @@ impl Host {
             .nics
             .iter()
             .enumerate()
-            .map(|(i, n)| Nic {
-                name: format!("eth{i}"),
-                network: n.network.clone(),
-                mac: n.mac.clone(),
-                ips: info
-                    .ips
-                    .iter()
-                    .filter(|(mac, _)| Some(mac) == n.mac.as_ref())
-                    .map(|(_, ip)| ip.clone())
-                    .collect(),
-            })
+            .map(|(i, n)| info.nic(i, n.network.clone(), n.mac.clone()))
             .collect();
         Ok(NewWorkload {
             name: domain.to_string(),

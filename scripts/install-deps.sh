@@ -7,8 +7,9 @@ need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
 # qemu-utils (qemu-img, qemu-nbd, qemu-storage-daemon, qemu-io) and the NBD tools;
-# rsync is the baseline the delta benchmark compares against; PostgreSQL for the store suite.
-for p in qemu-utils libnbd-bin rsync postgresql postgresql-contrib ca-certificates; do
+# rsync is the baseline the delta benchmark compares against; PostgreSQL for the store suite;
+# nbdkit (its curl plugin) reads vSphere disks over the datastore's HTTPS file access.
+for p in qemu-utils libnbd-bin nbdkit rsync postgresql postgresql-contrib ca-certificates; do
   have "$p" || need+=("$p")
 done
 

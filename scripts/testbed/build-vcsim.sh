@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds ferry-vcsim (scripts/testbed/vcsim/main.go: govmomi's vSphere simulator with a
-# certificate of our choosing) against Debian's golang-github-vmware-govmomi-dev, cached
-# in $FERRY_CACHE/vcsim/<hash of main.go and the library version>/. Prints the binary's
+# Builds ferry-vcsim (scripts/testbed/vcsim/*.go: govmomi's vSphere simulator with a
+# certificate of our choosing and a front layer adding sessions, CBT and guest operations)
+# against Debian's golang-github-vmware-govmomi-dev, cached in
+# $FERRY_CACHE/vcsim/<hash of the sources, the library version and go>/. Prints the binary's
 # path as the last line of stdout. Needs golang-go and golang-github-vmware-govmomi-dev
 # (scripts/install-deps.sh).
 set -euo pipefail
@@ -10,7 +11,10 @@ cache_root=${FERRY_CACHE:-/var/cache/ferry}
 command -v go >/dev/null || { echo "build-vcsim: go not found: apt-get install golang-go golang-github-vmware-govmomi-dev" >&2; exit 1; }
 [ -d /usr/share/gocode/src/github.com/vmware/govmomi/simulator ] || { echo "build-vcsim: govmomi sources not found: apt-get install golang-github-vmware-govmomi-dev" >&2; exit 1; }
 lib=$(dpkg-query -W -f='${Version}' golang-github-vmware-govmomi-dev 2>/dev/null || echo unknown)
-key=$( { cat "$here/vcsim/main.go"; echo "$lib"; go version; } | sha256sum | cut -c1-16)
+# Every source file (names included, in a fixed order) feeds the key, so editing any of
+# them rebuilds.
+key=$( { for f in $(cd "$here/vcsim" && LC_ALL=C ls -- *.go); do echo "== $f"; cat "$here/vcsim/$f"; done
+         echo "$lib"; go version; } | sha256sum | cut -c1-16)
 out=$cache_root/vcsim/$key
 if [ ! -x "$out/ferry-vcsim" ]; then
   mkdir -p "$out"

@@ -69,6 +69,56 @@ pub struct StepContext {
     pub secrets: Secrets,
 }
 
+impl StepContext {
+    /// A context outside the engine's state machine (tools and tests driving an adapter
+    /// directly): migration `migration` of `workload` from `source`, to a local directory
+    /// target named `t`, with the default profile.
+    pub fn standalone(
+        source: Option<Source>,
+        workload: Workload,
+        work_dir: PathBuf,
+        migration: uuid::Uuid,
+    ) -> StepContext {
+        let now = 0;
+        StepContext {
+            migration: Migration {
+                id: migration,
+                workload_id: workload.id,
+                workload_name: workload.name.clone(),
+                profile_id: uuid::Uuid::new_v4(),
+                target_id: uuid::Uuid::new_v4(),
+                status: ferry_model::Status::new(false),
+                schedule: Default::default(),
+                next_sync_at: None,
+                last_error: None,
+                version: 0,
+                created_at: now,
+                updated_at: now,
+            },
+            workload,
+            profile: Profile {
+                id: uuid::Uuid::new_v4(),
+                spec: serde_json::from_value(serde_json::json!({"name": "p", "target": "t"}))
+                    .expect("the minimal profile is valid"),
+                created_at: now,
+            },
+            source,
+            target: Target {
+                id: uuid::Uuid::new_v4(),
+                name: "t".into(),
+                kind: ferry_model::TargetKind::LocalDir,
+                endpoint: None,
+                credential_id: None,
+                config: serde_json::json!({}),
+                created_at: now,
+            },
+            work_dir,
+            facts: Default::default(),
+            secrets: Default::default(),
+        }
+    }
+}
+
 /// Where [`StepContext::secrets`] holds the target's own credential (its `credential_id`):
 /// the account the target adapter logs in with.
 pub const TARGET_USERNAME: &str = "target:username";
@@ -76,6 +126,10 @@ pub const TARGET_PASSWORD: &str = "target:password";
 /// The same for the source's credential (e.g. the vCenter account).
 pub const SOURCE_USERNAME: &str = "source:username";
 pub const SOURCE_PASSWORD: &str = "source:password";
+/// A guest account on the source's workloads (the source's `config.guest_credential_id`),
+/// for guest operations such as stopping services.
+pub const GUEST_USERNAME: &str = "source:guest:username";
+pub const GUEST_PASSWORD: &str = "source:guest:password";
 
 /// Decrypted secrets; never printed.
 #[derive(Clone, Default)]
@@ -119,6 +173,9 @@ pub struct SourceDisk {
     /// The dirty bitmap holding every change since the target's last complete sync, when
     /// the platform tracks changes; `None` means "compare hashes".
     pub dirty_bitmap: Option<String>,
+    /// The areas `(offset, length)` changed since the target's last complete sync, when
+    /// the platform lists them itself (VMware CBT) rather than through a bitmap.
+    pub changed_areas: Option<Vec<(u64, u64)>>,
 }
 
 /// Figures of one sync run.
@@ -152,6 +209,21 @@ pub enum CheckPhase {
 
 #[async_trait]
 pub trait SourceAdapter: Send + Sync {
+    /// Applies a fix that pre-flight offers (e.g. `enable-cbt`) to the named workloads;
+    /// a line per workload saying what was done.
+    async fn fix(
+        &self,
+        source: &Source,
+        _secrets: &Secrets,
+        fix: &str,
+        _workloads: &[String],
+    ) -> AResult<Vec<String>> {
+        Err(AdapterError::permanent(format!(
+            "source '{}' (kind {}) offers no fix '{fix}'",
+            source.name, source.kind
+        )))
+    }
+
     /// The workloads this source holds now, for the inventory (`source_id` set).
     /// `secrets` holds the source's own credential ([`SOURCE_USERNAME`], [`SOURCE_PASSWORD`]).
     async fn discover(&self, source: &Source, _secrets: &Secrets) -> AResult<Vec<NewWorkload>> {

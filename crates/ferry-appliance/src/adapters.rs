@@ -29,7 +29,7 @@ impl Default for Adapters {
         );
         sources.insert(
             SourceKind::Vsphere,
-            Arc::new(ferry_source_vsphere::VsphereSource),
+            Arc::new(ferry_source_vsphere::VsphereSource::default()),
         );
         let mut targets: HashMap<TargetKind, Arc<dyn TargetAdapter>> = HashMap::new();
         targets.insert(TargetKind::LocalDir, Arc::new(LocalDirTarget));
@@ -139,6 +139,7 @@ impl SourceAdapter for DiskImageSource {
                 size_bytes: meta.len(),
                 format: None,
                 dirty_bitmap: None,
+                changed_areas: None,
             });
         }
         Ok(out)
@@ -344,12 +345,13 @@ impl Replicator for EngineReplicator {
             &ferry_disk::OpenOptions {
                 format: src.format.clone(),
                 dirty_bitmap: src.dirty_bitmap.clone(),
+                changed_areas: src.changed_areas.clone(),
             },
         )
         .await
         .map_err(|e| AdapterError::transient(format!("cannot open disk '{}': {e}", src.name)))?;
         let opts = SendOptions {
-            mode: if src.dirty_bitmap.is_some() {
+            mode: if src.dirty_bitmap.is_some() || src.changed_areas.is_some() {
                 Mode::DirtyBitmap
             } else {
                 Mode::HashCompare

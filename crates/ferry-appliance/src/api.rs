@@ -332,7 +332,7 @@ pub struct JobInfo {
     paths(
         openapi_json, health, list_tokens, create_token,
         list_credentials, create_credential,
-        list_sources, create_source, get_source, delete_source, discover_source,
+        list_sources, create_source, get_source, delete_source, discover_source, fix_source,
         list_targets, create_target, get_target, patch_target, delete_target,
         list_workloads, create_workload, get_workload, patch_workload, import_workloads,
         list_groups, create_group, get_group, group_migrations, group_cutover, group_sync,
@@ -485,6 +485,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/sources", get(list_sources).post(create_source))
         .route("/api/sources/{key}", get(get_source).delete(delete_source))
         .route("/api/sources/{key}/discover", post(discover_source))
+        .route("/api/sources/{key}/fix", post(fix_source))
         .route("/api/targets", get(list_targets).post(create_target))
         .route(
             "/api/targets/{key}",
@@ -668,14 +669,44 @@ async fn get_source(
     Ok(Json(st.store().get_source(&key).await?))
 }
 
-/// Asks the source which workloads it holds and brings them into the inventory: new ones
-/// are added, known ones (same name) get their disks, NICs and sizing refreshed.
-#[utoipa::path(post, path = "/api/sources/{key}/discover", params(("key" = String, Path, description = "Name or id")), responses((status = 200, body = Vec<Workload>)))]
-async fn discover_source(
+/// A fix pre-flight offers, for some of the source's workloads.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct FixRequest {
+    /// e.g. `enable-cbt` (vSphere: changed block tracking on).
+    pub fix: String,
+    pub workloads: Vec<String>,
+}
+
+/// Applies a fix pre-flight offers; a line per workload says what was done.
+#[utoipa::path(post, path = "/api/sources/{key}/fix", params(("key" = String, Path, description = "Name or id")), request_body = FixRequest, responses((status = 200, body = Vec<String>)))]
+async fn fix_source(
     AxState(st): AxState<AppState>,
     ApiPath(key): ApiPath<String>,
-) -> ApiResult<Json<Vec<Workload>>> {
-    let src = st.store().get_source(&key).await?;
+    Json(req): Json<FixRequest>,
+) -> ApiResult<Json<Vec<String>>> {
+    let (src, adapter, secrets) = source_session(&st, &key).await?;
+    let done = adapter
+        .fix(&src, &secrets, &req.fix, &req.workloads)
+        .await
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "fix '{}' on source '{}' failed: {}",
+                req.fix, src.name, e.message
+            ))
+        })?;
+    Ok(Json(done))
+}
+
+/// A source, its adapter, and its own credential decrypted.
+async fn source_session(
+    st: &AppState,
+    key: &str,
+) -> ApiResult<(
+    ferry_model::Source,
+    std::sync::Arc<dyn ferry_adapter::SourceAdapter>,
+    ferry_adapter::Secrets,
+)> {
+    let src = st.store().get_source(key).await?;
     let adapter = st
         .engine
         .adapters
@@ -701,6 +732,17 @@ async fn discover_source(
         )
         .await
         .map_err(|e| ApiError::bad_request(e.message))?;
+    Ok((src, adapter, secrets))
+}
+
+/// Asks the source which workloads it holds and brings them into the inventory: new ones
+/// are added, known ones (same name) get their disks, NICs and sizing refreshed.
+#[utoipa::path(post, path = "/api/sources/{key}/discover", params(("key" = String, Path, description = "Name or id")), responses((status = 200, body = Vec<Workload>)))]
+async fn discover_source(
+    AxState(st): AxState<AppState>,
+    ApiPath(key): ApiPath<String>,
+) -> ApiResult<Json<Vec<Workload>>> {
+    let (src, adapter, secrets) = source_session(&st, &key).await?;
     let found = adapter.discover(&src, &secrets).await.map_err(|e| {
         ApiError::bad_request(format!(
             "discovery on source '{}' failed: {}",

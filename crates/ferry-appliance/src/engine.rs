@@ -257,6 +257,26 @@ impl Engine {
                 ),
             )
             .await?;
+            let guest = s
+                .config
+                .get("guest_credential_id")
+                .and_then(|v| v.as_str())
+                .map(|v| {
+                    v.parse::<uuid::Uuid>().map_err(|_| {
+                        AdapterError::permanent(format!(
+                            "source '{}': config.guest_credential_id {v:?} is not a credential id",
+                            s.name
+                        ))
+                    })
+                })
+                .transpose()?;
+            self.endpoint_credential(
+                &mut secrets,
+                guest,
+                &format!("source '{}' (guest account)", s.name),
+                (ferry_adapter::GUEST_USERNAME, ferry_adapter::GUEST_PASSWORD),
+            )
+            .await?;
         }
         Ok(StepContext {
             migration: m,

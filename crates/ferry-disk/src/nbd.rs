@@ -17,6 +17,8 @@ pub struct NbdDisk {
     name: String,
     client: NbdClient,
     bitmap_context: Option<String>,
+    /// Changed areas the platform listed (VMware CBT), sorted and merged.
+    listed_changes: Option<Arc<Vec<(u64, u64)>>>,
     _server: Option<Arc<QemuNbd>>,
 }
 
@@ -50,8 +52,27 @@ impl NbdDisk {
             name,
             client,
             bitmap_context,
+            listed_changes: None,
             _server: server.map(Arc::new),
         })
+    }
+
+    /// Takes the changed areas `(offset, length)` from a list the platform gave (VMware's
+    /// changed block tracking) instead of a dirty bitmap on the export.
+    pub fn with_changed_areas(mut self, mut areas: Vec<(u64, u64)>) -> Self {
+        areas.retain(|a| a.1 > 0);
+        areas.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(areas.len());
+        for (o, l) in areas {
+            match merged.last_mut() {
+                Some(last) if o <= last.0 + last.1 => {
+                    last.1 = last.1.max(o + l - last.0);
+                }
+                _ => merged.push((o, l)),
+            }
+        }
+        self.listed_changes = Some(Arc::new(merged));
+        self
     }
 
     pub fn client(&self) -> &NbdClient {
@@ -158,6 +179,13 @@ impl Disk for NbdDisk {
         offset: u64,
         len: u64,
     ) -> Result<Option<Vec<Extent>>, DiskError> {
+        if let Some(areas) = &self.listed_changes {
+            return Ok(Some(listed_extents(
+                areas,
+                offset,
+                len.min(self.size().saturating_sub(offset)),
+            )));
+        }
         let Some(ctx) = &self.bitmap_context else {
             return Ok(None);
         };
@@ -174,6 +202,76 @@ impl Disk for NbdDisk {
     }
 
     fn tracks_changes(&self) -> bool {
-        self.bitmap_context.is_some()
+        self.bitmap_context.is_some() || self.listed_changes.is_some()
+    }
+}
+
+/// [offset, offset+len) as Dirty and Clean extents from sorted, merged areas.
+fn listed_extents(areas: &[(u64, u64)], offset: u64, len: u64) -> Vec<Extent> {
+    let end = offset + len;
+    let mut out = vec![];
+    let mut pos = offset;
+    // The first area that ends after `offset`.
+    let first = areas.partition_point(|a| a.0 + a.1 <= offset);
+    for &(o, l) in &areas[first..] {
+        if o >= end {
+            break;
+        }
+        let (s, e) = (o.max(pos), (o + l).min(end));
+        if s > pos {
+            out.push(Extent {
+                offset: pos,
+                length: s - pos,
+                kind: ExtentKind::Clean,
+            });
+        }
+        out.push(Extent {
+            offset: s,
+            length: e - s,
+            kind: ExtentKind::Dirty,
+        });
+        pos = e;
+    }
+    if pos < end {
+        out.push(Extent {
+            offset: pos,
+            length: end - pos,
+            kind: ExtentKind::Clean,
+        });
+    }
+    coalesce(out)
+}
+
+#[cfg(test)]
+mod listed_tests {
+    use super::*;
+
+    #[test]
+    fn listed_areas_cover_the_range() {
+        let areas = [(100, 50), (200, 100), (1000, 10)];
+        let kinds = |v: Vec<Extent>| -> Vec<(u64, u64, bool)> {
+            v.iter()
+                .map(|e| (e.offset, e.length, e.kind == ExtentKind::Dirty))
+                .collect()
+        };
+        assert_eq!(
+            kinds(listed_extents(&areas, 0, 400)),
+            vec![
+                (0, 100, false),
+                (100, 50, true),
+                (150, 50, false),
+                (200, 100, true),
+                (300, 100, false)
+            ]
+        );
+        assert_eq!(
+            kinds(listed_extents(&areas, 220, 30)),
+            vec![(220, 30, true)]
+        );
+        assert_eq!(
+            kinds(listed_extents(&areas, 400, 100)),
+            vec![(400, 100, false)]
+        );
+        assert!(listed_extents(&areas, 5, 0).is_empty());
     }
 }

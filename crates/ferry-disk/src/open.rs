@@ -14,6 +14,8 @@ pub struct OpenOptions {
     pub format: Option<String>,
     /// Dirty bitmap to read changes from (NBD exports and qcow2 images only).
     pub dirty_bitmap: Option<String>,
+    /// Changed areas `(offset, length)` the platform listed (VMware CBT); NBD exports only.
+    pub changed_areas: Option<Vec<(u64, u64)>>,
 }
 
 /// Either kind of disk, so callers need no generics or boxing.
@@ -31,14 +33,22 @@ pub async fn open(spec: &str, opts: &OpenOptions) -> Result<AnyDisk, DiskError> 
             disk: spec.to_string(),
             source,
         })?;
-        let disk = NbdDisk::connect(
+        let mut disk = NbdDisk::connect(
             spec.to_string(),
             &target,
             opts.dirty_bitmap.as_deref(),
             None,
         )
         .await?;
+        if let Some(areas) = &opts.changed_areas {
+            disk = disk.with_changed_areas(areas.clone());
+        }
         return Ok(AnyDisk::Nbd(disk));
+    }
+    if opts.changed_areas.is_some() {
+        return Err(DiskError::Unsupported(format!(
+            "{spec}: a list of changed areas applies to NBD exports only"
+        )));
     }
     let path = Path::new(spec);
     let format = match &opts.format {

@@ -36,7 +36,7 @@ pub enum NbdError {
     UnknownContext(String),
     #[error("bad NBD URI: {0}")]
     BadUri(String),
-    #[error("cannot start qemu-nbd: {0}")]
+    #[error("cannot start the NBD server: {0}")]
     Launch(String),
     /// The export is read-only and a write was asked for.
     #[error("export is read-only")]

@@ -1,7 +1,8 @@
 //! An asynchronous NBD client (fixed newstyle handshake, structured replies,
 //! block status with meta contexts such as `base:allocation` and
-//! `qemu:dirty-bitmap:NAME`, pipelined requests on one connection) and a
-//! launcher for `qemu-nbd`, so that every image format QEMU knows is read and
+//! `qemu:dirty-bitmap:NAME`, pipelined requests on one connection) and
+//! launchers for `qemu-nbd` and `nbdkit`, so that every image format QEMU knows, and
+//! every remote store nbdkit has a plugin for (HTTPS, VMware VDDK), is read and
 //! written the same way.
 //!
 //! The client does not time out by itself; callers wrap calls in their own
@@ -39,12 +40,15 @@
 mod client;
 mod error;
 mod handshake;
+mod nbdkit;
 mod proto;
 mod qemu_nbd;
+mod server;
 mod uri;
 
 pub use client::{ConnectOptions, Extent, NbdClient, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 pub use error::NbdError;
+pub use nbdkit::{Nbdkit, NbdkitOptions};
 pub use qemu_nbd::{detect_format, QemuNbd, QemuNbdOptions};
 pub use uri::{NbdAddr, NbdTarget, DEFAULT_PORT};
 

@@ -206,6 +206,7 @@ pub fn open_for_reading(path: &Path, format: Format) -> Result<ferry_disk::AnyDi
             &ferry_disk::OpenOptions {
                 format: Some(format.name().into()),
                 dirty_bitmap: None,
+                changed_areas: None,
             },
         ))
         .map_err(|e| e.to_string())

@@ -133,6 +133,7 @@ impl KvmSource {
                 size_bytes: v.size,
                 format: None,
                 dirty_bitmap: v.bitmap.clone(),
+                changed_areas: None,
             });
             self.open_views
                 .lock()
@@ -431,6 +432,7 @@ async fn offline_disks(run_dir: &Path, ctx: &StepContext) -> AResult<Vec<SourceD
             size_bytes: d.size_bytes,
             format: Some(vd.format.clone()),
             dirty_bitmap: None,
+            changed_areas: None,
         });
     }
     Ok(out)

@@ -352,6 +352,7 @@ impl Host {
                 size_bytes: capacity(&info).unwrap_or(d.size_bytes),
                 format: None,
                 dirty_bitmap: base.as_ref().and(bitmap),
+                changed_areas: None,
             });
         }
         tracing::info!(vm = %domain, checkpoint = %name, base = ?base, "libvirt backup view open");
@@ -460,6 +461,7 @@ fn offline_disks(x: &DomainXml, ctx: &StepContext) -> AResult<Vec<SourceDisk>> {
                 size_bytes: d.size_bytes,
                 format: xd.format.clone(),
                 dirty_bitmap: None,
+                changed_areas: None,
             })
         })
         .collect()

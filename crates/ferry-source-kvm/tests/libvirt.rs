@@ -9,7 +9,7 @@
 //! the test prints SKIP and passes.
 
 use ferry_adapter::{SourceAdapter, SourceDisk, StepContext};
-use ferry_model::{Migration, Profile, Source, SourceKind, Status, Target, TargetKind, Workload};
+use ferry_model::{Source, SourceKind, Workload};
 use ferry_replication::{Mode, Progress, SendOptions};
 use ferry_source_kvm::KvmSource;
 use serde_json::json;
@@ -142,42 +142,12 @@ fn define_domain(uri: &str, name: &str) -> Domain {
 }
 
 fn context(source: &Source, workload: Workload, work_dir: &Path, migration: Uuid) -> StepContext {
-    let now = 0;
-    StepContext {
-        migration: Migration {
-            id: migration,
-            workload_id: workload.id,
-            workload_name: workload.name.clone(),
-            profile_id: Uuid::new_v4(),
-            target_id: Uuid::new_v4(),
-            status: Status::new(false),
-            schedule: Default::default(),
-            next_sync_at: None,
-            last_error: None,
-            version: 0,
-            created_at: now,
-            updated_at: now,
-        },
+    StepContext::standalone(
+        Some(source.clone()),
         workload,
-        profile: Profile {
-            id: Uuid::new_v4(),
-            spec: serde_json::from_value(json!({"name": "p", "target": "t"})).unwrap(),
-            created_at: now,
-        },
-        source: Some(source.clone()),
-        target: Target {
-            id: Uuid::new_v4(),
-            name: "t".into(),
-            kind: TargetKind::LocalDir,
-            endpoint: None,
-            credential_id: None,
-            config: json!({}),
-            created_at: now,
-        },
-        work_dir: work_dir.to_path_buf(),
-        facts: Default::default(),
-        secrets: Default::default(),
-    }
+        work_dir.to_path_buf(),
+        migration,
+    )
 }
 
 async fn sync(src: &SourceDisk, dst: &Path) -> ferry_replication::SyncReport {
@@ -186,6 +156,7 @@ async fn sync(src: &SourceDisk, dst: &Path) -> ferry_replication::SyncReport {
         &ferry_disk::OpenOptions {
             format: src.format.clone(),
             dirty_bitmap: src.dirty_bitmap.clone(),
+            changed_areas: None,
         },
     )
     .await

@@ -5,8 +5,15 @@
 //! Workloads are VMs by name; disks are named by their label (`Hard disk 1`) with the
 //! VMDK path as `path`; NICs carry their port group as the network.
 //!
-//! Discovery and pre-flight checks work today. Syncs (snapshot, disk reads with CBT) are
-//! not built yet: `open_disks` says so instead of pretending.
+//! A sync takes a snapshot (quiesced when VMware Tools run), reads the snapshot's disks
+//! through nbdkit — the `curl` plugin on the datastore's HTTPS file access, or the `vddk`
+//! plugin when `config.vddk_libdir` points at an installed VDDK — and removes the
+//! snapshot whatever happened. A delta reads only the areas changed block tracking lists
+//! since the last committed sync's change id (kept in the migration's work directory); a
+//! change id vCenter no longer knows falls back to a hash-compare read, with a warning.
+//! Cutover stops services with guest operations (`config.guest_credential_id`: a guest
+//! account), shuts the guest down through Tools and powers it off after
+//! `config.shutdown_timeout_s` (default 300); rollback powers it on.
 
 use async_trait::async_trait;
 use ferry_adapter::{
@@ -15,11 +22,20 @@ use ferry_adapter::{
 };
 use ferry_model::{Disk, NewWorkload, Nic, Source};
 use ferry_vsphere::{Client, ClientOptions, Vm, VsphereError};
+use std::collections::HashMap;
+use std::sync::Mutex;
 
+mod power;
+mod sync;
+
+/// The adapter. It holds the vCenter session and nbdkit exports of each sync between
+/// `open_disks` and `close_disks`.
 #[derive(Default)]
-pub struct VsphereSource;
+pub struct VsphereSource {
+    open: Mutex<HashMap<uuid::Uuid, (Client, sync::OpenSync)>>,
+}
 
-fn err(e: VsphereError) -> AdapterError {
+pub(crate) fn err(e: VsphereError) -> AdapterError {
     let retryable = matches!(e, VsphereError::Unreachable { .. });
     AdapterError {
         retryable,
@@ -90,9 +106,13 @@ pub fn problems(vm: &Vm) -> Vec<String> {
         out.push("it is a template: convert it to a VM first".to_string());
     }
     if !vm.cbt {
-        out.push("changed block tracking is off: enable it (VM options > advanced > ctkEnabled = TRUE, or ReconfigVM with changeTrackingEnabled) and take and delete one snapshot so it starts, or deltas read whole disks".into());
+        out.push(format!("changed block tracking is off: enable it with `ferry source fix SOURCE enable-cbt {}` (or in vSphere: ctkEnabled = TRUE, then take and delete one snapshot so it starts), or every delta reads whole disks", vm.name));
     }
-    if vm.has_snapshots {
+    if vm
+        .snapshots
+        .iter()
+        .any(|(_, n)| !n.starts_with(sync::SNAPSHOT_PREFIX))
+    {
         out.push(
             "it has snapshots: delete or consolidate them before migrating (Ferry takes its own)"
                 .into(),
@@ -127,6 +147,21 @@ pub fn problems(vm: &Vm) -> Vec<String> {
 
 #[async_trait]
 impl SourceAdapter for VsphereSource {
+    async fn fix(
+        &self,
+        source: &Source,
+        secrets: &Secrets,
+        fix: &str,
+        workloads: &[String],
+    ) -> AResult<Vec<String>> {
+        match fix {
+            "enable-cbt" => enable_change_tracking(source, secrets, workloads).await,
+            other => Err(AdapterError::permanent(format!(
+                "no fix '{other}' for vSphere sources (there is: enable-cbt)"
+            ))),
+        }
+    }
+
     async fn discover(&self, source: &Source, secrets: &Secrets) -> AResult<Vec<NewWorkload>> {
         let c = session(source, secrets).await?;
         let inv = c.inventory().await.map_err(err);
@@ -140,27 +175,16 @@ impl SourceAdapter for VsphereSource {
     }
 
     async fn preflight(&self, ctx: &StepContext) -> AResult<()> {
-        let source = ctx.source.as_ref().ok_or_else(|| {
-            AdapterError::permanent(format!("workload '{}' has no source", ctx.workload.name))
-        })?;
-        let c = session(source, &ctx.secrets).await?;
-        let inv = c.inventory().await.map_err(err);
+        let (c, vm) = self.vm(ctx).await?;
+        // Snapshots of an earlier sync that could not remove them (vCenter was
+        // unreachable, the appliance died): Ferry's own, so they go now.
+        let r = sync::remove_stale_snapshots(&c, &vm).await;
         let _ = c.logout().await;
-        let inv = inv?;
-        let vm = inv
-            .vms
-            .iter()
-            .find(|v| v.name == ctx.workload.name)
-            .ok_or_else(|| {
-                AdapterError::permanent(format!(
-                    "vCenter has no VM '{}': run `ferry source discover {}`",
-                    ctx.workload.name, source.name
-                ))
-            })?;
+        r?;
         if vm.tools.as_deref() != Some("guestToolsRunning") {
             tracing::warn!(vm = %vm.name, "VMware Tools are not running: cutover cannot stop services or shut the guest down cleanly");
         }
-        let p = problems(vm);
+        let p = problems(&vm);
         if !p.is_empty() {
             return Err(AdapterError::permanent(format!(
                 "VM '{}' is not ready to migrate: {}",
@@ -171,49 +195,133 @@ impl SourceAdapter for VsphereSource {
         Ok(())
     }
 
-    async fn open_disks(&self, ctx: &StepContext, _full: bool) -> AResult<Vec<SourceDisk>> {
-        Err(AdapterError::permanent(format!(
-            "syncing VM '{}' from vSphere is not available in this version (discovery and pre-flight are)",
-            ctx.workload.name
-        )))
+    async fn open_disks(&self, ctx: &StepContext, full: bool) -> AResult<Vec<SourceDisk>> {
+        let (c, vm) = self.vm(ctx).await?;
+        let (disks, open) = sync::open(&c, &vm, ctx, full).await?;
+        self.open
+            .lock()
+            .expect("open syncs")
+            .insert(ctx.migration.id, (c, open));
+        Ok(disks)
     }
 
     async fn close_disks(
         &self,
-        _ctx: &StepContext,
+        ctx: &StepContext,
         _disks: &[SourceDisk],
-        _committed: bool,
+        committed: bool,
     ) -> AResult<()> {
-        Ok(())
+        let Some((c, open)) = self
+            .open
+            .lock()
+            .expect("open syncs")
+            .remove(&ctx.migration.id)
+        else {
+            return Ok(());
+        };
+        let r = sync::close(&c, open, ctx, committed).await;
+        let _ = c.logout().await;
+        r
     }
 
-    async fn stop_services(&self, ctx: &StepContext, _services: &[String]) -> AResult<()> {
-        Err(AdapterError::permanent(format!(
-            "stopping services of '{}' through VMware Tools is not available in this version",
-            ctx.workload.name
-        )))
+    async fn stop_services(&self, ctx: &StepContext, services: &[String]) -> AResult<()> {
+        if services.is_empty() {
+            return Ok(());
+        }
+        let (c, vm) = self.vm(ctx).await?;
+        let r = power::stop_services(&c, &vm, ctx, services).await;
+        let _ = c.logout().await;
+        r
     }
 
-    async fn guest_command(&self, ctx: &StepContext, _command: &str) -> AResult<String> {
-        Err(AdapterError::permanent(format!(
-            "guest commands in '{}' through VMware Tools are not available in this version",
-            ctx.workload.name
-        )))
+    async fn guest_command(&self, ctx: &StepContext, command: &str) -> AResult<String> {
+        let (c, vm) = self.vm(ctx).await?;
+        let r = power::guest_command(&c, &vm, ctx, command).await;
+        let _ = c.logout().await;
+        r
     }
 
     async fn shutdown(&self, ctx: &StepContext) -> AResult<()> {
-        Err(AdapterError::permanent(format!(
-            "shutting down '{}' through vCenter is not available in this version",
-            ctx.workload.name
-        )))
+        let (c, vm) = self.vm(ctx).await?;
+        let r = power::shutdown(&c, &vm, ctx).await;
+        let _ = c.logout().await;
+        r
     }
 
     async fn restart(&self, ctx: &StepContext) -> AResult<()> {
-        Err(AdapterError::permanent(format!(
-            "powering on '{}' through vCenter is not available in this version",
-            ctx.workload.name
-        )))
+        let (c, vm) = self.vm(ctx).await?;
+        let r = c.power_on(&vm.moref).await.map_err(err);
+        let _ = c.logout().await;
+        r
     }
+}
+
+impl VsphereSource {
+    /// A session and the workload's VM.
+    async fn vm(&self, ctx: &StepContext) -> AResult<(Client, Vm)> {
+        let source = ctx.source.as_ref().ok_or_else(|| {
+            AdapterError::permanent(format!("workload '{}' has no source", ctx.workload.name))
+        })?;
+        let c = session(source, &ctx.secrets).await?;
+        let inv = match c.inventory().await {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = c.logout().await;
+                return Err(err(e));
+            }
+        };
+        match inv.vms.into_iter().find(|v| v.name == ctx.workload.name) {
+            Some(vm) => Ok((c, vm)),
+            None => {
+                let _ = c.logout().await;
+                Err(AdapterError::permanent(format!(
+                    "vCenter has no VM '{}': run `ferry source discover {}`",
+                    ctx.workload.name, source.name
+                )))
+            }
+        }
+    }
+}
+
+/// Turns changed block tracking on for the VMs named (the fix pre-flight offers), and
+/// cycles a snapshot so that tracking starts. Returns what was done, per VM.
+pub async fn enable_change_tracking(
+    source: &Source,
+    secrets: &Secrets,
+    vms: &[String],
+) -> AResult<Vec<String>> {
+    let c = session(source, secrets).await?;
+    let r = async {
+        let inv = c.inventory().await.map_err(err)?;
+        let mut done = vec![];
+        for name in vms {
+            let vm =
+                inv.vms.iter().find(|v| &v.name == name).ok_or_else(|| {
+                    AdapterError::permanent(format!("vCenter has no VM '{name}'"))
+                })?;
+            if vm.cbt {
+                done.push(format!("{name}: changed block tracking was already on"));
+                continue;
+            }
+            c.enable_change_tracking(&vm.moref).await.map_err(err)?;
+            // Tracking starts at the next stun: a snapshot taken and removed at once.
+            let snap = c
+                .create_snapshot(
+                    &vm.moref,
+                    sync::SNAPSHOT_PREFIX,
+                    "Ferry: starts changed block tracking",
+                    false,
+                )
+                .await
+                .map_err(err)?;
+            c.remove_snapshot(&snap).await.map_err(err)?;
+            done.push(format!("{name}: changed block tracking enabled"));
+        }
+        Ok(done)
+    }
+    .await;
+    let _ = c.logout().await;
+    r
 }
 
 #[cfg(test)]
@@ -229,8 +337,12 @@ mod tests {
             ..Default::default()
         };
         assert!(problems(&vm).is_empty());
-        vm.cbt = false;
+        // Ferry's own leftover snapshot is not a problem: the sync removes it.
         vm.has_snapshots = true;
+        vm.snapshots = vec![("snapshot-1".into(), "ferry-sync-0a1b".into())];
+        assert!(problems(&vm).is_empty());
+        vm.cbt = false;
+        vm.snapshots.push(("snapshot-2".into(), "before patching".into()));
         vm.disks.push(VmDisk {
             label: "Hard disk 2".into(),
             mode: Some("independent_persistent".into()),

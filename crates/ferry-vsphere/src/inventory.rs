@@ -8,6 +8,8 @@ use std::collections::HashMap;
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct VmDisk {
+    /// The device key: how vCenter names the disk in calls (QueryChangedDiskAreas).
+    pub key: i32,
     pub label: String,
     pub capacity_bytes: u64,
     /// `[datastore] path/disk.vmdk`
@@ -19,6 +21,10 @@ pub struct VmDisk {
     pub thin: bool,
     /// Shared between VMs (multi-writer or bus sharing).
     pub sharing: Option<String>,
+    /// The datastore the disk's file lives on.
+    pub datastore: Option<String>,
+    /// Changed block tracking's position of this disk (set on a snapshot's disks).
+    pub change_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -44,6 +50,11 @@ pub struct Vm {
     pub cbt: bool,
     pub template: bool,
     pub has_snapshots: bool,
+    /// Every snapshot of the VM: (moref, name).
+    pub snapshots: Vec<(String, String)>,
+    /// The datacenter of the VM's first disk's datastore (what datastore file access
+    /// names in `dcPath`).
+    pub datacenter: Option<String>,
     pub disks: Vec<VmDisk>,
     pub nics: Vec<VmNic>,
 }
@@ -60,7 +71,7 @@ pub struct Inventory {
 }
 
 const TYPES: &[(&str, &[&str])] = &[
-    ("Datacenter", &["name"]),
+    ("Datacenter", &["name", "datastore"]),
     ("ClusterComputeResource", &["name"]),
     ("HostSystem", &["name"]),
     (
@@ -204,10 +215,22 @@ impl Client {
         }
         // Port groups by key, for NICs on distributed switches.
         let mut portgroups: HashMap<String, String> = HashMap::new();
+        // Datastore moref -> datacenter name, and datastore name -> moref.
+        let mut dc_of_datastore: HashMap<String, String> = HashMap::new();
+        let mut datastore_ids: HashMap<String, String> = HashMap::new();
         for o in &objects {
             let name = text(o.props.get("name").copied()).unwrap_or_default();
             match o.kind.as_str() {
-                "Datacenter" => inv.datacenters.push(name),
+                "Datacenter" => {
+                    if let Some(ds) = o.props.get("datastore") {
+                        for m in ds.children().filter(|c| c.is_element()) {
+                            if let Some(m) = m.text() {
+                                dc_of_datastore.insert(m.to_string(), name.clone());
+                            }
+                        }
+                    }
+                    inv.datacenters.push(name)
+                }
                 "ClusterComputeResource" => inv.clusters.push(name),
                 "HostSystem" => inv.hosts.push(name),
                 "Datastore" => {
@@ -216,6 +239,7 @@ impl Client {
                             .and_then(|v| v.parse().ok())
                             .unwrap_or(0)
                     };
+                    datastore_ids.insert(name.clone(), o.moref.clone());
                     inv.datastores
                         .push((name, num("summary.capacity"), num("summary.freeSpace")));
                 }
@@ -227,7 +251,15 @@ impl Client {
             }
         }
         for o in objects.iter().filter(|o| o.kind == "VirtualMachine") {
-            inv.vms.push(vm(o, &portgroups));
+            let mut v = vm(o, &portgroups);
+            v.datacenter = v
+                .disks
+                .iter()
+                .filter_map(|d| d.datastore.as_ref())
+                .filter_map(|ds| datastore_ids.get(ds))
+                .find_map(|id| dc_of_datastore.get(id))
+                .cloned();
+            inv.vms.push(v);
         }
         for v in [
             &mut inv.datacenters,
@@ -265,35 +297,22 @@ fn vm(o: &Object, portgroups: &HashMap<String, String>) -> Vm {
             .props
             .get("snapshot")
             .is_some_and(|s| child(*s, "rootSnapshotList").is_some()),
+        snapshots: o
+            .props
+            .get("snapshot")
+            .map(|s| snapshot_list(*s))
+            .unwrap_or_default(),
         ..Default::default()
     };
     if let Some(devices) = o.props.get("config.hardware.device") {
         for d in devices.children().filter(|c| c.is_element()) {
-            let label =
-                text(child(d, "deviceInfo").and_then(|i| child(i, "label"))).unwrap_or_default();
             let kind = xsi_type(d);
-            let backing = child(d, "backing");
             if kind == "VirtualDisk" {
-                let cap = text(child(d, "capacityInBytes"))
-                    .and_then(|x| x.parse().ok())
-                    .or_else(|| {
-                        text(child(d, "capacityInKB"))
-                            .and_then(|x| x.parse::<u64>().ok())
-                            .map(|k| k * 1024)
-                    })
-                    .unwrap_or(0);
-                v.disks.push(VmDisk {
-                    label,
-                    capacity_bytes: cap,
-                    file: text(backing.and_then(|b| child(b, "fileName"))),
-                    mode: text(backing.and_then(|b| child(b, "diskMode"))),
-                    backing: backing.map(xsi_type).unwrap_or_default(),
-                    thin: text(backing.and_then(|b| child(b, "thinProvisioned"))).as_deref()
-                        == Some("true"),
-                    sharing: text(backing.and_then(|b| child(b, "sharing")))
-                        .filter(|s| s != "sharingNone"),
-                });
+                v.disks.push(parse_disk(d));
             } else if child(d, "macAddress").is_some() {
+                let label = text(child(d, "deviceInfo").and_then(|i| child(i, "label")))
+                    .unwrap_or_default();
+                let backing = child(d, "backing");
                 let network = backing.and_then(|b| {
                     text(child(b, "deviceName")).or_else(|| {
                         child(b, "port")
@@ -311,4 +330,55 @@ fn vm(o: &Object, portgroups: &HashMap<String, String>) -> Vm {
         }
     }
     v
+}
+
+/// A `VirtualDisk` device of a VM's or a snapshot's `config.hardware.device`.
+pub(crate) fn parse_disk(d: roxmltree::Node) -> VmDisk {
+    let backing = child(d, "backing");
+    let file = text(backing.and_then(|b| child(b, "fileName")));
+    VmDisk {
+        key: text(child(d, "key"))
+            .and_then(|k| k.parse().ok())
+            .unwrap_or(0),
+        label: text(child(d, "deviceInfo").and_then(|i| child(i, "label"))).unwrap_or_default(),
+        capacity_bytes: text(child(d, "capacityInBytes"))
+            .and_then(|x| x.parse().ok())
+            .or_else(|| {
+                text(child(d, "capacityInKB"))
+                    .and_then(|x| x.parse::<u64>().ok())
+                    .map(|k| k * 1024)
+            })
+            .unwrap_or(0),
+        datastore: file
+            .as_deref()
+            .and_then(|f| crate::datastore::DatastorePath::parse(f).ok())
+            .map(|p| p.datastore),
+        file,
+        mode: text(backing.and_then(|b| child(b, "diskMode"))),
+        backing: backing.map(xsi_type).unwrap_or_default(),
+        thin: text(backing.and_then(|b| child(b, "thinProvisioned"))).as_deref() == Some("true"),
+        sharing: text(backing.and_then(|b| child(b, "sharing"))).filter(|s| s != "sharingNone"),
+        change_id: text(backing.and_then(|b| child(b, "changeId"))).filter(|c| !c.is_empty()),
+    }
+}
+
+/// Every snapshot in a `VirtualMachineSnapshotInfo` (the tree, flattened): (moref, name).
+pub(crate) fn snapshot_list(info: roxmltree::Node) -> Vec<(String, String)> {
+    fn walk(n: roxmltree::Node, out: &mut Vec<(String, String)>) {
+        for t in n.children().filter(|c| {
+            c.is_element()
+                && matches!(
+                    c.tag_name().name(),
+                    "rootSnapshotList" | "childSnapshotList"
+                )
+        }) {
+            if let (Some(m), Some(name)) = (text(child(t, "snapshot")), text(child(t, "name"))) {
+                out.push((m, name));
+            }
+            walk(t, out);
+        }
+    }
+    let mut out = vec![];
+    walk(info, &mut out);
+    out
 }

@@ -36,14 +36,18 @@ pub(crate) struct ServiceContent {
     pub property_collector: String,
     pub view_manager: String,
     pub session_manager: String,
+    pub guest_operations_manager: String,
     pub about: String,
 }
 
 /// A vSphere session.
 pub struct Client {
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
     url: String,
+    opts: ClientOptions,
     cookie: Mutex<Option<String>>,
+    /// The login, kept so that an expired session is renewed once, transparently.
+    login: Mutex<Option<(String, String)>>,
     pub(crate) content: ServiceContent,
 }
 
@@ -101,7 +105,9 @@ impl Client {
         let mut c = Client {
             http,
             url,
+            opts: opts.clone(),
             cookie: Mutex::new(None),
+            login: Mutex::new(None),
             content: ServiceContent::default(),
         };
         let body = c
@@ -123,6 +129,7 @@ impl Client {
             property_collector: get("propertyCollector"),
             view_manager: get("viewManager"),
             session_manager: get("sessionManager"),
+            guest_operations_manager: get("guestOperationsManager"),
             about: child(rv, "about")
                 .and_then(|a| child(a, "fullName"))
                 .and_then(|n| n.text())
@@ -137,14 +144,36 @@ impl Client {
         &self.content.about
     }
 
+    /// The server's base URL, without `/sdk`: where `/folder/…` (datastore files) lives.
+    pub fn base_url(&self) -> &str {
+        self.url.trim_end_matches("/sdk")
+    }
+
+    /// How this client was set up (the CA bundle and `insecure` matter to anything else
+    /// that talks to the same server, like nbdkit reading a datastore file).
+    pub fn options(&self) -> &ClientOptions {
+        &self.opts
+    }
+
+    /// The session cookie (`vmware_soap_session=…`): a secret while the session lives.
+    pub fn session_cookie(&self) -> Option<String> {
+        self.cookie.lock().expect("cookie").clone()
+    }
+
     pub async fn login(&self, user: &str, password: &str) -> Result<(), VsphereError> {
+        self.login_once(user, password).await?;
+        *self.login.lock().expect("login") = Some((user.to_string(), password.to_string()));
+        Ok(())
+    }
+
+    async fn login_once(&self, user: &str, password: &str) -> Result<(), VsphereError> {
         let body = format!(
             "{}<userName>{}</userName><password>{}</password>",
             this("SessionManager", &self.content.session_manager),
             esc(user),
             esc(password)
         );
-        match self.call("Login", &body).await {
+        match self.call_once("Login", &body).await {
             Err(VsphereError::Fault { call, fault, msg }) if fault == "InvalidLogin" => {
                 Err(VsphereError::InvalidLogin {
                     call,
@@ -164,11 +193,31 @@ impl Client {
         .await
         .map(drop)?;
         *self.cookie.lock().expect("cookie") = None;
+        *self.login.lock().expect("login") = None;
         Ok(())
     }
 
-    /// One SOAP call: `<method xmlns="urn:vim25">inner</method>`; the response body.
+    /// One SOAP call: `<method xmlns="urn:vim25">inner</method>`; the response body. A
+    /// session that expired (idle timeout, a vCenter restart, an admin ending it) is
+    /// renewed with the same login and the call made once more.
     pub(crate) async fn call(&self, method: &str, inner: &str) -> Result<String, VsphereError> {
+        match self.call_once(method, inner).await {
+            Err(VsphereError::NotAuthenticated { .. })
+                if method != "Login" && method != "Logout" =>
+            {
+                let login = self.login.lock().expect("login").clone();
+                let Some((user, password)) = login else {
+                    return self.call_once(method, inner).await;
+                };
+                tracing::info!(method, "the vCenter session expired: logging in again");
+                self.login_once(&user, &password).await?;
+                self.call_once(method, inner).await
+            }
+            r => r,
+        }
+    }
+
+    async fn call_once(&self, method: &str, inner: &str) -> Result<String, VsphereError> {
         let envelope = format!(
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?><soapenv:Envelope xmlns:soapenv=\"{SOAP_ENV}\" xmlns:xsi=\"{XSI}\" xmlns:xsd=\"http://www.w3.org/2001/XMLSchema\"><soapenv:Body><{method} xmlns=\"{VIM}\">{inner}</{method}></soapenv:Body></soapenv:Envelope>"
         );

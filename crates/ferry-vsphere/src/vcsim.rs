@@ -34,11 +34,24 @@ impl Vcsim {
 
     /// Starts `bin` serving TLS with `cert`/`key`; its datastores live under `tmp`.
     pub fn start(bin: &Path, cert: &Path, key: &Path, tmp: &Path) -> std::io::Result<Vcsim> {
+        Self::start_with(bin, cert, key, tmp, &[])
+    }
+
+    /// Like [`Vcsim::start`], with more of the launcher's flags (`--disk-mib`,
+    /// `--guest-log`, `--no-tools`, `--services`, …).
+    pub fn start_with(
+        bin: &Path,
+        cert: &Path,
+        key: &Path,
+        tmp: &Path,
+        args: &[&str],
+    ) -> std::io::Result<Vcsim> {
         let mut child = Command::new(bin)
             .arg("--cert")
             .arg(cert)
             .arg("--key")
             .arg(key)
+            .args(args)
             .env("TMPDIR", tmp)
             .stdout(Stdio::piped())
             .spawn()?;
@@ -61,6 +74,30 @@ impl Vcsim {
 
     pub fn password(&self) -> &str {
         self.info["password"].as_str().unwrap_or_default()
+    }
+
+    /// The local directory behind a datastore (where a test writes a VM's disk bytes).
+    pub fn datastore_dir(&self, name: &str) -> Option<PathBuf> {
+        self.info["datastore_paths"][name]
+            .as_str()
+            .map(PathBuf::from)
+    }
+
+    /// Calls one of the launcher's test endpoints (`/ferry/outage?ms=N`,
+    /// `/ferry/expire-sessions`, `/ferry/reset-cbt?vm=NAME`, `/ferry/datastore-fail?ms=N`).
+    pub async fn admin(&self, ca: &Path, path_and_query: &str) -> Result<(), String> {
+        let pem = std::fs::read(ca).map_err(|e| e.to_string())?;
+        let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| e.to_string())?;
+        let http = reqwest::Client::builder()
+            .add_root_certificate(cert)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let url = format!("{}{path_and_query}", self.url().trim_end_matches("/sdk"));
+        let r = http.post(&url).send().await.map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!("{url}: HTTP {}", r.status()));
+        }
+        Ok(())
     }
 }
 

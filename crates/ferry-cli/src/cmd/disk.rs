@@ -211,6 +211,7 @@ async fn open_source(src: &str, send: &SendArgs) -> Result<ferry_disk::AnyDisk> 
         &OpenOptions {
             format: send.src_format.clone(),
             dirty_bitmap: send.dirty_bitmap.clone(),
+            changed_areas: None,
         },
     )
     .await

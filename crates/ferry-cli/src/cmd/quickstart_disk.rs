@@ -190,6 +190,7 @@ async fn sync(
         &OpenOptions {
             format: Some("qcow2".into()),
             dirty_bitmap: bitmap.map(str::to_string),
+            changed_areas: None,
         },
     )
     .await?;

@@ -54,6 +54,16 @@ pub enum EndpointCommand {
     /// Sources only: list the source's workloads (VMs with their disks and NICs) and add
     /// or update them in the inventory.
     Discover { name: String },
+    /// Sources only: apply a fix pre-flight offers to workloads, e.g.
+    /// `ferry source fix vc1 enable-cbt db01 web01` (vSphere: changed block tracking on).
+    Fix {
+        name: String,
+        /// The fix: enable-cbt.
+        fix: String,
+        /// Workloads (VM names) to fix.
+        #[arg(required = true)]
+        workloads: Vec<String>,
+    },
     /// Targets only (kind vme): with an administrator's login, once, create or update the
     /// `ferry-migration` role (only what migration needs) and a service user bound to it,
     /// and store that user's credentials, encrypted, in the appliance for the target.
@@ -288,6 +298,27 @@ fn run<E: Endpoint>(a: SourceArgs) -> Result<ExitCode> {
                     table(&["WORKLOAD", "OS", "CPUS", "MEMORY", "DISKS", "NICS"], rows)
                 );
                 println!("{} workload(s) discovered on {name}", found.len());
+            }
+            EndpointCommand::Fix {
+                name,
+                fix,
+                workloads,
+            } => {
+                if E::NOUN != "source" {
+                    bail!("fixes apply to sources: `ferry source fix {name} {fix} ...`");
+                }
+                let done: Vec<String> = c
+                    .post(
+                        &format!("{}/{}/fix", E::PATH, enc(&name)),
+                        &serde_json::json!({"fix": fix, "workloads": workloads}),
+                    )
+                    .await?;
+                if c.json {
+                    return print_json(&done).map(|_| ExitCode::SUCCESS);
+                }
+                for line in done {
+                    println!("{line}");
+                }
             }
             EndpointCommand::SetupIam(args) => {
                 if E::NOUN != "target" {

@@ -123,8 +123,75 @@ async fn vcenter_vms_are_discovered_and_preflight_names_what_to_fix() {
         last_error.contains("changed block tracking is off") && last_error.contains("enable it"),
         "{last_error}"
     );
+
+    // The fix pre-flight names, applied through Ferry; the retried migration syncs the
+    // VM's disk (64 MiB flat extent in the simulator's datastore) to the local target.
+    let out = app.ok(&["source", "fix", "vc1", "enable-cbt", &vm]);
+    assert!(out.contains("changed block tracking enabled"), "{out}");
+    let flat = sim
+        .datastore_dir("LocalDS_0")
+        .unwrap()
+        .join(&vm)
+        .join("disk1-flat.vmdk");
+    let write = |offset: u64, data: &[u8]| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&flat).unwrap();
+        f.write_all_at(data, offset).unwrap();
+    };
+    let data: Vec<u8> = (0..6u32 << 20).map(|i| (i * 31 % 251) as u8).collect();
+    write(2 << 20, &data);
+    app.ok(&["migration", "retry", &id]);
+    let st = app.ok(&["migration", "status", &id, "--follow", "--json"]);
+    let st: serde_json::Value = serde_json::from_str(&st).unwrap();
+    assert_eq!(st["migration"]["status"]["state"], "synced", "{st}");
+    let target = find_image(&tmp.path().join("target")).unwrap_or_else(|| {
+        let out = std::process::Command::new("find")
+            .arg(tmp.path())
+            .output()
+            .unwrap();
+        panic!(
+            "no target disk: {st}\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let same = |t: &std::path::Path| std::fs::read(&flat).unwrap() == std::fs::read(t).unwrap();
+    assert!(same(&target), "the target differs from the VM's disk");
+
+    // The guest writes; the delta reads only what changed block tracking lists.
+    write(10 << 20, b"a change the delta must carry");
+    write(40 << 20, &[7u8; 100_000]);
+    app.ok(&["migration", "sync", &id, "--follow"]);
+    let st = app.ok(&["migration", "status", &id, "--json"]);
+    let st: serde_json::Value = serde_json::from_str(&st).unwrap();
+    let syncs = st["syncs"].as_array().unwrap();
+    let last = syncs.last().unwrap();
+    assert!(same(&target), "the target differs after the delta");
+    // CBT listed 1 + 2 blocks of 64 KiB: only those chunks travel (plus frame headers).
+    let read = last["bytes_sent"].as_u64().unwrap();
+    assert!(
+        (3 * 65_536..3 * 65_536 + 1024).contains(&read),
+        "the delta sent {read} bytes: {syncs:?}"
+    );
     note(&format!(
-        "vsphere: {} VMs discovered; pre-flight said: {last_error}",
-        found.len()
+        "vsphere: {} VMs discovered; pre-flight said: {last_error}; full sync sent {} bytes, CBT delta sent {read}",
+        found.len(),
+        syncs[0]["bytes_sent"]
     ));
+}
+
+fn find_image(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if p.file_name().is_some_and(|n| n == "uat") {
+                continue;
+            }
+            if let Some(f) = find_image(&p) {
+                return Some(f);
+            }
+        } else if p.extension().is_some_and(|x| x == "img") {
+            return Some(p);
+        }
+    }
+    None
 }

@@ -99,11 +99,27 @@ fn workload(vm: &Vm, source: &Source) -> NewWorkload {
     }
 }
 
+/// Guest OSes KVM (and so VME) does not run.
+fn unsupported_guest(guest_id: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "darwin", "netware", "os2", "dos", "win31", "win95", "win98", "winMe", "winNT", "vmkernel",
+    ];
+    PREFIXES.iter().any(|p| guest_id.starts_with(p))
+}
+
 /// What stands between this VM and a migration, each with its fix. Empty: ready.
 pub fn problems(vm: &Vm) -> Vec<String> {
     let mut out = vec![];
     if vm.template {
         out.push("it is a template: convert it to a VM first".to_string());
+    }
+    if vm.encrypted {
+        out.push("it is encrypted (VM encryption): its disks cannot be read outside vSphere; decrypt it first (VM policies > edit VM storage policies > a policy without encryption)".to_string());
+    }
+    if let Some(id) = vm.guest_id.as_deref().filter(|id| unsupported_guest(id)) {
+        out.push(format!(
+            "its guest OS ({id}) does not run on KVM/VME: rebuild the workload on a supported OS"
+        ));
     }
     if !vm.cbt {
         out.push(format!("changed block tracking is off: enable it with `ferry source fix SOURCE enable-cbt {}` (or in vSphere: ctkEnabled = TRUE, then take and delete one snapshot so it starts), or every delta reads whole disks", vm.name));
@@ -186,10 +202,18 @@ impl SourceAdapter for VsphereSource {
         }
         let p = problems(&vm);
         if !p.is_empty() {
+            let source = ctx
+                .source
+                .as_ref()
+                .map(|s| s.name.as_str())
+                .unwrap_or("SOURCE");
             return Err(AdapterError::permanent(format!(
                 "VM '{}' is not ready to migrate: {}",
                 vm.name,
-                p.join("; ")
+                p.join("; ").replace(
+                    "ferry source fix SOURCE",
+                    &format!("ferry source fix {source}")
+                )
             )));
         }
         Ok(())
@@ -342,7 +366,8 @@ mod tests {
         vm.snapshots = vec![("snapshot-1".into(), "ferry-sync-0a1b".into())];
         assert!(problems(&vm).is_empty());
         vm.cbt = false;
-        vm.snapshots.push(("snapshot-2".into(), "before patching".into()));
+        vm.snapshots
+            .push(("snapshot-2".into(), "before patching".into()));
         vm.disks.push(VmDisk {
             label: "Hard disk 2".into(),
             mode: Some("independent_persistent".into()),
@@ -356,5 +381,12 @@ mod tests {
         assert!(p.contains("Hard disk 2 is independent"), "{p}");
         assert!(p.contains("raw device mapping"), "{p}");
         assert!(p.contains("is shared (sharingMultiWriter)"), "{p}");
+        vm.encrypted = true;
+        vm.guest_id = Some("darwin19_64Guest".into());
+        let p = problems(&vm).join("\n");
+        assert!(p.contains("it is encrypted"), "{p}");
+        assert!(p.contains("(darwin19_64Guest) does not run on KVM"), "{p}");
+        vm.guest_id = Some("ubuntu64Guest".into());
+        assert!(!problems(&vm).join("\n").contains("does not run"));
     }
 }

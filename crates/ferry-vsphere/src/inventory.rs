@@ -47,6 +47,10 @@ pub struct Vm {
     pub ip: Option<String>,
     pub tools: Option<String>,
     pub firmware: Option<String>,
+    /// vSphere's guest OS identifier (`ubuntu64Guest`, `windows2019srv_64Guest`, …).
+    pub guest_id: Option<String>,
+    /// Encrypted with a key from a key provider (VM encryption).
+    pub encrypted: bool,
     pub cbt: bool,
     pub template: bool,
     pub has_snapshots: bool,
@@ -90,6 +94,8 @@ const TYPES: &[(&str, &[&str])] = &[
             "config.changeTrackingEnabled",
             "config.template",
             "config.guestFullName",
+            "config.guestId",
+            "config.keyId",
             "runtime.powerState",
             "guest.toolsRunningStatus",
             "guest.ipAddress",
@@ -291,6 +297,8 @@ fn vm(o: &Object, portgroups: &HashMap<String, String>) -> Vm {
         ip: t("guest.ipAddress"),
         tools: t("guest.toolsRunningStatus"),
         firmware: t("config.firmware"),
+        guest_id: t("config.guestId"),
+        encrypted: o.props.contains_key("config.keyId"),
         cbt: t("config.changeTrackingEnabled").as_deref() == Some("true"),
         template: t("config.template").as_deref() == Some("true"),
         has_snapshots: o

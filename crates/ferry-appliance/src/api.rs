@@ -682,7 +682,7 @@ pub struct FixRequest {
 async fn fix_source(
     AxState(st): AxState<AppState>,
     ApiPath(key): ApiPath<String>,
-    Json(req): Json<FixRequest>,
+    ApiJson(req): ApiJson<FixRequest>,
 ) -> ApiResult<Json<Vec<String>>> {
     let (src, adapter, secrets) = source_session(&st, &key).await?;
     let done = adapter

@@ -57,6 +57,18 @@ async fn discovery_matches_the_simulator_and_errors_are_clear() {
     assert_eq!(inv.vms.len(), n("vms"));
     for vm in &inv.vms {
         assert!(vm.cpus >= 1 && vm.memory_mib >= 1, "{vm:?}");
+        // Each VM's disks and NICs, as the simulator holds them.
+        let held = &sim.info["vm_devices"][&vm.name];
+        assert_eq!(
+            vm.disks.len() as u64,
+            held["disks"].as_u64().unwrap(),
+            "{vm:?}"
+        );
+        assert_eq!(
+            vm.nics.len() as u64,
+            held["nics"].as_u64().unwrap(),
+            "{vm:?}"
+        );
         assert!(!vm.disks.is_empty(), "{} has no disk", vm.name);
         assert!(
             vm.disks

@@ -30,6 +30,7 @@ import (
 	"syscall"
 
 	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/types"
 )
 
 func main() {
@@ -127,6 +128,7 @@ func main() {
 		"networks":        count("Network") + count("DistributedVirtualPortgroup"),
 		"portgroups":      count("DistributedVirtualPortgroup"),
 		"datastore_paths": datastorePaths(),
+		"vm_devices":      vmDevices(),
 	}
 	if err := json.NewEncoder(os.Stdout).Encode(out); err != nil {
 		fail("%v", err)
@@ -180,6 +182,28 @@ func datastorePaths() map[string]string {
 		})
 	}
 	return paths
+}
+
+// vmDevices counts each VM's virtual disks and network adapters, as the simulator holds
+// them: what discovery must find per VM.
+func vmDevices() map[string]map[string]int {
+	out := map[string]map[string]int{}
+	for _, e := range simulator.Map.All("VirtualMachine") {
+		vm := e.(*simulator.VirtualMachine)
+		simulator.Map.WithLock(vm, func() {
+			disks, nics := 0, 0
+			for _, d := range vm.Config.Hardware.Device {
+				switch d.(type) {
+				case *types.VirtualDisk:
+					disks++
+				case types.BaseVirtualEthernetCard:
+					nics++
+				}
+			}
+			out[vm.Name] = map[string]int{"disks": disks, "nics": nics}
+		})
+	}
+	return out
 }
 
 func splitList(s string) []string {

@@ -1,12 +1,12 @@
 //! Both ends in one process (`ferry disk sync SRC DST`): the receiver and the sender talk
-//! through TLS over in-memory pipes, with a throwaway CA — the very protocol code of a
-//! sync between two machines, mutual TLS included.
+//! over in-memory pipes — the very protocol code of a sync between two machines (framing,
+//! digests verified on arrival, acknowledgements, resume), without the TLS layer that
+//! only a network needs.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferry_disk::Disk;
-use ferry_pki::Identity;
 
 use crate::receiver::Receiver;
 use crate::report::{Progress, SyncReport};
@@ -14,24 +14,17 @@ use crate::sender::{send, SendOptions};
 use crate::transport::Endpoint;
 use crate::SyncError;
 
-/// A receiver for one target in this process, with its throwaway CA and certificate.
-/// Making them is CPU work that needs nothing from the source, so a caller can do it
-/// while the source is being opened (starting a `qemu-nbd` takes a while).
+/// A receiver for one target in this process.
 pub struct LocalTarget {
     dst: PathBuf,
     endpoint: Endpoint,
 }
 
 impl LocalTarget {
-    /// Makes the identity and the in-process endpoint. Touches nothing on disk.
+    /// Makes the in-process endpoint. Touches nothing on disk.
     pub async fn prepare(dst: &Path) -> Result<Self, SyncError> {
-        let identity = tokio::task::spawn_blocking(|| {
-            Identity::ephemeral(&["localhost".to_string()])
-                .map_err(|e| SyncError::Config(e.to_string()))
-        })
-        .await??;
         let receiver = Receiver::new(dst.to_path_buf());
-        let endpoint = Endpoint::in_process(receiver, &identity)?;
+        let endpoint = Endpoint::in_process(receiver);
         Ok(Self {
             dst: dst.to_path_buf(),
             endpoint,

@@ -105,8 +105,9 @@ impl Sink {
         }
     }
 
-    /// Writes `len` bytes of `src` at `src_offset` to `offset`, through `buf` (reused
-    /// from call to call: memory already mapped costs nothing).
+    /// Writes `len` bytes of `src` at `src_offset` to `offset`. Between files, the kernel
+    /// copies (`copy_file_range`: no round trip through user memory); otherwise through
+    /// `buf` (reused from call to call: memory already mapped costs nothing).
     pub fn copy_from(
         &self,
         src: &File,
@@ -115,6 +116,11 @@ impl Sink {
         len: usize,
         buf: &mut Vec<u8>,
     ) -> std::io::Result<()> {
+        if let Sink::File(dst) = self {
+            if copy_range(src, src_offset, dst, offset, len)? {
+                return Ok(());
+            }
+        }
         buf.resize(len, 0);
         src.read_exact_at(&mut buf[..len], src_offset)?;
         self.write(offset, &buf[..len])
@@ -130,12 +136,11 @@ impl Sink {
         }
     }
 
-    /// Starts writing back what was written so far, without waiting: the final flush
-    /// then finds little left to do. Advisory (a failure only makes that flush longer).
-    pub fn start_writeback(&self) {
-        if let Sink::File(f) = self {
-            use std::os::unix::io::AsRawFd;
-            unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    /// A helper that starts writing back what was written so far (raw files only).
+    pub fn writeback(&self) -> Option<Writeback> {
+        match self {
+            Sink::File(f) => Writeback::new(f).ok(),
+            Sink::Nbd { .. } => None,
         }
     }
 
@@ -210,4 +215,97 @@ pub fn open_for_reading(path: &Path, format: Format) -> Result<ferry_disk::AnyDi
             },
         ))
         .map_err(|e| e.to_string())
+}
+
+/// Copies with `copy_file_range`; `false` when the kernel or filesystem cannot (nothing
+/// was copied then, and the caller copies through memory).
+fn copy_range(
+    src: &File,
+    src_offset: u64,
+    dst: &File,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<bool> {
+    use std::os::unix::io::AsRawFd;
+    let (mut off_in, mut off_out) = (src_offset as i64, offset as i64);
+    let mut left = len;
+    while left > 0 {
+        // SAFETY: plain syscall on two open descriptors with offsets we own.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                left,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
+                    if left == len =>
+                {
+                    Ok(false)
+                }
+                _ => Err(e),
+            };
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the source ended inside a chunk",
+            ));
+        }
+        left -= n as usize;
+    }
+    Ok(true)
+}
+
+/// Starts writeback of a file from a thread of its own, so whoever writes the data never
+/// waits for the device to take requests: the disk works while data keeps coming, and
+/// the final flush finds little left to do. Kicks made while one runs are merged.
+/// Advisory: a failure only makes the final flush longer.
+pub struct Writeback {
+    kick: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writeback {
+    pub fn new(file: &File) -> std::io::Result<Writeback> {
+        use std::os::unix::io::AsRawFd;
+        let file = file.try_clone()?;
+        let (kick, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("ferry-writeback".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    // SAFETY: plain syscall on a descriptor this thread owns.
+                    unsafe {
+                        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+                    };
+                }
+            })?;
+        Ok(Writeback {
+            kick: Some(kick),
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for writeback of everything written so far; never blocks.
+    pub fn kick(&self) {
+        if let Some(k) = &self.kick {
+            let _ = k.try_send(());
+        }
+    }
+}
+
+impl Drop for Writeback {
+    fn drop(&mut self) {
+        drop(self.kick.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

@@ -280,6 +280,11 @@ impl Target {
             Store::Image { file, path }
         };
         let index = IndexFile::open(&pending.join("index.idx"))?;
+        let writeback = crate::sink::Writeback::new(match &store {
+            Store::Image { file, .. } => file,
+            Store::Journal(j) => j.file(),
+        })
+        .ok();
         Ok(Session {
             target: Target {
                 dst: self.dst.clone(),
@@ -295,6 +300,7 @@ impl Target {
             checkpoint_lock: Mutex::new(()),
             bytes_written: AtomicU64::new(0),
             written: Written::default(),
+            writeback,
         })
     }
 
@@ -418,6 +424,7 @@ fn apply(
     let mut applied = 0u64;
     let mut copied = 0u64;
     let mut buf = Vec::new();
+    let writeback = target.writeback();
     let written = written.map(|w| w.records.lock().unwrap());
     new.for_each_window(|first, raw| {
         let n = raw.len() as u64 / 32;
@@ -457,7 +464,9 @@ fn apply(
                     // finds little left to write.
                     if copied >= WRITEBACK_BYTES {
                         copied = 0;
-                        target.start_writeback();
+                        if let Some(w) = &writeback {
+                            w.kick();
+                        }
                     }
                 }
                 _ => {
@@ -469,6 +478,7 @@ fn apply(
         Ok(())
     })?;
     drop(written);
+    drop(writeback);
     if missing > 0 {
         let is_needed = |c: u64| c < count && needed[(c / 64) as usize] & (1 << (c % 64)) != 0;
         let mut from_journal = Vec::new();
@@ -553,6 +563,8 @@ pub struct Session {
     bytes_written: AtomicU64,
     /// Journal records appended by this session (later generations only).
     written: Written,
+    /// Writes back what was stored, from a thread of its own.
+    writeback: Option<crate::sink::Writeback>,
 }
 
 /// Most journal records a session remembers the place of (48 bytes each: 16 MiB, about
@@ -649,7 +661,9 @@ impl Session {
             // the network does, and checkpoints find little left to flush. (With lots of
             // memory the kernel would otherwise hold gigabytes dirty until the commit.)
             if (before + len as u64) / WRITEBACK_BYTES != before / WRITEBACK_BYTES {
-                self.start_writeback();
+                if let Some(w) = &self.writeback {
+                    w.kick();
+                }
             }
         }
         self.unrecorded.lock().unwrap().push((chunk, digest));
@@ -661,16 +675,6 @@ impl Session {
             self.checkpoint()?;
         }
         Ok(())
-    }
-
-    fn start_writeback(&self) {
-        use std::os::unix::io::AsRawFd;
-        let fd = match &self.store {
-            Store::Image { file, .. } => file.as_raw_fd(),
-            Store::Journal(j) => j.as_raw_fd(),
-        };
-        // Advisory: failure only means the flush happens later.
-        unsafe { libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
     }
 
     /// Makes every chunk stored so far durable and records it in the pending index.

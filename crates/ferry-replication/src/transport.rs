@@ -1,7 +1,8 @@
-//! Mutual-TLS connections between sender and receiver: over TCP between machines, or
-//! over an in-memory pipe when both ends run in one process (`ferry disk sync`), where a
-//! loopback socket would only add kernel copies. Either way the bytes go through TLS and
-//! the same protocol code.
+//! Connections between sender and receiver. Between machines: mutual TLS over TCP. When
+//! both ends run in one process (`ferry disk sync`, the appliance syncing into a local
+//! target): an in-memory pipe, where a loopback socket would only add kernel copies and
+//! TLS would only protect the process's bytes from itself. Either way the same protocol
+//! code runs: framing, digests verified by the receiver, acknowledgements, resume.
 
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use crate::SyncError;
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
-/// An established mutual-TLS connection.
+/// An established connection.
 pub type Conn = Box<dyn Io>;
 
 /// Buffer of each direction of an in-process pipe.
@@ -27,18 +28,15 @@ const PIPE_BUFFER: usize = 4 << 20;
 #[derive(Clone)]
 enum Route {
     Tcp(String),
-    InProcess {
-        receiver: Arc<Receiver>,
-        acceptor: TlsAcceptor,
-    },
+    InProcess(Arc<Receiver>),
 }
 
 /// Where and how a sender reaches a receiver.
 #[derive(Clone)]
 pub struct Endpoint {
     route: Route,
-    server_name: ServerName<'static>,
-    connector: TlsConnector,
+    /// For TCP: the receiver's expected name and our client certificate.
+    tls: Option<(ServerName<'static>, TlsConnector)>,
 }
 
 impl Endpoint {
@@ -54,35 +52,28 @@ impl Endpoint {
                 .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string())
                 .unwrap_or_else(|| addr.to_string())
         });
-        Self::with_route(Route::Tcp(addr.to_string()), &host, identity)
-    }
-
-    /// A receiver in this process, reached through TLS over an in-memory pipe.
-    pub fn in_process(receiver: Arc<Receiver>, identity: &Identity) -> Result<Self, SyncError> {
-        let acceptor = acceptor(identity)?;
-        Self::with_route(
-            Route::InProcess { receiver, acceptor },
-            "localhost",
-            identity,
-        )
-    }
-
-    fn with_route(route: Route, host: &str, identity: &Identity) -> Result<Self, SyncError> {
-        let server_name = ServerName::try_from(host.to_string())
+        let server_name = ServerName::try_from(host.clone())
             .map_err(|e| SyncError::Config(format!("{host:?} is not a valid server name: {e}")))?;
         let config =
             ferry_pki::client_config(identity).map_err(|e| SyncError::Config(e.to_string()))?;
         Ok(Self {
-            route,
-            server_name,
-            connector: TlsConnector::from(config),
+            route: Route::Tcp(addr.to_string()),
+            tls: Some((server_name, TlsConnector::from(config))),
         })
+    }
+
+    /// A receiver in this process, reached over an in-memory pipe.
+    pub fn in_process(receiver: Arc<Receiver>) -> Self {
+        Self {
+            route: Route::InProcess(receiver),
+            tls: None,
+        }
     }
 
     pub fn addr(&self) -> &str {
         match &self.route {
             Route::Tcp(addr) => addr,
-            Route::InProcess { .. } => "in-process",
+            Route::InProcess(_) => "in-process",
         }
     }
 
@@ -102,32 +93,25 @@ impl Endpoint {
                         reason: format!("{e} (is `ferry disk receive` listening there?)"),
                     })?;
                 tcp.set_nodelay(true).ok();
-                let tls = self
-                    .connector
-                    .connect(self.server_name.clone(), tcp)
+                let (server_name, connector) = self
+                    .tls
+                    .as_ref()
+                    .expect("a TCP endpoint has its TLS set-up");
+                let tls = connector
+                    .connect(server_name.clone(), tcp)
                     .await
                     .map_err(handshake)?;
                 Ok(Box::new(tls))
             }
-            Route::InProcess { receiver, acceptor } => {
+            Route::InProcess(receiver) => {
                 let (ours, theirs) = tokio::io::duplex(PIPE_BUFFER);
-                let (receiver, acceptor) = (Arc::clone(receiver), acceptor.clone());
+                let receiver = Arc::clone(receiver);
                 tokio::spawn(async move {
-                    match acceptor.accept(theirs).await {
-                        Ok(tls) => {
-                            if let Err(e) = receiver.handle(tls).await {
-                                tracing::debug!("in-process connection ended: {e}");
-                            }
-                        }
-                        Err(e) => tracing::warn!("in-process TLS handshake failed: {e}"),
+                    if let Err(e) = receiver.handle(theirs).await {
+                        tracing::debug!("in-process connection ended: {e}");
                     }
                 });
-                let tls = self
-                    .connector
-                    .connect(self.server_name.clone(), ours)
-                    .await
-                    .map_err(handshake)?;
-                Ok(Box::new(tls))
+                Ok(Box::new(ours))
             }
         }
     }

@@ -33,7 +33,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Store {
         &self.engine.store
     }
 }
@@ -433,9 +433,21 @@ pub async fn auth(AxState(st): AxState<AppState>, mut req: Request, next: Next) 
         .strip_prefix("Bearer ")
         .map(str::trim)
         .filter(|t| !t.is_empty())
+        .map(str::to_string)
     else {
         return ApiError::unauthorized("send 'Authorization: Bearer TOKEN' (the admin token is in the appliance's data directory, file admin-token)").into_response();
     };
+    match caller_for_token(&st, &token).await {
+        Ok(name) => {
+            req.extensions_mut().insert(Caller(name));
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The name of the token `token`, if it is one of the appliance's.
+pub(crate) async fn caller_for_token(st: &AppState, token: &str) -> Result<String, ApiError> {
     let hash = hash_token(token);
     let cached = st
         .tokens
@@ -452,12 +464,11 @@ pub async fn auth(AxState(st): AxState<AppState>, mut req: Request, next: Next) 
                 }
                 n
             }
-            Ok(None) => return ApiError::unauthorized("unknown token").into_response(),
-            Err(e) => return ApiError::from(e).into_response(),
+            Ok(None) => return Err(ApiError::unauthorized("unknown token")),
+            Err(e) => return Err(ApiError::from(e)),
         },
     };
-    req.extensions_mut().insert(Caller(name));
-    next.run(req).await
+    Ok(name)
 }
 
 pub async fn not_found() -> ApiError {
@@ -516,9 +527,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/migrations/{id}/jobs", get(migration_jobs))
         .route("/api/events", get(list_events))
         .route("/api/events/stream", get(event_stream))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .merge(crate::ui::routes(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
 }
 
@@ -961,12 +973,17 @@ async fn import_workloads(
     AxState(st): AxState<AppState>,
     body: String,
 ) -> ApiResult<Json<ImportReport>> {
+    import_csv(&st, &body).await.map(Json)
+}
+
+/// Imports an inventory CSV: the valid rows go in, each bad one is reported by line.
+pub(crate) async fn import_csv(st: &AppState, body: &str) -> ApiResult<ImportReport> {
     if body.trim().is_empty() {
         return Err(ApiError::bad_request(
             "the CSV body is empty; send the file, starting with a header line naming the columns",
         ));
     }
-    let (rows, mut errors) = csv_import::parse(&body).map_err(|e| {
+    let (rows, mut errors) = csv_import::parse(body).map_err(|e| {
         ApiError::bad_request(format!("line {}: {}", e.line, e.message))
             .with_details(serde_json::json!({"errors": [e]}))
     })?;
@@ -1002,12 +1019,12 @@ async fn import_workloads(
     } else {
         st.store().import_workloads(valid).await?
     };
-    Ok(Json(ImportReport {
+    Ok(ImportReport {
         imported: created.len(),
         rejected: errors.len(),
         errors,
         workload_ids: created.iter().map(|w| w.id).collect(),
-    }))
+    })
 }
 
 #[utoipa::path(get, path = "/api/groups", params(PageParams), responses((status = 200, body = GroupPage)))]
@@ -1179,6 +1196,12 @@ async fn create_profile(
     AxState(st): AxState<AppState>,
     ApiJson(spec): ApiJson<ProfileSpec>,
 ) -> ApiResult<(StatusCode, Json<Profile>)> {
+    Ok((StatusCode::CREATED, Json(insert_profile(&st, &spec).await?)))
+}
+
+/// Validates a profile (each problem named by its field, in the error's details) and
+/// stores it.
+pub(crate) async fn insert_profile(st: &AppState, spec: &ProfileSpec) -> ApiResult<Profile> {
     let errs = spec.validate();
     if !errs.is_empty() {
         let msg = errs
@@ -1198,10 +1221,7 @@ async fn create_profile(
             serde_json::json!({"fields": [{"field": "target", "message": "unknown target"}]}),
         )
     })?;
-    Ok((
-        StatusCode::CREATED,
-        Json(st.store().insert_profile(&spec).await?),
-    ))
+    Ok(st.store().insert_profile(spec).await?)
 }
 
 #[utoipa::path(get, path = "/api/profiles/{key}", params(("key" = String, Path, description = "Name or id")), responses((status = 200, body = Profile)))]
@@ -1212,7 +1232,7 @@ async fn get_profile(
     Ok(Json(st.store().get_profile(&key).await?))
 }
 
-async fn new_migration(
+pub(crate) async fn new_migration(
     st: &AppState,
     w: &Workload,
     p: &Profile,

@@ -25,7 +25,7 @@ pub const COLUMNS: &[&str] = &[
 ];
 
 /// A row's problem.
-#[derive(Debug, Clone, Serialize, ToSchema, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema, PartialEq)]
 pub struct LineError {
     /// 1-based line in the file (the header is line 1).
     pub line: u64,

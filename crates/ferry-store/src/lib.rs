@@ -1141,6 +1141,14 @@ impl Store {
         rows.iter().map(rows::event).collect()
     }
 
+    /// The id of the newest event (0 when there is none): where a live view starts.
+    pub async fn last_event_id(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT COALESCE(MAX(id), 0) AS last FROM events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(sqlx::Row::try_get::<i64, _>(&row, "last")?)
+    }
+
     /// The newest event of `kind` for a migration (facts a later step reads back).
     pub async fn latest_event(&self, migration_id: Uuid, kind: &str) -> Result<Option<Event>> {
         let row = sqlx::query("SELECT id, migration_id, kind, step, job_id, message, data, at FROM events WHERE migration_id = $1 AND kind = $2 ORDER BY id DESC LIMIT 1")

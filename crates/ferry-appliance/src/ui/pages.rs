@@ -1,0 +1,800 @@
+//! The dashboard's pages and the forms they post.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, State as AxState};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::{Extension, Form};
+use ferry_model::*;
+use ferry_store::{MigrationFilter, Page, WorkloadFilter};
+use maud::{html, Markup};
+use serde::Deserialize;
+
+use super::view::{self, bytes, page, progress, state_badge, sync_chart, when};
+use crate::api::{AppState, Caller};
+use crate::error::ApiError;
+
+const ALL: Page = Page {
+    limit: 500,
+    offset: 0,
+};
+
+/// A failed page: rendered as an error page that says what went wrong (and keeps the
+/// navigation).
+pub struct UiError(Box<ApiError>);
+
+impl IntoResponse for UiError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        (
+            e.status,
+            view::html(page(
+                "Something went wrong",
+                html! { p.error role="alert" { (e.message) } p { a href="/ui/" { "Back to the overview" } } },
+            )),
+        )
+            .into_response()
+    }
+}
+
+fn fail(e: ApiError) -> UiError {
+    UiError(Box::new(e))
+}
+
+type UiResult = Result<Response, UiError>;
+
+fn api<T>(r: Result<T, impl Into<ApiError>>) -> Result<T, UiError> {
+    r.map_err(|e| fail(e.into()))
+}
+
+/// What a command will do, said before it is done.
+fn explain(c: Command) -> &'static str {
+    match c {
+        Command::Preflight => "Run the pre-flight checks against the source and the target. Nothing is copied.",
+        Command::Start => "Run the pre-flight checks, then the initial full sync of every disk to the target. The source keeps running.",
+        Command::Sync => "Run a delta sync now: only what changed since the last sync is copied. The source keeps running.",
+        Command::UatStart => "Boot a test copy of the last synced generation on the isolated migration network. Replication into the target goes on meanwhile.",
+        Command::UatStop => "Stop and remove the test copy.",
+        Command::UatPass => "Record that the test copy passed user acceptance: cutover becomes possible.",
+        Command::UatFail => "Record that the test copy failed user acceptance: cutover stays refused.",
+        Command::Cutover => "Stop the source's services, shut the source down, run the final delta, and start the workload on the target's production network. The source stays down until a rollback.",
+        Command::Rollback => "Stop the workload on the target and start the source again.",
+        Command::Retry => "Run again the step that failed.",
+        Command::Cancel => "Stop this migration for good. Data already on the target stays.",
+    }
+}
+
+fn label(c: Command) -> &'static str {
+    match c {
+        Command::Preflight => "Pre-flight",
+        Command::Start => "Start",
+        Command::Sync => "Sync now",
+        Command::UatStart => "Start UAT",
+        Command::UatStop => "Stop UAT",
+        Command::UatPass => "UAT passed",
+        Command::UatFail => "UAT failed",
+        Command::Cutover => "Cut over",
+        Command::Rollback => "Roll back",
+        Command::Retry => "Retry",
+        Command::Cancel => "Cancel",
+    }
+}
+
+async fn latest_sync(st: &AppState, m: &Migration) -> Result<Option<SyncRun>, UiError> {
+    Ok(api(st.store().list_syncs(m.id).await)?.into_iter().last())
+}
+
+fn needs_attention(m: &Migration) -> Option<String> {
+    if m.state() == State::Failed {
+        return Some(m.last_error.clone().unwrap_or_else(|| "failed".to_string()));
+    }
+    if m.status.uat_verdict == Some(UatVerdict::Failed) {
+        return Some("UAT failed".into());
+    }
+    None
+}
+
+fn migrations_table(rows: &[(Migration, Option<SyncRun>)]) -> Markup {
+    html! {
+        table.migrations {
+            thead { tr { th { "Workload" } th { "State" } th { "Generation" } th { "Last sync" } th { "Next delta" } th { "UAT" } } }
+            tbody {
+                @for (m, last) in rows {
+                    tr id={"m-" (m.id)} {
+                        td { a href={"/ui/migrations/" (m.id)} { (m.workload_name) } }
+                        td.state { (state_badge(m.state())) }
+                        td { (m.status.generation) }
+                        td { @if let Some(s) = last { (when(s.finished_at)) " (" (bytes(s.bytes_sent)) ")" } @else { "—" } }
+                        td { @if let Some(n) = m.next_sync_at { (when(n)) } @else { "manual" } }
+                        td { @match m.status.uat_verdict { Some(UatVerdict::Passed) => "passed", Some(UatVerdict::Failed) => "failed", None => "—" } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub async fn overview(AxState(st): AxState<AppState>) -> UiResult {
+    let counts = api(st.store().count_by_state().await)?;
+    let (migrations, _) = api(st
+        .store()
+        .list_migrations(&MigrationFilter::default(), ALL)
+        .await)?;
+    let (groups, _) = api(st.store().list_groups(ALL).await)?;
+    let today = {
+        let now = time::OffsetDateTime::now_utc();
+        now.replace_time(time::Time::MIDNIGHT).unix_timestamp() * 1000
+    };
+    let mut moved_today = 0u64;
+    let mut rows = vec![];
+    for m in &migrations {
+        let syncs = api(st.store().list_syncs(m.id).await)?;
+        moved_today += syncs
+            .iter()
+            .filter(|s| s.finished_at >= today)
+            .map(|s| s.bytes_sent)
+            .sum::<u64>();
+        rows.push((m.clone(), syncs.last().cloned()));
+    }
+    let mut group_rows = vec![];
+    for g in &groups {
+        let f = MigrationFilter {
+            move_group_id: Some(g.id),
+            ..Default::default()
+        };
+        let (ms, total) = api(st.store().list_migrations(&f, ALL).await)?;
+        let mut per: BTreeMap<&'static str, i64> = BTreeMap::new();
+        for m in &ms {
+            *per.entry(m.state().as_str()).or_default() += 1;
+        }
+        let synced = ms
+            .iter()
+            .filter(|m| m.status.generation > 0 || m.state() == State::Completed)
+            .count() as i64;
+        group_rows.push((g.clone(), per, synced, total));
+    }
+    let attention: Vec<(&Migration, String)> = migrations
+        .iter()
+        .filter_map(|m| needs_attention(m).map(|why| (m, why)))
+        .collect();
+    Ok(view::html(page(
+        "Overview",
+        html! {
+            section aria-labelledby="h-counts" {
+                h2 #h-counts { "Migrations by state" }
+                ul.counts {
+                    @for (s, n) in &counts { li { (state_badge(*s)) " " span.n data-count=(s.as_str()) { (n) } } }
+                    @if counts.is_empty() { li.muted { "No migration yet: start one from " a href="/ui/workloads" { "Workloads" } "." } }
+                }
+                p { "Data moved today: " strong #moved-today { (bytes(moved_today)) } }
+            }
+            @if !attention.is_empty() {
+                section.attention aria-labelledby="h-attention" {
+                    h2 #h-attention { "Needs attention" }
+                    ul { @for (m, why) in &attention { li { a href={"/ui/migrations/" (m.id)} { (m.workload_name) } ": " (why) } } }
+                }
+            }
+            section aria-labelledby="h-groups" {
+                h2 #h-groups { "Move groups" }
+                @if group_rows.is_empty() { p.muted { "No move group yet (the inventory import creates them from its move-group column)." } }
+                @else {
+                    table {
+                        thead { tr { th { "Group" } th { "Target date" } th { "Synced" } th { "By state" } } }
+                        tbody { @for (g, per, synced, total) in &group_rows {
+                            tr {
+                                td { a href={"/ui/groups/" (g.name)} { (g.name) } }
+                                td { (g.target_date.clone().unwrap_or_default()) }
+                                td { (progress(*synced, *total)) }
+                                td { @for (s, n) in per { span.pair { (s) ": " (n) } " " } }
+                            }
+                        } }
+                    }
+                }
+            }
+            section aria-labelledby="h-migrations" {
+                h2 #h-migrations { "Migrations" }
+                (migrations_table(&rows))
+            }
+        },
+    )))
+}
+
+#[derive(Deserialize, Default)]
+pub struct ConfirmQuery {
+    confirm: Option<String>,
+    done: Option<String>,
+    kind: Option<String>,
+}
+
+pub async fn group(
+    AxState(st): AxState<AppState>,
+    Path(key): Path<String>,
+    Query(q): Query<ConfirmQuery>,
+) -> UiResult {
+    let g = api(st.store().get_group(&key).await)?;
+    let f = MigrationFilter {
+        move_group_id: Some(g.id),
+        ..Default::default()
+    };
+    let (ms, _) = api(st.store().list_migrations(&f, ALL).await)?;
+    let mut rows = vec![];
+    for m in &ms {
+        rows.push((m.clone(), latest_sync(&st, m).await?));
+    }
+    let active: Vec<&Migration> = ms.iter().filter(|m| !m.state().is_terminal()).collect();
+    let confirm = q
+        .confirm
+        .as_deref()
+        .filter(|c| matches!(*c, "sync" | "cutover"));
+    Ok(view::html(page(
+        &format!("Move group {}", g.name),
+        html! {
+            @if let Some(d) = &q.done { p.notice role="status" { (d) } }
+            p { "Target date: " (g.target_date.clone().unwrap_or_else(|| "—".into())) " · cutover window: " (g.cutover_window.clone().unwrap_or_else(|| "—".into())) " · " (g.concurrency) " at a time" }
+            @if let Some(c) = confirm {
+                section.confirm role="alertdialog" aria-labelledby="h-confirm" {
+                    h2 #h-confirm { "Confirm" }
+                    @if c == "sync" {
+                        p { "A delta sync now for each of these " (active.len()) " migrations: only what changed since their last sync is copied; the sources keep running." }
+                    } @else {
+                        p { "Cut over the members that are synced, in their group order, " (g.concurrency) " at a time: services stop, each source shuts down, a final delta runs, and the workload starts on the target's production network." }
+                    }
+                    ul { @for m in &active { li { (m.workload_name) " (" (m.state().as_str()) ")" } } }
+                    form method="post" action={"/ui/groups/" (g.name) "/action"} {
+                        input type="hidden" name="action" value=(c);
+                        button type="submit" { "Yes, " (if c == "sync" { "sync now" } else { "cut over" }) }
+                        " " a href={"/ui/groups/" (g.name)} { "Cancel" }
+                    }
+                }
+            } @else {
+                p.actions {
+                    a.button href={"/ui/groups/" (g.name) "?confirm=sync"} { "Sync all now…" }
+                    " " a.button href={"/ui/groups/" (g.name) "?confirm=cutover"} { "Cut over the group…" }
+                }
+            }
+            (migrations_table(&rows))
+        },
+    )))
+}
+
+#[derive(Deserialize)]
+pub struct GroupAction {
+    action: String,
+}
+
+pub async fn group_action(
+    AxState(st): AxState<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(key): Path<String>,
+    Form(f): Form<GroupAction>,
+) -> UiResult {
+    let g = api(st.store().get_group(&key).await)?;
+    let msg = match f.action.as_str() {
+        "sync" => {
+            let filter = MigrationFilter {
+                move_group_id: Some(g.id),
+                ..Default::default()
+            };
+            let (ms, _) = api(st.store().list_migrations(&filter, ALL).await)?;
+            let (mut ok, mut skipped) = (0, vec![]);
+            for m in ms.iter().filter(|m| !m.state().is_terminal()) {
+                match st
+                    .engine
+                    .command(
+                        m.id,
+                        Command::Sync,
+                        &format!("dashboard, token '{}'", caller.0),
+                    )
+                    .await
+                {
+                    Ok(_) => ok += 1,
+                    Err(e) => skipped.push(format!("{}: {}", m.workload_name, e.message)),
+                }
+            }
+            format!(
+                "Delta sync started for {ok} migration(s).{}",
+                if skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(" Skipped: {}", skipped.join("; "))
+                }
+            )
+        }
+        "cutover" => {
+            api(st.store().set_group_cutover(g.id, true).await)?;
+            let mut ev = NewEvent::new(
+                None,
+                "group.cutover.requested",
+                format!(
+                    "cutover of move group {} requested from the dashboard",
+                    g.name
+                ),
+            );
+            ev.data = serde_json::json!({"move_group_id": g.id});
+            api(st.store().insert_event(&ev).await)?;
+            "Group cutover requested: members cut over in their order as they become ready."
+                .to_string()
+        }
+        other => {
+            return Err(fail(ApiError::bad_request(format!(
+                "unknown action '{other}'"
+            ))))
+        }
+    };
+    Ok(Redirect::to(&format!(
+        "/ui/groups/{}?done={}",
+        urlencode(&g.name),
+        urlencode(&msg)
+    ))
+    .into_response())
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+pub async fn migration(
+    AxState(st): AxState<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<ConfirmQuery>,
+) -> UiResult {
+    let id: uuid::Uuid = id.parse().map_err(|_| {
+        fail(ApiError::bad_request(format!(
+            "'{id}' is not a migration id"
+        )))
+    })?;
+    let m = api(st.store().get_migration(id).await)?;
+    let w = api(st.store().get_workload(&m.workload_id.to_string()).await)?;
+    let profile = st.store().get_profile(&m.profile_id.to_string()).await.ok();
+    let syncs = api(st.store().list_syncs(id).await)?;
+    let events = api(st.store().list_events(Some(id), 0, 1000).await)?;
+    let downtime: Option<crate::api::Downtime> = api(st
+        .store()
+        .latest_event(id, crate::engine::DOWNTIME_EVENT)
+        .await)?
+    .and_then(|e| serde_json::from_value(e.data).ok());
+    let allowed = allowed_commands(&m.status);
+    let confirm = q
+        .confirm
+        .as_deref()
+        .and_then(Command::parse)
+        .filter(|c| allowed.contains(c));
+    let kinds: std::collections::BTreeSet<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let shown: Vec<&Event> = events
+        .iter()
+        .rev()
+        .filter(|e| {
+            q.kind
+                .as_deref()
+                .is_none_or(|k| k.is_empty() || e.kind == k)
+        })
+        .take(200)
+        .collect();
+    Ok(view::html(page(
+        &format!("Migration of {}", m.workload_name),
+        html! {
+            @if let Some(d) = &q.done { p.notice role="status" { (d) } }
+            p.status {
+                "State: " span #state { (state_badge(m.state())) }
+                @if let Some(step) = m.status.running_step() { " · running: " (step.as_str()) }
+                " · generation " span #generation { (m.status.generation) }
+                " · profile " (profile.as_ref().map(|p| p.spec.name.clone()).unwrap_or_default())
+            }
+            @if let Some(err) = &m.last_error { p.error role="alert" { (err) } }
+            @if let Some(c) = confirm {
+                section.confirm role="alertdialog" aria-labelledby="h-confirm" {
+                    h2 #h-confirm { "Confirm: " (label(c)) }
+                    p { (explain(c)) }
+                    form method="post" action={"/ui/migrations/" (m.id) "/action"} {
+                        input type="hidden" name="command" value=(c.as_str());
+                        button #confirm-yes type="submit" { "Yes, " (label(c).to_lowercase()) }
+                        " " a href={"/ui/migrations/" (m.id)} { "Cancel" }
+                    }
+                }
+            } @else if !allowed.is_empty() {
+                p.actions {
+                    @for c in &allowed {
+                        a.button data-command=(c.as_str()) href={"/ui/migrations/" (m.id) "?confirm=" (c.as_str())} { (label(*c)) "…" }
+                        " "
+                    }
+                }
+            }
+            section aria-labelledby="h-syncs" {
+                h2 #h-syncs { "Syncs" }
+                (sync_chart(&syncs))
+                table {
+                    thead { tr { th { "Generation" } th { "Kind" } th { "Sent" } th { "Disk" } th { "Duration" } th { "Throughput" } th { "Finished" } } }
+                    tbody { @for s in &syncs {
+                        @let secs = ((s.finished_at - s.started_at).max(1)) as f64 / 1000.0;
+                        tr {
+                            td { (s.generation) }
+                            td { (format!("{:?}", s.kind).to_lowercase()) }
+                            td { (bytes(s.bytes_sent)) }
+                            td { (bytes(s.bytes_total)) }
+                            td { (format!("{secs:.1} s")) }
+                            td { (bytes((s.bytes_sent as f64 / secs) as u64)) "/s" }
+                            td { (when(s.finished_at)) }
+                        }
+                    } }
+                }
+            }
+            @if let Some(d) = &downtime {
+                section aria-labelledby="h-downtime" {
+                    h2 #h-downtime { "Downtime: " (format!("{:.1}", d.total_ms as f64 / 1000.0)) " s" }
+                    ul { @for p in &d.phases { li { (p.phase.as_str()) ": " (format!("{:.1}", p.ms as f64 / 1000.0)) " s" } }
+                         li { "other: " (format!("{:.1}", d.other_ms as f64 / 1000.0)) " s" } }
+                }
+            }
+            section aria-labelledby="h-inventory" {
+                h2 #h-inventory { "Inventory" }
+                p { (w.os.clone().unwrap_or_else(|| "OS unknown".into())) " · " (w.cpus.map(|c| c.to_string()).unwrap_or_else(|| "?".into())) " CPU · " (w.memory_mib.map(|m| format!("{m} MiB")).unwrap_or_default()) }
+                table {
+                    thead { tr { th { "Disk" } th { "Size" } th { "Path" } } }
+                    tbody { @for d in &w.disks { tr { td { (d.name) } td { (bytes(d.size_bytes)) } td { (d.path.clone().unwrap_or_default()) } } } }
+                }
+                table {
+                    thead { tr { th { "NIC" } th { "Network" } th { "MAC" } th { "IPs" } } }
+                    tbody { @for n in &w.nics { tr { td { (n.name) } td { (n.network.clone().unwrap_or_default()) } td { (n.mac.clone().unwrap_or_default()) } td { (n.ips.join(", ")) } } } }
+                }
+                @if !w.services.is_empty() { p { "Services: " (w.services.join(", ")) } }
+            }
+            section aria-labelledby="h-events" {
+                h2 #h-events { "Events" }
+                form.filter method="get" {
+                    label for="kind" { "Kind" }
+                    select #kind name="kind" {
+                        option value="" { "all" }
+                        @for k in &kinds { option value=(k) selected[q.kind.as_deref() == Some(*k)] { (k) } }
+                    }
+                    button type="submit" { "Filter" }
+                }
+                table.events {
+                    thead { tr { th { "When" } th { "Kind" } th { "Step" } th { "Message" } } }
+                    tbody { @for e in &shown { tr { td { (when(e.at)) } td { (e.kind) } td { (e.step.map(|s| s.as_str()).unwrap_or("")) } td { (e.message) } } } }
+                }
+            }
+        },
+    )))
+}
+
+#[derive(Deserialize)]
+pub struct CommandForm {
+    command: String,
+}
+
+pub async fn migration_action(
+    AxState(st): AxState<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Form(f): Form<CommandForm>,
+) -> UiResult {
+    let id: uuid::Uuid = id.parse().map_err(|_| {
+        fail(ApiError::bad_request(format!(
+            "'{id}' is not a migration id"
+        )))
+    })?;
+    let c = Command::parse(&f.command).ok_or_else(|| {
+        fail(ApiError::bad_request(format!(
+            "unknown command '{}'",
+            f.command
+        )))
+    })?;
+    let done = match st
+        .engine
+        .command(id, c, &format!("dashboard, token '{}'", caller.0))
+        .await
+    {
+        Ok(_) => format!("{}: accepted.", label(c)),
+        Err(e) => format!("{} refused: {}", label(c), e.message),
+    };
+    Ok(Redirect::to(&format!("/ui/migrations/{id}?done={}", urlencode(&done))).into_response())
+}
+
+pub async fn workloads(AxState(st): AxState<AppState>) -> UiResult {
+    let (ws, total) = api(st
+        .store()
+        .list_workloads(&WorkloadFilter::default(), ALL)
+        .await)?;
+    let (profiles, _) = api(st.store().list_profiles(ALL).await)?;
+    Ok(view::html(page(
+        "Workloads",
+        html! {
+            p { (total) " workload(s) in the inventory." }
+            table {
+                thead { tr { th { "Name" } th { "OS" } th { "Disks" } th { "NICs" } th { "Start a migration" } } }
+                tbody { @for w in &ws {
+                    tr id={"w-" (w.name)} {
+                        td { (w.name) }
+                        td { (w.os.clone().unwrap_or_default()) }
+                        td { @for d in &w.disks { (d.name) " " (bytes(d.size_bytes)) br; } }
+                        td { @for n in &w.nics { (n.name) " " (n.network.clone().unwrap_or_default()) br; } }
+                        td {
+                            @if profiles.is_empty() { a href="/ui/profiles" { "Create a profile first" } }
+                            @else {
+                                form.inline method="post" action="/ui/migrations" {
+                                    input type="hidden" name="workload" value=(w.name);
+                                    label.sr for={"p-" (w.name)} { "Profile for " (w.name) }
+                                    select id={"p-" (w.name)} name="profile" { @for p in &profiles { option value=(p.spec.name) { (p.spec.name) } } }
+                                    button type="submit" { "Start" }
+                                }
+                            }
+                        }
+                    }
+                } }
+            }
+        },
+    )))
+}
+
+#[derive(Deserialize)]
+pub struct StartForm {
+    workload: String,
+    profile: String,
+}
+
+pub async fn start_migration(AxState(st): AxState<AppState>, Form(f): Form<StartForm>) -> UiResult {
+    let w = api(st.store().get_workload(&f.workload).await)?;
+    let p = api(st.store().get_profile(&f.profile).await)?;
+    let m = api(crate::api::new_migration(&st, &w, &p, true).await)?;
+    Ok(Redirect::to(&format!("/ui/migrations/{}", m.id)).into_response())
+}
+
+#[derive(Deserialize, Default, Clone)]
+pub struct ProfileForm {
+    name: String,
+    target: String,
+    #[serde(default)]
+    services: String,
+    #[serde(default)]
+    uat_required: Option<String>,
+}
+
+fn profile_page(
+    profiles: &[Profile],
+    targets: &[Target],
+    form: &ProfileForm,
+    errors: &BTreeMap<String, String>,
+    created: Option<&str>,
+) -> Markup {
+    let err = |f: &str| errors.get(f).cloned();
+    page(
+        "Profiles",
+        html! {
+            @if let Some(c) = created { p.notice role="status" { "Profile " (c) " created." } }
+            table {
+                thead { tr { th { "Name" } th { "Target" } th { "UAT required" } th { "Services stopped at cutover" } } }
+                tbody { @for p in profiles { tr { td { (p.spec.name) } td { (p.spec.target) } td { (if p.spec.uat.required { "yes" } else { "no" }) } td { (p.spec.services_to_stop.join(", ")) } } } }
+            }
+            h2 { "New profile" }
+            form.form method="post" action="/ui/profiles" novalidate {
+                @if let Some(e) = err("_") { p.error role="alert" { (e) } }
+                div.field {
+                    label for="name" { "Name" }
+                    input #name name="name" value=(form.name) aria-invalid=[err("name").map(|_| "true")] aria-describedby="name-error";
+                    @if let Some(e) = err("name") { p.error #name-error { (e) } }
+                }
+                div.field {
+                    label for="target" { "Target" }
+                    select #target name="target" aria-invalid=[err("target").map(|_| "true")] aria-describedby="target-error" {
+                        option value="" { "— choose —" }
+                        @for t in targets { option value=(t.name) selected[form.target == t.name] { (t.name) " (" (t.kind.as_str()) ")" } }
+                    }
+                    @if let Some(e) = err("target") { p.error #target-error { (e) } }
+                }
+                div.field {
+                    label for="services" { "Services to stop at cutover (comma-separated)" }
+                    input #services name="services" value=(form.services) aria-invalid=[err("services_to_stop").map(|_| "true")];
+                    @if let Some(e) = err("services_to_stop") { p.error { (e) } }
+                }
+                div.field {
+                    input #uat_required type="checkbox" name="uat_required" value="on" checked[form.uat_required.is_some()];
+                    label for="uat_required" { "Require a passed UAT before cutover" }
+                }
+                button type="submit" { "Create profile" }
+            }
+        },
+    )
+}
+
+pub async fn profiles(AxState(st): AxState<AppState>) -> UiResult {
+    let (profiles, _) = api(st.store().list_profiles(ALL).await)?;
+    let (targets, _) = api(st.store().list_targets(ALL).await)?;
+    Ok(view::html(profile_page(
+        &profiles,
+        &targets,
+        &ProfileForm::default(),
+        &BTreeMap::new(),
+        None,
+    )))
+}
+
+pub async fn create_profile(
+    AxState(st): AxState<AppState>,
+    Form(f): Form<ProfileForm>,
+) -> UiResult {
+    let mut errors = BTreeMap::new();
+    let services: Vec<String> = f
+        .services
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    if f.target.trim().is_empty() {
+        errors.insert(
+            "target".to_string(),
+            "choose the target this profile migrates to".to_string(),
+        );
+    }
+    let spec: Result<ProfileSpec, _> = serde_json::from_value(serde_json::json!({
+        "name": f.name.trim(),
+        "target": f.target.trim(),
+        "services_to_stop": services,
+        "uat": {"required": f.uat_required.is_some()},
+    }));
+    let mut created = None;
+    match spec {
+        Err(e) => {
+            errors.insert("_".into(), format!("the profile is not valid: {e}"));
+        }
+        Ok(spec)
+            if {
+                for fe in spec.validate() {
+                    errors.entry(fe.field.clone()).or_insert(fe.message.clone());
+                }
+                errors.is_empty()
+            } =>
+        {
+            match crate::api::insert_profile(&st, &spec).await {
+                Ok(p) => created = Some(p.spec.name),
+                Err(e) => {
+                    let fields = e
+                        .details
+                        .as_ref()
+                        .and_then(|d| d.get("fields"))
+                        .and_then(|f| f.as_array())
+                        .cloned()
+                        .unwrap_or_default();
+                    for fe in &fields {
+                        if let (Some(field), Some(msg)) = (
+                            fe.get("field").and_then(|v| v.as_str()),
+                            fe.get("message").and_then(|v| v.as_str()),
+                        ) {
+                            errors.insert(field.to_string(), msg.to_string());
+                        }
+                    }
+                    if fields.is_empty() {
+                        let field = if e.message.contains("name") {
+                            "name"
+                        } else {
+                            "_"
+                        };
+                        errors.insert(field.into(), e.message);
+                    }
+                }
+            }
+        }
+        Ok(_) => {}
+    }
+    let (profiles, _) = api(st.store().list_profiles(ALL).await)?;
+    let (targets, _) = api(st.store().list_targets(ALL).await)?;
+    let status = if created.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    let form = if created.is_some() {
+        ProfileForm::default()
+    } else {
+        f
+    };
+    Ok((
+        status,
+        view::html(profile_page(
+            &profiles,
+            &targets,
+            &form,
+            &errors,
+            created.as_deref(),
+        )),
+    )
+        .into_response())
+}
+
+fn import_page(
+    csv: &str,
+    report: Option<&crate::api::ImportReport>,
+    error: Option<&str>,
+) -> Markup {
+    page(
+        "Import inventory",
+        html! {
+            p { "Paste a CSV with a header line (RiverMeadow's bulk columns: name, os, cpus, memory, disks, ips, move_group, …) or choose a file. Valid rows are imported; each bad row is reported at its line." }
+            @if let Some(e) = error { p.error role="alert" { (e) } }
+            @if let Some(r) = report {
+                p.notice role="status" #import-summary { (r.imported) " imported, " (r.rejected) " rejected." }
+                @if !r.errors.is_empty() {
+                    table.errors {
+                        thead { tr { th { "Line" } th { "Problem" } } }
+                        tbody { @for e in &r.errors { tr id={"line-" (e.line)} { td { (e.line) } td.error { (e.message) } } } }
+                    }
+                }
+            }
+            form.form method="post" action="/ui/import" {
+                div.field {
+                    label for="csv-file" { "CSV file" }
+                    input #csv-file type="file" accept=".csv,text/csv" data-fills="csv";
+                }
+                div.field {
+                    label for="csv" { "CSV" }
+                    textarea #csv name="csv" rows="12" cols="100" { (csv) }
+                }
+                button type="submit" { "Import" }
+            }
+        },
+    )
+}
+
+pub async fn import_form() -> UiResult {
+    Ok(view::html(import_page("", None, None)))
+}
+
+#[derive(Deserialize)]
+pub struct ImportForm {
+    csv: String,
+}
+
+pub async fn import(AxState(st): AxState<AppState>, Form(f): Form<ImportForm>) -> UiResult {
+    match crate::api::import_csv(&st, &f.csv).await {
+        Ok(r) => Ok(view::html(import_page(&f.csv, Some(&r), None))),
+        Err(e) => {
+            // A whole-file problem (no header, unknown column) is one error at its line.
+            let lines: Vec<crate::csv_import::LineError> = e
+                .details
+                .as_ref()
+                .and_then(|d| d.get("errors"))
+                .and_then(|v| serde_json::from_value(v.clone()).ok())
+                .unwrap_or_default();
+            let report = crate::api::ImportReport {
+                imported: 0,
+                rejected: lines.len(),
+                errors: lines,
+                workload_ids: vec![],
+            };
+            Ok((
+                StatusCode::BAD_REQUEST,
+                view::html(import_page(&f.csv, Some(&report), Some(&e.message))),
+            )
+                .into_response())
+        }
+    }
+}
+
+pub async fn sources(AxState(st): AxState<AppState>) -> UiResult {
+    let (list, _) = api(st.store().list_sources(ALL).await)?;
+    Ok(view::html(page(
+        "Sources",
+        html! {
+            p.muted { "Add sources with `ferry source add`; discover their workloads with `ferry source discover`." }
+            table {
+                thead { tr { th { "Name" } th { "Kind" } th { "Endpoint" } } }
+                tbody { @for s in &list { tr { td { (s.name) } td { (s.kind.as_str()) } td { (s.endpoint.clone().unwrap_or_default()) } } } }
+            }
+        },
+    )))
+}
+
+pub async fn targets(AxState(st): AxState<AppState>) -> UiResult {
+    let (list, _) = api(st.store().list_targets(ALL).await)?;
+    Ok(view::html(page(
+        "Targets",
+        html! {
+            p.muted { "Add targets with `ferry target add`." }
+            table {
+                thead { tr { th { "Name" } th { "Kind" } th { "Endpoint" } } }
+                tbody { @for t in &list { tr { td { (t.name) } td { (t.kind.as_str()) } td { (t.endpoint.clone().unwrap_or_default()) } } } }
+            }
+        },
+    )))
+}

@@ -53,6 +53,19 @@ if [ ${#guest[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${guest[@]}" >/dev/null
 fi
 
+# --- dashboard ----------------------------------------------------------------------
+# Headless Chromium and its WebDriver for the browser test (crates/ferry-cli/tests/web_ui.rs).
+ui=()
+for p in chromium chromium-driver; do
+  have "$p" || ui+=("$p")
+done
+if [ ${#ui[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  echo "install-deps: installing ${ui[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${ui[@]}" >/dev/null
+fi
+
 # --- control plane ------------------------------------------------------------------
 # Schemathesis (API conformance test, crates/ferry-cli/tests/control_plane.rs) in a venv
 # outside the repository; the test looks for it at /var/cache/ferry/venv/bin/st

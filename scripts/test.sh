@@ -19,6 +19,9 @@ export FERRY_TEST_LIBVIRT
 # The vSphere tests build govmomi's simulator (scripts/testbed/build-vcsim.sh); here they
 # must run, not skip.
 export FERRY_TEST_VCSIM=1
+# The browser test must run (not skip), and keeps its screenshots outside the repository.
+export FERRY_TEST_BROWSER=1
+export FERRY_UI_SCREENSHOTS="${FERRY_UI_SCREENSHOTS:-/var/cache/ferry/ui-screenshots}"
 
 # Build artefacts live outside the clone so repeated runs on one machine reuse them.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/ferry/target}"

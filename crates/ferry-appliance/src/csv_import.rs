@@ -43,6 +43,9 @@ pub struct ParsedRow {
 
 /// Parses the file. `Err` only when the file as a whole is unusable (header).
 pub fn parse(text: &str) -> Result<(Vec<ParsedRow>, Vec<LineError>), LineError> {
+    // The reader counts a CRLF line end (Windows tools, browser forms) as two lines: with
+    // LF only, the line numbers reported are the editor's.
+    let text = text.replace("\r\n", "\n");
     let mut rdr = csv::ReaderBuilder::new()
         .flexible(true)
         .trim(csv::Trim::All)
@@ -235,6 +238,10 @@ mod tests {
             Some("2026-12-24")
         );
         let lines: Vec<u64> = errors.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![3, 4, 5]);
+        // The same file with CRLF line ends: the same lines.
+        let (_, crlf) = parse(&text.replace('\n', "\r\n")).unwrap();
+        let lines: Vec<u64> = crlf.iter().map(|e| e.line).collect();
         assert_eq!(lines, vec![3, 4, 5]);
         assert!(
             errors[1].message.contains("agent 'maybe'"),

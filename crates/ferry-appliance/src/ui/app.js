@@ -6,13 +6,17 @@
   var live = document.getElementById("live");
   var main = document.getElementById("main");
   var pending = null;
+  // Set once the user changes a field: the page is theirs until they submit or reload.
+  var editing = false;
+  document.addEventListener("input", function () { editing = true; });
+  document.addEventListener("change", function () { editing = true; });
   function say(text) { if (live) live.textContent = text; }
   function refresh() {
     pending = null;
-    // Not while the user is typing in a form or a confirmation is open.
-    var a = document.activeElement;
-    if (a && (a.tagName === "INPUT" || a.tagName === "TEXTAREA" || a.tagName === "SELECT")) return;
-    if (document.querySelector(".confirm")) return;
+    if (editing || document.querySelector(".confirm")) {
+      say("Live updates paused while you edit: reload to refresh");
+      return;
+    }
     fetch(location.href, { credentials: "same-origin", headers: { "X-Ferry-Live": "1" } })
       .then(function (r) { if (!r.ok) throw new Error("HTTP " + r.status); return r.text(); })
       .then(function (text) {
@@ -22,11 +26,15 @@
       })
       .catch(function () { say("Live updates paused: reload to refresh"); });
   }
-  if (window.EventSource && main && !document.body.classList.contains("login")) {
+  // Pages built around a form are never refreshed under the user's hands.
+  if (window.EventSource && main && main.dataset.live === "on") {
     var es = new EventSource("/ui/stream");
-    es.onopen = function () { say("Live"); };
+    var kick = function () { if (!pending) pending = setTimeout(refresh, 250); };
+    // The stream starts at its connection: whatever happened between this page's
+    // rendering and then (or during a reconnection) is fetched once on opening.
+    es.onopen = function () { say("Live"); kick(); };
     es.onerror = function () { say("Live updates paused: reload to refresh"); };
-    es.onmessage = function () { if (!pending) pending = setTimeout(refresh, 250); };
+    es.onmessage = kick;
   }
   // A CSV file chosen fills the text area (the form posts the text).
   document.addEventListener("change", function (e) {

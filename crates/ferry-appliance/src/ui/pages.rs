@@ -412,7 +412,7 @@ pub async fn migration(
                             td { (format!("{:?}", s.kind).to_lowercase()) }
                             td { (bytes(s.bytes_sent)) }
                             td { (bytes(s.bytes_total)) }
-                            td { (format!("{secs:.1} s")) }
+                            td { (view::duration(s.finished_at - s.started_at)) }
                             td { (bytes((s.bytes_sent as f64 / secs) as u64)) "/s" }
                             td { (when(s.finished_at)) }
                         }
@@ -421,9 +421,9 @@ pub async fn migration(
             }
             @if let Some(d) = &downtime {
                 section aria-labelledby="h-downtime" {
-                    h2 #h-downtime { "Downtime: " (format!("{:.1}", d.total_ms as f64 / 1000.0)) " s" }
-                    ul { @for p in &d.phases { li { (p.phase.as_str()) ": " (format!("{:.1}", p.ms as f64 / 1000.0)) " s" } }
-                         li { "other: " (format!("{:.1}", d.other_ms as f64 / 1000.0)) " s" } }
+                    h2 #h-downtime { "Downtime: " (view::duration(d.total_ms)) }
+                    ul { @for p in &d.phases { li { (p.phase.as_str()) ": " (view::duration(p.ms)) } }
+                         li { "other: " (view::duration(d.other_ms)) } }
                 }
             }
             section aria-labelledby="h-inventory" {
@@ -497,18 +497,31 @@ pub async fn workloads(AxState(st): AxState<AppState>) -> UiResult {
         .list_workloads(&WorkloadFilter::default(), ALL)
         .await)?;
     let (profiles, _) = api(st.store().list_profiles(ALL).await)?;
+    let (migrations, _) = api(st
+        .store()
+        .list_migrations(&MigrationFilter::default(), ALL)
+        .await)?;
+    // The newest migration of each workload.
+    let mut latest: std::collections::HashMap<uuid::Uuid, &Migration> = Default::default();
+    for m in &migrations {
+        let e = latest.entry(m.workload_id).or_insert(m);
+        if m.created_at > e.created_at {
+            *e = m;
+        }
+    }
     Ok(view::html(page(
         "Workloads",
         html! {
             p { (total) " workload(s) in the inventory." }
             table {
-                thead { tr { th { "Name" } th { "OS" } th { "Disks" } th { "NICs" } th { "Start a migration" } } }
+                thead { tr { th { "Name" } th { "OS" } th { "Disks" } th { "NICs" } th { "Migration" } th { "Start a migration" } } }
                 tbody { @for w in &ws {
                     tr id={"w-" (w.name)} {
                         td { (w.name) }
                         td { (w.os.clone().unwrap_or_default()) }
                         td { @for d in &w.disks { (d.name) " " (bytes(d.size_bytes)) br; } }
                         td { @for n in &w.nics { (n.name) " " (n.network.clone().unwrap_or_default()) br; } }
+                        td { @if let Some(m) = latest.get(&w.id) { a href={"/ui/migrations/" (m.id)} { (state_badge(m.state())) } } @else { "—" } }
                         td {
                             @if profiles.is_empty() { a href="/ui/profiles" { "Create a profile first" } }
                             @else {
@@ -558,7 +571,7 @@ fn profile_page(
     created: Option<&str>,
 ) -> Markup {
     let err = |f: &str| errors.get(f).cloned();
-    page(
+    view::form_page(
         "Profiles",
         html! {
             @if let Some(c) = created { p.notice role="status" { "Profile " (c) " created." } }
@@ -707,7 +720,7 @@ fn import_page(
     report: Option<&crate::api::ImportReport>,
     error: Option<&str>,
 ) -> Markup {
-    page(
+    view::form_page(
         "Import inventory",
         html! {
             p { "Paste a CSV with a header line (RiverMeadow's bulk columns: name, os, cpus, memory, disks, ips, move_group, …) or choose a file. Valid rows are imported; each bad row is reported at its line." }

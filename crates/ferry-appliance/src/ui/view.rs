@@ -11,6 +11,16 @@ pub fn html(m: Markup) -> Response {
 /// The frame of every page: navigation, the live-update indicator, and `main` (what the
 /// script swaps when something changed).
 pub fn page(title: &str, body: Markup) -> Markup {
+    frame(title, body, true)
+}
+
+/// A page built around a form (or a form's result): never refreshed under the user's
+/// hands.
+pub fn form_page(title: &str, body: Markup) -> Markup {
+    frame(title, body, false)
+}
+
+fn frame(title: &str, body: Markup, live: bool) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -36,7 +46,7 @@ pub fn page(title: &str, body: Markup) -> Markup {
                     span #live role="status" aria-live="polite" { "" }
                     form.logout method="post" action="/ui/logout" { button type="submit" { "Log out" } }
                 }
-                main #main tabindex="-1" {
+                main #main tabindex="-1" data-live=(if live { "on" } else { "off" }) {
                     h1 { (title) }
                     (body)
                 }
@@ -126,16 +136,17 @@ pub fn sync_chart(syncs: &[SyncRun]) -> Markup {
     let mut body = String::new();
     for (i, s) in syncs.iter().enumerate() {
         let x = pad + step * i as f64 + (step - bar) / 2.0;
-        let bh = (s.bytes_sent as f64 / max_b) * (h - 2.0 * pad);
+        // At least 2 px: a tiny delta stays visible next to a full copy.
+        let bh = ((s.bytes_sent as f64 / max_b) * (h - 2.0 * pad)).max(2.0);
         let d = (s.finished_at - s.started_at).max(1) as f64;
         let cy = h - pad - (d / max_d) * (h - 2.0 * pad);
         body.push_str(&format!(
-            "<g class=\"point\" data-generation=\"{g}\"><rect class=\"bar\" x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar:.1}\" height=\"{bh:.1}\"><title>generation {g}: {b} sent</title></rect><circle class=\"dur\" cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"4\"><title>generation {g}: {ds:.1} s</title></circle></g>",
+            "<g class=\"point\" data-generation=\"{g}\"><rect class=\"bar\" x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar:.1}\" height=\"{bh:.1}\"><title>generation {g}: {b} sent</title></rect><circle class=\"dur\" cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"4\"><title>generation {g}: {ds}</title></circle></g>",
             g = s.generation,
             y = h - pad - bh,
             b = bytes(s.bytes_sent),
             cx = x + bar / 2.0,
-            ds = d / 1000.0,
+            ds = duration(d as i64),
         ));
     }
     html! {
@@ -144,7 +155,7 @@ pub fn sync_chart(syncs: &[SyncRun]) -> Markup {
                 line.axis x1=(pad) y1=(h - pad) x2=(w - pad) y2=(h - pad) {}
                 (PreEscaped(body))
             }
-            figcaption { "Bars: bytes sent per sync (largest " (bytes(max_b as u64)) "). Dots: duration (longest " (format!("{:.1}", max_d / 1000.0)) " s)." }
+            figcaption { "Bars: bytes sent per sync (largest " (bytes(max_b as u64)) "). Dots: duration (longest " (duration(max_d as i64)) ")." }
         }
     }
 }
@@ -157,5 +168,16 @@ pub fn progress(done: i64, total: i64) -> Markup {
             progress value=(done) max=(total.max(1)) aria-label={(done) " of " (total)} {}
             " " (done) "/" (total) " (" (pct) "%)"
         }
+    }
+}
+
+/// Milliseconds as `850 ms`, `12.4 s` or `3 min 05 s`.
+pub fn duration(ms: i64) -> String {
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else if ms < 60_000 {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    } else {
+        format!("{} min {:02} s", ms / 60_000, (ms % 60_000) / 1000)
     }
 }

@@ -95,6 +95,23 @@ async fn wait_for(c: &Client, css: &str) -> fantoccini::elements::Element {
         .unwrap_or_else(|e| panic!("{css} did not appear: {e}"))
 }
 
+/// Clicks `css`. A live page may swap its content between finding and clicking (a stale
+/// element): then it is found again.
+async fn click(c: &Client, css: &str) {
+    for _ in 0..10 {
+        match wait_for(c, css).await.click().await {
+            Ok(()) => return,
+            Err(fantoccini::error::CmdError::Standard(e))
+                if e.error == fantoccini::error::ErrorStatus::StaleElementReference =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("clicking {css}: {e}"),
+        }
+    }
+    panic!("{css} kept going stale");
+}
+
 /// Waits until `script` returns true, without reloading the page.
 async fn until(c: &Client, what: &str, script: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
@@ -261,12 +278,7 @@ async fn dashboard_in_a_real_browser() {
 
     // Start a migration of web-1 and watch it reach "synced" without a reload.
     c.goto(&format!("{base}/ui/workloads")).await.unwrap();
-    c.find(Locator::Css("#w-web-1 form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#w-web-1 form button").await;
     wait_for(&c, "#state").await;
     let url = c.current_url().await.unwrap();
     assert!(url.path().starts_with("/ui/migrations/"), "{url}");
@@ -296,12 +308,7 @@ async fn dashboard_in_a_real_browser() {
     let mut data = vec![0x5a; 3 << 20];
     data[(1 << 20) + 7] = 1;
     std::fs::write(&img, &data).unwrap();
-    c.find(Locator::Css("a[data-command=sync]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "a[data-command=sync]").await;
     let confirm = wait_for(&c, ".confirm").await.text().await.unwrap();
     assert!(
         confirm.contains("only what changed since the last sync is copied"),
@@ -329,6 +336,28 @@ async fn dashboard_in_a_real_browser() {
         "the page was reloaded"
     );
     shot(&c, &shots, "6-delta").await;
+
+    // The timeline and the logs of the migration are on its page.
+    let timeline = c
+        .find(Locator::Css("table.timeline"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(timeline.contains("completed"), "{timeline}");
+
+    // The move group the import created: its members, bulk actions behind a confirmation
+    // that names them.
+    c.goto(&format!("{base}/ui/")).await.unwrap();
+    click(&c, "a[href='/ui/groups/wave-1']").await;
+    click(&c, "a[href$='?confirm=sync']").await;
+    let confirm = wait_for(&c, ".confirm").await.text().await.unwrap();
+    assert!(
+        confirm.contains("A delta sync now for each of these"),
+        "{confirm}"
+    );
+    shot(&c, &shots, "7-group-confirm").await;
 
     // Nothing was fetched from anywhere but the appliance.
     let urls = js(

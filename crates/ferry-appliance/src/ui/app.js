@@ -28,13 +28,21 @@
   }
   // Pages built around a form are never refreshed under the user's hands.
   if (window.EventSource && main && main.dataset.live === "on") {
-    var es = new EventSource("/ui/stream");
+    var es = null;
     var kick = function () { if (!pending) pending = setTimeout(refresh, 250); };
-    // The stream starts at its connection: whatever happened between this page's
-    // rendering and then (or during a reconnection) is fetched once on opening.
-    es.onopen = function () { say("Live"); kick(); };
-    es.onerror = function () { say("Live updates paused: reload to refresh"); };
-    es.onmessage = kick;
+    var connect = function () {
+      es = new EventSource("/ui/stream");
+      // The stream starts at its connection: whatever happened between this page's
+      // rendering and then (or during a reconnection) is fetched once on opening.
+      es.onopen = function () { say("Live"); kick(); };
+      es.onerror = function () { say("Live updates paused: reload to refresh"); };
+      es.onmessage = kick;
+    };
+    connect();
+    // A page left (or kept in the back/forward cache) must not hold its stream open:
+    // browsers allow only a few connections per host, and the next page would wait.
+    window.addEventListener("pagehide", function () { if (es) { es.close(); es = null; } });
+    window.addEventListener("pageshow", function (e) { if (e.persisted && !es) connect(); });
   }
   // A CSV file chosen fills the text area (the form posts the text).
   document.addEventListener("change", function (e) {

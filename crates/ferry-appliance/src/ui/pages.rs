@@ -85,7 +85,29 @@ async fn latest_sync(st: &AppState, m: &Migration) -> Result<Option<SyncRun>, Ui
     Ok(api(st.store().list_syncs(m.id).await)?.into_iter().last())
 }
 
-fn needs_attention(m: &Migration) -> Option<String> {
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// How far the target is behind, when deltas are scheduled: the time since the last
+/// sync, if over twice the schedule's interval (at least ten minutes; an hour for cron).
+fn lag(m: &Migration, last: Option<&SyncRun>) -> Option<i64> {
+    let last = last?;
+    if m.state().is_terminal() || m.schedule.mode == ScheduleMode::Manual {
+        return None;
+    }
+    let allowed = match m.schedule.mode {
+        ScheduleMode::Cron => 3_600_000,
+        _ => (m.schedule.min_interval_secs as i64 * 2000).max(600_000),
+    };
+    let behind = now_ms() - last.finished_at;
+    (behind > allowed).then_some(behind)
+}
+
+fn needs_attention(m: &Migration, last: Option<&SyncRun>) -> Option<String> {
+    if let Some(l) = lag(m, last) {
+        return Some(format!("lagging: last sync {} ago", view::duration(l)));
+    }
     if m.state() == State::Failed {
         return Some(m.last_error.clone().unwrap_or_else(|| "failed".to_string()));
     }
@@ -98,7 +120,7 @@ fn needs_attention(m: &Migration) -> Option<String> {
 fn migrations_table(rows: &[(Migration, Option<SyncRun>)]) -> Markup {
     html! {
         table.migrations {
-            thead { tr { th { "Workload" } th { "State" } th { "Generation" } th { "Last sync" } th { "Next delta" } th { "UAT" } } }
+            thead { tr { th { "Workload" } th { "State" } th { "Generation" } th { "Last sync" } th { "Lag" } th { "Next delta" } th { "UAT" } } }
             tbody {
                 @for (m, last) in rows {
                     tr id={"m-" (m.id)} {
@@ -106,6 +128,7 @@ fn migrations_table(rows: &[(Migration, Option<SyncRun>)]) -> Markup {
                         td.state { (state_badge(m.state())) }
                         td { (m.status.generation) }
                         td { @if let Some(s) = last { (when(s.finished_at)) " (" (bytes(s.bytes_sent)) ")" } @else { "—" } }
+                        td { @if let Some(l) = lag(m, last.as_ref()) { span.error { (view::duration(l)) } } @else { "—" } }
                         td { @if let Some(n) = m.next_sync_at { (when(n)) } @else { "manual" } }
                         td { @match m.status.uat_verdict { Some(UatVerdict::Passed) => "passed", Some(UatVerdict::Failed) => "failed", None => "—" } }
                     }
@@ -154,9 +177,9 @@ pub async fn overview(AxState(st): AxState<AppState>) -> UiResult {
             .count() as i64;
         group_rows.push((g.clone(), per, synced, total));
     }
-    let attention: Vec<(&Migration, String)> = migrations
+    let attention: Vec<(&Migration, String)> = rows
         .iter()
-        .filter_map(|m| needs_attention(m).map(|why| (m, why)))
+        .filter_map(|(m, last)| needs_attention(m, last.as_ref()).map(|why| (m, why)))
         .collect();
     Ok(view::html(page(
         "Overview",
@@ -226,7 +249,7 @@ pub async fn group(
     let confirm = q
         .confirm
         .as_deref()
-        .filter(|c| matches!(*c, "sync" | "cutover"));
+        .filter(|c| matches!(*c, "sync" | "cutover" | "uat_start"));
     Ok(view::html(page(
         &format!("Move group {}", g.name),
         html! {
@@ -237,20 +260,33 @@ pub async fn group(
                     h2 #h-confirm { "Confirm" }
                     @if c == "sync" {
                         p { "A delta sync now for each of these " (active.len()) " migrations: only what changed since their last sync is copied; the sources keep running." }
+                    } @else if c == "uat_start" {
+                        p { "Boot a test copy of each synced member on the isolated migration network; replication goes on meanwhile. Members not synced are skipped." }
                     } @else {
                         p { "Cut over the members that are synced, in their group order, " (g.concurrency) " at a time: services stop, each source shuts down, a final delta runs, and the workload starts on the target's production network." }
                     }
                     ul { @for m in &active { li { (m.workload_name) " (" (m.state().as_str()) ")" } } }
                     form method="post" action={"/ui/groups/" (g.name) "/action"} {
                         input type="hidden" name="action" value=(c);
-                        button type="submit" { "Yes, " (if c == "sync" { "sync now" } else { "cut over" }) }
+                        button type="submit" { "Yes, " (match c { "sync" => "sync now", "uat_start" => "start UAT", _ => "cut over" }) }
                         " " a href={"/ui/groups/" (g.name)} { "Cancel" }
                     }
                 }
             } @else {
                 p.actions {
                     a.button href={"/ui/groups/" (g.name) "?confirm=sync"} { "Sync all now…" }
+                    " " a.button href={"/ui/groups/" (g.name) "?confirm=uat_start"} { "Start UAT for all…" }
                     " " a.button href={"/ui/groups/" (g.name) "?confirm=cutover"} { "Cut over the group…" }
+                }
+                form.inline method="post" action={"/ui/groups/" (g.name) "/action"} {
+                    input type="hidden" name="action" value="schedule";
+                    label for="mode" { "Delta schedule for all members" }
+                    select #mode name="mode" { option value="manual" { "manual" } option value="continuous" { "continuous" } option value="cron" { "cron" } }
+                    label for="cron" { "cron (UTC)" }
+                    input #cron name="cron" placeholder="0 */4 * * *" size="14";
+                    label for="interval" { "min. interval (s)" }
+                    input #interval name="interval" type="number" min="1" value="300" size="6";
+                    button type="submit" { "Set schedule" }
                 }
             }
             (migrations_table(&rows))
@@ -261,6 +297,47 @@ pub async fn group(
 #[derive(Deserialize)]
 pub struct GroupAction {
     action: String,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    cron: Option<String>,
+    #[serde(default)]
+    interval: Option<String>,
+}
+
+/// Runs `c` on every member the predicate picks; a sentence saying what happened.
+async fn on_members(
+    st: &AppState,
+    g: &MoveGroup,
+    caller: &Caller,
+    c: Command,
+    pick: impl Fn(&Migration) -> bool,
+) -> Result<String, UiError> {
+    let filter = MigrationFilter {
+        move_group_id: Some(g.id),
+        ..Default::default()
+    };
+    let (ms, _) = api(st.store().list_migrations(&filter, ALL).await)?;
+    let (mut ok, mut skipped) = (0, vec![]);
+    for m in ms.iter().filter(|m| pick(m)) {
+        match st
+            .engine
+            .command(m.id, c, &format!("dashboard, token '{}'", caller.0))
+            .await
+        {
+            Ok(_) => ok += 1,
+            Err(e) => skipped.push(format!("{}: {}", m.workload_name, e.message)),
+        }
+    }
+    Ok(format!(
+        "{} started for {ok} migration(s).{}",
+        label(c),
+        if skipped.is_empty() {
+            String::new()
+        } else {
+            format!(" Skipped: {}", skipped.join("; "))
+        }
+    ))
 }
 
 pub async fn group_action(
@@ -272,32 +349,44 @@ pub async fn group_action(
     let g = api(st.store().get_group(&key).await)?;
     let msg = match f.action.as_str() {
         "sync" => {
+            on_members(&st, &g, &caller, Command::Sync, |m| {
+                !m.state().is_terminal()
+            })
+            .await?
+        }
+        "uat_start" => {
+            on_members(&st, &g, &caller, Command::UatStart, |m| {
+                m.state() == State::Synced
+            })
+            .await?
+        }
+        "schedule" => {
+            let spec = serde_json::json!({
+                "mode": f.mode.as_deref().unwrap_or("manual"),
+                "cron": f.cron.as_deref().map(str::trim).filter(|c| !c.is_empty()),
+                "min_interval_secs": f.interval.as_deref().and_then(|i| i.trim().parse::<u64>().ok()).unwrap_or(60),
+            });
+            let schedule: DeltaSchedule = serde_json::from_value(spec)
+                .map_err(|e| fail(ApiError::bad_request(format!("schedule: {e}"))))?;
             let filter = MigrationFilter {
                 move_group_id: Some(g.id),
                 ..Default::default()
             };
             let (ms, _) = api(st.store().list_migrations(&filter, ALL).await)?;
-            let (mut ok, mut skipped) = (0, vec![]);
+            let (mut ok, mut refused) = (0, vec![]);
             for m in ms.iter().filter(|m| !m.state().is_terminal()) {
-                match st
-                    .engine
-                    .command(
-                        m.id,
-                        Command::Sync,
-                        &format!("dashboard, token '{}'", caller.0),
-                    )
-                    .await
-                {
+                match st.engine.set_schedule(m.id, schedule.clone()).await {
                     Ok(_) => ok += 1,
-                    Err(e) => skipped.push(format!("{}: {}", m.workload_name, e.message)),
+                    Err(e) => refused.push(format!("{}: {}", m.workload_name, e.message)),
                 }
             }
             format!(
-                "Delta sync started for {ok} migration(s).{}",
-                if skipped.is_empty() {
+                "Schedule {} set for {ok} migration(s).{}",
+                schedule.mode.as_str(),
+                if refused.is_empty() {
                     String::new()
                 } else {
-                    format!(" Skipped: {}", skipped.join("; "))
+                    format!(" Refused: {}", refused.join("; "))
                 }
             )
         }
@@ -349,6 +438,8 @@ pub async fn migration(
     let profile = st.store().get_profile(&m.profile_id.to_string()).await.ok();
     let syncs = api(st.store().list_syncs(id).await)?;
     let events = api(st.store().list_events(Some(id), 0, 1000).await)?;
+    let logs = api(st.store().list_logs(id, 0, 1000).await)?;
+    let timeline = steps(&events);
     let downtime: Option<crate::api::Downtime> = api(st
         .store()
         .latest_event(id, crate::engine::DOWNTIME_EVENT)
@@ -439,7 +530,24 @@ pub async fn migration(
                 }
                 @if !w.services.is_empty() { p { "Services: " (w.services.join(", ")) } }
             }
+            section aria-labelledby="h-timeline" {
+                h2 #h-timeline { "Timeline" }
+                table.timeline {
+                    thead { tr { th { "Step" } th { "Started" } th { "Took" } th { "Outcome" } } }
+                    tbody { @for t in &timeline {
+                        tr { td { (t.step) } td { (when(t.started)) } td { @if let Some(e) = t.ended { (view::duration(e - t.started)) } @else { "running" } } td class=(if t.outcome == "failed" { "error" } else { "" }) { (t.outcome) } }
+                    } }
+                }
+            }
+            section aria-labelledby="h-logs" {
+                h2 #h-logs { "Logs" }
+                @if logs.is_empty() { p.muted { "No log lines." } }
+                @else {
+                    pre.logs { @for l in &logs[logs.len().saturating_sub(200)..] { (when(l.at)) " " (l.level) " " (l.origin) ": " (l.message) "\n" } }
+                }
+            }
             section aria-labelledby="h-events" {
+
                 h2 #h-events { "Events" }
                 form.filter method="get" {
                     label for="kind" { "Kind" }
@@ -810,4 +918,44 @@ pub async fn targets(AxState(st): AxState<AppState>) -> UiResult {
             }
         },
     )))
+}
+
+/// A step of a migration as its events tell it.
+struct StepRow {
+    step: String,
+    started: i64,
+    ended: Option<i64>,
+    outcome: &'static str,
+}
+
+fn steps(events: &[Event]) -> Vec<StepRow> {
+    let mut out: Vec<StepRow> = vec![];
+    for e in events {
+        let Some(step) = e.step else { continue };
+        let name = step.as_str().to_string();
+        match e.kind.as_str() {
+            "step.started" => out.push(StepRow {
+                step: name,
+                started: e.at,
+                ended: None,
+                outcome: "running",
+            }),
+            "step.completed" | "step.failed" => {
+                if let Some(r) = out
+                    .iter_mut()
+                    .rev()
+                    .find(|r| r.step == name && r.ended.is_none())
+                {
+                    r.ended = Some(e.at);
+                    r.outcome = if e.kind == "step.completed" {
+                        "completed"
+                    } else {
+                        "failed"
+                    };
+                }
+            }
+            _ => {}
+        }
+    }
+    out
 }

@@ -630,18 +630,18 @@ async fn check_credential(st: &AppState, id: Option<Uuid>) -> ApiResult<()> {
         st.store()
             .credential_secret(id)
             .await
-            .map_err(|_| ApiError::bad_request(format!("credential {id} does not exist")))?;
+            .map_err(|_| field_error("credential", format!("credential {id} does not exist")))?;
     }
     Ok(())
 }
 
 fn check_config(config: &serde_json::Value) -> ApiResult<()> {
     if !config.is_object() {
-        return Err(ApiError::bad_request("config must be a JSON object"));
+        return Err(field_error("config", "config must be a JSON object".into()));
     }
     if let Some(p) = config.get("path") {
         if !p.is_string() && !p.is_null() {
-            return Err(ApiError::bad_request("config.path must be a string"));
+            return Err(field_error("path", "config.path must be a string".into()));
         }
     }
     Ok(())
@@ -664,13 +664,21 @@ async fn create_source(
     AxState(st): AxState<AppState>,
     ApiJson(s): ApiJson<NewSource>,
 ) -> ApiResult<(StatusCode, Json<Source>)> {
-    validate_name(&s.name).map_err(|m| ApiError::bad_request(format!("name {m}")))?;
+    Ok((StatusCode::CREATED, Json(insert_source(&st, &s).await?)))
+}
+
+/// Checks a new source (the field at fault in the error's details) and stores it.
+pub(crate) async fn insert_source(st: &AppState, s: &NewSource) -> ApiResult<Source> {
+    validate_name(&s.name).map_err(|m| field_error("name", format!("name {m}")))?;
     check_config(&s.config)?;
-    check_credential(&st, s.credential_id).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(st.store().insert_source(&s).await?),
-    ))
+    check_credential(st, s.credential_id).await?;
+    Ok(st.store().insert_source(s).await?)
+}
+
+/// A bad request about one field, named in `details.fields` (what forms show at it).
+fn field_error(field: &str, message: String) -> ApiError {
+    ApiError::bad_request(message.clone())
+        .with_details(serde_json::json!({"fields": [{"field": field, "message": message}]}))
 }
 
 #[utoipa::path(get, path = "/api/sources/{key}", params(("key" = String, Path, description = "Name or id")), responses((status = 200, body = Source)))]
@@ -810,18 +818,21 @@ async fn create_target(
     AxState(st): AxState<AppState>,
     ApiJson(t): ApiJson<NewTarget>,
 ) -> ApiResult<(StatusCode, Json<Target>)> {
-    validate_name(&t.name).map_err(|m| ApiError::bad_request(format!("name {m}")))?;
+    Ok((StatusCode::CREATED, Json(insert_target(&st, &t).await?)))
+}
+
+/// Checks a new target (the field at fault in the error's details) and stores it.
+pub(crate) async fn insert_target(st: &AppState, t: &NewTarget) -> ApiResult<Target> {
+    validate_name(&t.name).map_err(|m| field_error("name", format!("name {m}")))?;
     check_config(&t.config)?;
     if t.kind == TargetKind::LocalDir && !t.config.get("path").is_some_and(|p| p.is_string()) {
-        return Err(ApiError::bad_request(
-            "a local_dir target needs config.path: the directory to write instances into",
+        return Err(field_error(
+            "path",
+            "a local_dir target needs config.path: the directory to write instances into".into(),
         ));
     }
-    check_credential(&st, t.credential_id).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(st.store().insert_target(&t).await?),
-    ))
+    check_credential(st, t.credential_id).await?;
+    Ok(st.store().insert_target(t).await?)
 }
 
 #[utoipa::path(get, path = "/api/targets/{key}", params(("key" = String, Path, description = "Name or id")), responses((status = 200, body = Target)))]

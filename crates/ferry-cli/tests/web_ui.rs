@@ -200,6 +200,19 @@ async fn dashboard_in_a_real_browser() {
     assert_eq!(h1, "Overview");
     shot(&c, &shots, "1-overview").await;
 
+    // A target: a local directory without its path is refused at the path field.
+    c.goto(&format!("{base}/ui/targets")).await.unwrap();
+    wait_for(&c, "#name").await.send_keys("lab2").await.unwrap();
+    click(&c, "#kind option[value=local_dir]").await;
+    click(&c, "form.form button[type=submit]").await;
+    let err = wait_for(&c, "#path-error").await.text().await.unwrap();
+    assert!(err.contains("config.path"), "{err}");
+    wait_for(&c, "#path").await.send_keys(dir.join("target2").to_str().unwrap()).await.unwrap();
+    click(&c, "form.form button[type=submit]").await;
+    let notice = wait_for(&c, ".notice").await.text().await.unwrap();
+    assert!(notice.contains("target lab2 created"), "{notice}");
+    shot(&c, &shots, "2-target-created").await;
+
     // A profile: first without a name (the error is shown at the field), then valid.
     c.goto(&format!("{base}/ui/profiles")).await.unwrap();
     c.find(Locator::Css("form.form button[type=submit]"))

@@ -48,8 +48,14 @@ pub fn routes(state: AppState) -> Router<AppState> {
             get(pages::profiles).post(pages::create_profile),
         )
         .route("/ui/import", get(pages::import_form).post(pages::import))
-        .route("/ui/sources", get(pages::sources))
-        .route("/ui/targets", get(pages::targets))
+        .route(
+            "/ui/sources",
+            get(pages::sources).post(pages::create_source),
+        )
+        .route(
+            "/ui/targets",
+            get(pages::targets).post(pages::create_target),
+        )
         .route("/ui/stream", get(stream))
         .route("/ui/logout", post(logout))
         .layer(axum::middleware::from_fn_with_state(state, require_session));

@@ -892,32 +892,314 @@ pub async fn import(AxState(st): AxState<AppState>, Form(f): Form<ImportForm>) -
     }
 }
 
-pub async fn sources(AxState(st): AxState<AppState>) -> UiResult {
-    let (list, _) = api(st.store().list_sources(ALL).await)?;
-    Ok(view::html(page(
-        "Sources",
+/// The fields of a new source or target.
+#[derive(Deserialize, Default, Clone)]
+pub struct EndpointForm {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    endpoint: String,
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    credential: String,
+    #[serde(default)]
+    config: String,
+}
+
+/// The form's values as the API's JSON (`name, kind, endpoint, credential_id, config`),
+/// or the errors of the fields that cannot even be read.
+fn endpoint_json(
+    f: &EndpointForm,
+    kinds: &[&str],
+) -> Result<serde_json::Value, BTreeMap<String, String>> {
+    let mut errors = BTreeMap::new();
+    if !kinds.contains(&f.kind.as_str()) {
+        errors.insert(
+            "kind".to_string(),
+            format!("choose a kind: {}", kinds.join(", ")),
+        );
+    }
+    let mut config = if f.config.trim().is_empty() {
+        serde_json::json!({})
+    } else {
+        match serde_json::from_str::<serde_json::Value>(&f.config) {
+            Ok(v) if v.is_object() => v,
+            Ok(_) => {
+                errors.insert(
+                    "config".into(),
+                    "must be a JSON object, e.g. {\"ca_bundle\": \"/etc/ferry/ca.pem\"}".into(),
+                );
+                serde_json::json!({})
+            }
+            Err(e) => {
+                errors.insert("config".into(), format!("not JSON: {e}"));
+                serde_json::json!({})
+            }
+        }
+    };
+    if !f.path.trim().is_empty() {
+        config["path"] = serde_json::json!(f.path.trim());
+    }
+    let credential = f.credential.trim();
+    if !credential.is_empty() && credential.parse::<uuid::Uuid>().is_err() {
+        errors.insert(
+            "credential".into(),
+            "a credential id (from `ferry credential list` or POST /api/credentials)".into(),
+        );
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let endpoint = f.endpoint.trim();
+    Ok(serde_json::json!({
+        "name": f.name.trim(),
+        "kind": f.kind,
+        "endpoint": (!endpoint.is_empty()).then_some(endpoint),
+        "credential_id": (!credential.is_empty()).then_some(credential),
+        "config": config,
+    }))
+}
+
+/// The API's error as errors at the form's fields.
+fn field_errors(e: &ApiError) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Some(fields) = e
+        .details
+        .as_ref()
+        .and_then(|d| d.get("fields"))
+        .and_then(|f| f.as_array())
+    {
+        for fe in fields {
+            if let (Some(field), Some(msg)) = (
+                fe.get("field").and_then(|v| v.as_str()),
+                fe.get("message").and_then(|v| v.as_str()),
+            ) {
+                out.insert(field.to_string(), msg.to_string());
+            }
+        }
+    }
+    if out.is_empty() {
+        out.insert("_".into(), e.message.clone());
+    }
+    out
+}
+
+struct Listed {
+    name: String,
+    kind: &'static str,
+    endpoint: Option<String>,
+    path: Option<String>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn endpoint_page(
+    title: &str,
+    noun: &str,
+    action: &str,
+    kinds: &[&str],
+    list: &[Listed],
+    form: &EndpointForm,
+    errors: &BTreeMap<String, String>,
+    created: Option<&str>,
+) -> Markup {
+    let err = |f: &str| errors.get(f).cloned();
+    let field = |id: &'static str, label: &'static str, value: &str, hint: &'static str| {
         html! {
-            p.muted { "Add sources with `ferry source add`; discover their workloads with `ferry source discover`." }
+            div.field {
+                label for=(id) { (label) }
+                input id=(id) name=(id) value=(value) aria-invalid=[err(id).map(|_| "true")] aria-describedby={(id) "-error"};
+                @if !hint.is_empty() { p.hint { (hint) } }
+                @if let Some(e) = err(id) { p.error id={(id) "-error"} { (e) } }
+            }
+        }
+    };
+    view::form_page(
+        title,
+        html! {
+            @if let Some(c) = created { p.notice role="status" { (noun) " " (c) " created." } }
             table {
-                thead { tr { th { "Name" } th { "Kind" } th { "Endpoint" } } }
-                tbody { @for s in &list { tr { td { (s.name) } td { (s.kind.as_str()) } td { (s.endpoint.clone().unwrap_or_default()) } } } }
+                thead { tr { th { "Name" } th { "Kind" } th { "Endpoint" } th { "Path" } } }
+                tbody { @for l in list { tr { td { (l.name) } td { (l.kind) } td { (l.endpoint.clone().unwrap_or_default()) } td { (l.path.clone().unwrap_or_default()) } } } }
+            }
+            h2 { "New " (noun) }
+            form.form method="post" action=(action) novalidate {
+                @if let Some(e) = err("_") { p.error role="alert" { (e) } }
+                (field("name", "Name", &form.name, ""))
+                div.field {
+                    label for="kind" { "Kind" }
+                    select #kind name="kind" aria-invalid=[err("kind").map(|_| "true")] aria-describedby="kind-error" {
+                        option value="" { "— choose —" }
+                        @for k in kinds { option value=(k) selected[form.kind == *k] { (k) } }
+                    }
+                    @if let Some(e) = err("kind") { p.error #kind-error { (e) } }
+                }
+                (field("endpoint", "Endpoint", &form.endpoint, "vCenter or VME manager URL, qemu:///system, …"))
+                (field("path", "Path", &form.path, "Directory (disk images, local directory targets)"))
+                (field("credential", "Credential id", &form.credential, "The account the adapter logs in with"))
+                div.field {
+                    label for="config" { "More settings (JSON object)" }
+                    textarea #config name="config" rows="3" cols="60" aria-invalid=[err("config").map(|_| "true")] aria-describedby="config-error" { (form.config) }
+                    @if let Some(e) = err("config") { p.error #config-error { (e) } }
+                }
+                button type="submit" { "Create " (noun) }
             }
         },
+    )
+}
+
+fn source_kinds() -> Vec<&'static str> {
+    SourceKind::ALL.iter().map(|k| k.as_str()).collect()
+}
+
+fn target_kinds() -> Vec<&'static str> {
+    TargetKind::ALL.iter().map(|k| k.as_str()).collect()
+}
+
+async fn source_list(st: &AppState) -> Result<Vec<Listed>, UiError> {
+    let (list, _) = api(st.store().list_sources(ALL).await)?;
+    Ok(list
+        .into_iter()
+        .map(|s| Listed {
+            path: s
+                .config
+                .get("path")
+                .and_then(|p| p.as_str())
+                .map(str::to_string),
+            name: s.name,
+            kind: s.kind.as_str(),
+            endpoint: s.endpoint,
+        })
+        .collect())
+}
+
+async fn target_list(st: &AppState) -> Result<Vec<Listed>, UiError> {
+    let (list, _) = api(st.store().list_targets(ALL).await)?;
+    Ok(list
+        .into_iter()
+        .map(|t| Listed {
+            path: t
+                .config
+                .get("path")
+                .and_then(|p| p.as_str())
+                .map(str::to_string),
+            name: t.name,
+            kind: t.kind.as_str(),
+            endpoint: t.endpoint,
+        })
+        .collect())
+}
+
+pub async fn sources(AxState(st): AxState<AppState>) -> UiResult {
+    let list = source_list(&st).await?;
+    Ok(view::html(endpoint_page(
+        "Sources",
+        "source",
+        "/ui/sources",
+        &source_kinds(),
+        &list,
+        &EndpointForm::default(),
+        &BTreeMap::new(),
+        None,
     )))
 }
 
-pub async fn targets(AxState(st): AxState<AppState>) -> UiResult {
-    let (list, _) = api(st.store().list_targets(ALL).await)?;
-    Ok(view::html(page(
-        "Targets",
-        html! {
-            p.muted { "Add targets with `ferry target add`." }
-            table {
-                thead { tr { th { "Name" } th { "Kind" } th { "Endpoint" } } }
-                tbody { @for t in &list { tr { td { (t.name) } td { (t.kind.as_str()) } td { (t.endpoint.clone().unwrap_or_default()) } } } }
-            }
+pub async fn create_source(
+    AxState(st): AxState<AppState>,
+    Form(f): Form<EndpointForm>,
+) -> UiResult {
+    let kinds = source_kinds();
+    let result = match endpoint_json(&f, &kinds) {
+        Err(errors) => Err(errors),
+        Ok(v) => match serde_json::from_value::<NewSource>(v) {
+            Err(e) => Err(BTreeMap::from([("_".to_string(), e.to_string())])),
+            Ok(new) => crate::api::insert_source(&st, &new)
+                .await
+                .map(|s| s.name)
+                .map_err(|e| field_errors(&e)),
         },
+    };
+    let list = source_list(&st).await?;
+    let (status, form, errors, created) = match result {
+        Ok(name) => (
+            StatusCode::OK,
+            EndpointForm::default(),
+            BTreeMap::new(),
+            Some(name),
+        ),
+        Err(errors) => (StatusCode::BAD_REQUEST, f, errors, None),
+    };
+    Ok((
+        status,
+        view::html(endpoint_page(
+            "Sources",
+            "source",
+            "/ui/sources",
+            &kinds,
+            &list,
+            &form,
+            &errors,
+            created.as_deref(),
+        )),
+    )
+        .into_response())
+}
+
+pub async fn targets(AxState(st): AxState<AppState>) -> UiResult {
+    let list = target_list(&st).await?;
+    Ok(view::html(endpoint_page(
+        "Targets",
+        "target",
+        "/ui/targets",
+        &target_kinds(),
+        &list,
+        &EndpointForm::default(),
+        &BTreeMap::new(),
+        None,
     )))
+}
+
+pub async fn create_target(
+    AxState(st): AxState<AppState>,
+    Form(f): Form<EndpointForm>,
+) -> UiResult {
+    let kinds = target_kinds();
+    let result = match endpoint_json(&f, &kinds) {
+        Err(errors) => Err(errors),
+        Ok(v) => match serde_json::from_value::<NewTarget>(v) {
+            Err(e) => Err(BTreeMap::from([("_".to_string(), e.to_string())])),
+            Ok(new) => crate::api::insert_target(&st, &new)
+                .await
+                .map(|t| t.name)
+                .map_err(|e| field_errors(&e)),
+        },
+    };
+    let list = target_list(&st).await?;
+    let (status, form, errors, created) = match result {
+        Ok(name) => (
+            StatusCode::OK,
+            EndpointForm::default(),
+            BTreeMap::new(),
+            Some(name),
+        ),
+        Err(errors) => (StatusCode::BAD_REQUEST, f, errors, None),
+    };
+    Ok((
+        status,
+        view::html(endpoint_page(
+            "Targets",
+            "target",
+            "/ui/targets",
+            &kinds,
+            &list,
+            &form,
+            &errors,
+            created.as_deref(),
+        )),
+    )
+        .into_response())
 }
 
 /// A step of a migration as its events tell it.

@@ -294,8 +294,28 @@ pub trait TargetAdapter: Send + Sync {
     async fn remove(&self, ctx: &StepContext) -> AResult<()>;
 }
 
+/// How far a running disk sync is, for whoever watches (the dashboard).
+#[derive(Debug, Default)]
+pub struct SyncProgress {
+    /// Bytes of the disk examined so far, of `total`.
+    pub scanned: std::sync::atomic::AtomicU64,
+    pub total: std::sync::atomic::AtomicU64,
+    pub sent: std::sync::atomic::AtomicU64,
+}
+
 /// The data plane: the only place disk bytes are copied.
 #[async_trait]
 pub trait Replicator: Send + Sync {
     async fn sync(&self, src: &SourceDisk, dst: &std::path::Path) -> AResult<SyncStats>;
+
+    /// Like [`Replicator::sync`], keeping `progress` current while it runs.
+    async fn sync_observed(
+        &self,
+        src: &SourceDisk,
+        dst: &std::path::Path,
+        progress: std::sync::Arc<SyncProgress>,
+    ) -> AResult<SyncStats> {
+        let _ = progress;
+        self.sync(src, dst).await
+    }
 }

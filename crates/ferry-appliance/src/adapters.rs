@@ -7,6 +7,7 @@ use ferry_model::*;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 pub use ferry_adapter::*;
@@ -336,6 +337,15 @@ pub struct EngineReplicator;
 #[async_trait]
 impl Replicator for EngineReplicator {
     async fn sync(&self, src: &SourceDisk, dst: &Path) -> AResult<SyncStats> {
+        self.sync_observed(src, dst, Arc::default()).await
+    }
+
+    async fn sync_observed(
+        &self,
+        src: &SourceDisk,
+        dst: &Path,
+        watched: Arc<ferry_adapter::SyncProgress>,
+    ) -> AResult<SyncStats> {
         use ferry_replication::{Mode, Progress, SendOptions};
         if let Some(dir) = dst.parent() {
             tokio::fs::create_dir_all(dir).await?;
@@ -362,12 +372,26 @@ impl Replicator for EngineReplicator {
             ..SendOptions::default()
         };
         let progress = Arc::new(Progress::default());
-        let r = ferry_replication::sync_local(&disk, dst, &opts, progress)
-            .await
-            .map_err(|e| AdapterError {
-                retryable: e.is_retryable(),
-                message: format!("sync of disk '{}' failed: {e}", src.name),
-            })?;
+        // Copies the engine's counters to what watchers see, twice a second.
+        let copier = {
+            let (p, w) = (Arc::clone(&progress), Arc::clone(&watched));
+            tokio::spawn(async move {
+                loop {
+                    w.scanned
+                        .store(Progress::get(&p.scanned), Ordering::Relaxed);
+                    w.total.store(Progress::get(&p.total), Ordering::Relaxed);
+                    w.sent
+                        .store(Progress::get(&p.bytes_sent), Ordering::Relaxed);
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            })
+        };
+        let r = ferry_replication::sync_local(&disk, dst, &opts, progress).await;
+        copier.abort();
+        let r = r.map_err(|e| AdapterError {
+            retryable: e.is_retryable(),
+            message: format!("sync of disk '{}' failed: {e}", src.name),
+        })?;
         Ok(SyncStats {
             bytes_total: r.disk_size,
             bytes_read: r.bytes_read,

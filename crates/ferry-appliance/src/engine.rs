@@ -11,6 +11,7 @@ use crate::adapters::{
 use crate::error::ApiError;
 use ferry_model::*;
 use ferry_store::{Change, ClaimedJob, NewJob, Store, StoreError};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,6 +64,21 @@ pub struct Engine {
     pub adapters: Adapters,
     pub config: EngineConfig,
     pub wake: Notify,
+    /// Syncs running in this process, by migration: what the dashboard shows live.
+    pub running: std::sync::Mutex<HashMap<Uuid, RunningSync>>,
+}
+
+/// A sync in progress.
+#[derive(Clone)]
+pub struct RunningSync {
+    pub started_ms: i64,
+    /// The disk being copied (1-based) of how many, and its name.
+    pub disk: usize,
+    pub disks: usize,
+    pub disk_name: String,
+    pub progress: Arc<ferry_adapter::SyncProgress>,
+    /// Bytes sent by the disks already done.
+    pub sent_before: u64,
 }
 
 fn run_effects(c: &mut Change, effects: &[Effect], max_attempts: i64) {
@@ -492,10 +508,27 @@ impl Engine {
         let disks = source.open_disks(ctx, full).await?;
         let mut total = SyncStats::default();
         let mut result = Ok(());
-        for d in &disks {
+        for (i, d) in disks.iter().enumerate() {
+            let progress = Arc::new(ferry_adapter::SyncProgress::default());
+            if let Ok(mut r) = self.running.lock() {
+                r.insert(
+                    ctx.migration.id,
+                    RunningSync {
+                        started_ms: started,
+                        disk: i + 1,
+                        disks: disks.len(),
+                        disk_name: d.name.clone(),
+                        progress: Arc::clone(&progress),
+                        sent_before: total.bytes_sent,
+                    },
+                );
+            }
             let r = async {
                 let dst = target.disk_destination(ctx, d).await?;
-                self.adapters.replicator.sync(d, &dst).await
+                self.adapters
+                    .replicator
+                    .sync_observed(d, &dst, progress)
+                    .await
             }
             .await;
             match r {
@@ -505,6 +538,9 @@ impl Engine {
                     break;
                 }
             }
+        }
+        if let Ok(mut r) = self.running.lock() {
+            r.remove(&ctx.migration.id);
         }
         let closed = source.close_disks(ctx, &disks, result.is_ok()).await;
         result?;

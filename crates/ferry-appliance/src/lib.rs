@@ -148,6 +148,7 @@ impl Appliance {
             store,
             secrets: secrets.clone(),
             adapters: adapters::Adapters::default(),
+            running: Default::default(),
             config: EngineConfig {
                 owner: owner.clone(),
                 lease_ms: cfg.lease_ms,

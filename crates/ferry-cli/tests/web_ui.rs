@@ -207,7 +207,11 @@ async fn dashboard_in_a_real_browser() {
     click(&c, "form.form button[type=submit]").await;
     let err = wait_for(&c, "#path-error").await.text().await.unwrap();
     assert!(err.contains("config.path"), "{err}");
-    wait_for(&c, "#path").await.send_keys(dir.join("target2").to_str().unwrap()).await.unwrap();
+    wait_for(&c, "#path")
+        .await
+        .send_keys(dir.join("target2").to_str().unwrap())
+        .await
+        .unwrap();
     click(&c, "form.form button[type=submit]").await;
     let notice = wait_for(&c, ".notice").await.text().await.unwrap();
     assert!(notice.contains("target lab2 created"), "{notice}");

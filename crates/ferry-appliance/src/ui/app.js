@@ -39,6 +39,8 @@
       es.onmessage = kick;
     };
     connect();
+    // While a sync runs, its progress moves without events: look every two seconds.
+    setInterval(function () { if (document.querySelector("[data-running]")) kick(); }, 2000);
     // A page left (or kept in the back/forward cache) must not hold its stream open:
     // browsers allow only a few connections per host, and the next page would wait.
     window.addEventListener("pagehide", function () { if (es) { es.close(); es = null; } });

@@ -85,10 +85,6 @@ async fn latest_sync(st: &AppState, m: &Migration) -> Result<Option<SyncRun>, Ui
     Ok(api(st.store().list_syncs(m.id).await)?.into_iter().last())
 }
 
-fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
-}
-
 /// How far the target is behind, when deltas are scheduled: the time since the last
 /// sync, if over twice the schedule's interval (at least ten minutes; an hour for cron).
 fn lag(m: &Migration, last: Option<&SyncRun>) -> Option<i64> {
@@ -100,7 +96,7 @@ fn lag(m: &Migration, last: Option<&SyncRun>) -> Option<i64> {
         ScheduleMode::Cron => 3_600_000,
         _ => (m.schedule.min_interval_secs as i64 * 2000).max(600_000),
     };
-    let behind = now_ms() - last.finished_at;
+    let behind = view::now_ms() - last.finished_at;
     (behind > allowed).then_some(behind)
 }
 
@@ -445,6 +441,12 @@ pub async fn migration(
         .latest_event(id, crate::engine::DOWNTIME_EVENT)
         .await)?
     .and_then(|e| serde_json::from_value(e.data).ok());
+    let running = st
+        .engine
+        .running
+        .lock()
+        .ok()
+        .and_then(|r| r.get(&id).cloned());
     let allowed = allowed_commands(&m.status);
     let confirm = q
         .confirm
@@ -488,6 +490,22 @@ pub async fn migration(
                     @for c in &allowed {
                         a.button data-command=(c.as_str()) href={"/ui/migrations/" (m.id) "?confirm=" (c.as_str())} { (label(*c)) "…" }
                         " "
+                    }
+                }
+            }
+            @if let Some(r) = &running {
+                @let (scanned, total, sent) = {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    (r.progress.scanned.load(Relaxed), r.progress.total.load(Relaxed), r.progress.sent.load(Relaxed))
+                };
+                @let secs = ((view::now_ms() - r.started_ms).max(1)) as f64 / 1000.0;
+                section #running data-running="1" aria-labelledby="h-running" {
+                    h2 #h-running { "Sync running" }
+                    p {
+                        "Disk " (r.disk) " of " (r.disks) " (" (r.disk_name) "): "
+                        (progress((scanned / (1 << 20)) as i64, (total / (1 << 20)).max(1) as i64)) " MiB scanned · "
+                        (bytes(r.sent_before + sent)) " sent at " (bytes(((r.sent_before + sent) as f64 / secs) as u64)) "/s · "
+                        (view::duration((secs * 1000.0) as i64)) " so far"
                     }
                 }
             }

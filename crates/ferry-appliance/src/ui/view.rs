@@ -181,3 +181,7 @@ pub fn duration(ms: i64) -> String {
         format!("{} min {:02} s", ms / 60_000, (ms % 60_000) / 1000)
     }
 }
+
+pub fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}

@@ -669,10 +669,15 @@ async fn create_source(
 
 /// Checks a new source (the field at fault in the error's details) and stores it.
 pub(crate) async fn insert_source(st: &AppState, s: &NewSource) -> ApiResult<Source> {
+    check_source(st, s).await?;
+    Ok(st.store().insert_source(s).await?)
+}
+
+/// What a source must satisfy to be stored (new or edited).
+pub(crate) async fn check_source(st: &AppState, s: &NewSource) -> ApiResult<()> {
     validate_name(&s.name).map_err(|m| field_error("name", format!("name {m}")))?;
     check_config(&s.config)?;
-    check_credential(st, s.credential_id).await?;
-    Ok(st.store().insert_source(s).await?)
+    check_credential(st, s.credential_id).await
 }
 
 /// A bad request about one field, named in `details.fields` (what forms show at it).
@@ -823,6 +828,12 @@ async fn create_target(
 
 /// Checks a new target (the field at fault in the error's details) and stores it.
 pub(crate) async fn insert_target(st: &AppState, t: &NewTarget) -> ApiResult<Target> {
+    check_target(st, t).await?;
+    Ok(st.store().insert_target(t).await?)
+}
+
+/// What a target must satisfy to be stored (new or edited).
+pub(crate) async fn check_target(st: &AppState, t: &NewTarget) -> ApiResult<()> {
     validate_name(&t.name).map_err(|m| field_error("name", format!("name {m}")))?;
     check_config(&t.config)?;
     if t.kind == TargetKind::LocalDir && !t.config.get("path").is_some_and(|p| p.is_string()) {
@@ -831,8 +842,7 @@ pub(crate) async fn insert_target(st: &AppState, t: &NewTarget) -> ApiResult<Tar
             "a local_dir target needs config.path: the directory to write instances into".into(),
         ));
     }
-    check_credential(st, t.credential_id).await?;
-    Ok(st.store().insert_target(t).await?)
+    check_credential(st, t.credential_id).await
 }
 
 #[utoipa::path(get, path = "/api/targets/{key}", params(("key" = String, Path, description = "Name or id")), responses((status = 200, body = Target)))]
@@ -1213,6 +1223,12 @@ async fn create_profile(
 /// Validates a profile (each problem named by its field, in the error's details) and
 /// stores it.
 pub(crate) async fn insert_profile(st: &AppState, spec: &ProfileSpec) -> ApiResult<Profile> {
+    check_profile(st, spec).await?;
+    Ok(st.store().insert_profile(spec).await?)
+}
+
+/// What a profile must satisfy to be stored (new or edited).
+pub(crate) async fn check_profile(st: &AppState, spec: &ProfileSpec) -> ApiResult<()> {
     let errs = spec.validate();
     if !errs.is_empty() {
         let msg = errs
@@ -1232,7 +1248,7 @@ pub(crate) async fn insert_profile(st: &AppState, spec: &ProfileSpec) -> ApiResu
             serde_json::json!({"fields": [{"field": "target", "message": "unknown target"}]}),
         )
     })?;
-    Ok(st.store().insert_profile(spec).await?)
+    Ok(())
 }
 
 #[utoipa::path(get, path = "/api/profiles/{key}", params(("key" = String, Path, description = "Name or id")), responses((status = 200, body = Profile)))]

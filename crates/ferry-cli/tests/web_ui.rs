@@ -214,7 +214,7 @@ async fn dashboard_in_a_real_browser() {
         .unwrap();
     click(&c, "form.form button[type=submit]").await;
     let notice = wait_for(&c, ".notice").await.text().await.unwrap();
-    assert!(notice.contains("target lab2 created"), "{notice}");
+    assert!(notice.contains("Target lab2 created"), "{notice}");
     shot(&c, &shots, "2-target-created").await;
 
     // A profile: first without a name (the error is shown at the field), then valid.
@@ -258,6 +258,25 @@ async fn dashboard_in_a_real_browser() {
         .unwrap();
     let notice = wait_for(&c, ".notice").await.text().await.unwrap();
     assert!(notice.contains("Profile web created"), "{notice}");
+
+    // Editing: a target's settings that are not JSON are refused at their field; a
+    // profile's change is saved.
+    c.goto(&format!("{base}/ui/targets/lab2/edit")).await.unwrap();
+    wait_for(&c, "#config").await.send_keys("{not json").await.unwrap();
+    click(&c, "form.form button[type=submit]").await;
+    let err = wait_for(&c, "#config-error").await.text().await.unwrap();
+    assert!(err.contains("not JSON"), "{err}");
+    c.goto(&format!("{base}/ui/profiles")).await.unwrap();
+    click(&c, "a[href='/ui/profiles/web/edit']").await;
+    click(&c, "#uat_required").await;
+    click(&c, "form.form button[type=submit]").await;
+    let notice = wait_for(&c, ".notice").await.text().await.unwrap();
+    assert!(notice.contains("Profile web saved"), "{notice}");
+    // (UAT not required again, so the migration below goes straight to synced.)
+    c.goto(&format!("{base}/ui/profiles/web/edit")).await.unwrap();
+    click(&c, "#uat_required").await;
+    click(&c, "form.form button[type=submit]").await;
+    wait_for(&c, ".notice").await;
 
     // Inventory import with one bad row (line 3: a month 13): the error is at that row.
     c.goto(&format!("{base}/ui/import")).await.unwrap();

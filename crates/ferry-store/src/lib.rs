@@ -553,6 +553,48 @@ impl Store {
     }
 
     /// Replaces a target's endpoint, credential and config.
+    /// Replaces a source's endpoint, credential and config (its name and kind stay).
+    pub async fn update_source(&self, src: &Source) -> Result<Source> {
+        let mut w = self.write().await?;
+        let n = sqlx::query(
+            "UPDATE sources SET endpoint = $1, credential_id = $2, config = $3 WHERE id = $4",
+        )
+        .bind(src.endpoint.clone())
+        .bind(opt_uuid(src.credential_id))
+        .bind(src.config.to_string())
+        .bind(src.id.to_string())
+        .execute(&mut *w.tx)
+        .await?
+        .rows_affected();
+        w.commit().await?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what: "source",
+                id: src.id.to_string(),
+            });
+        }
+        Ok(src.clone())
+    }
+
+    /// Replaces a profile's spec (its name stays: migrations refer to the profile).
+    pub async fn update_profile(&self, id: Uuid, spec: &ProfileSpec) -> Result<Profile> {
+        let mut w = self.write().await?;
+        let n = sqlx::query("UPDATE profiles SET spec = $1 WHERE id = $2")
+            .bind(serde_json::to_string(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+            .bind(id.to_string())
+            .execute(&mut *w.tx)
+            .await?
+            .rows_affected();
+        w.commit().await?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what: "profile",
+                id: id.to_string(),
+            });
+        }
+        self.get_profile(&id.to_string()).await
+    }
+
     pub async fn update_target(&self, t: &Target) -> Result<Target> {
         let mut w = self.write().await?;
         let n = sqlx::query(

@@ -47,6 +47,18 @@ pub fn routes(state: AppState) -> Router<AppState> {
             "/ui/profiles",
             get(pages::profiles).post(pages::create_profile),
         )
+        .route(
+            "/ui/profiles/{key}/edit",
+            get(pages::edit_profile_form).post(pages::edit_profile),
+        )
+        .route(
+            "/ui/sources/{key}/edit",
+            get(pages::edit_source_form).post(pages::edit_source),
+        )
+        .route(
+            "/ui/targets/{key}/edit",
+            get(pages::edit_target_form).post(pages::edit_target),
+        )
         .route("/ui/import", get(pages::import_form).post(pages::import))
         .route(
             "/ui/sources",

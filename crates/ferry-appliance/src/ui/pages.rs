@@ -700,10 +700,10 @@ fn profile_page(
     view::form_page(
         "Profiles",
         html! {
-            @if let Some(c) = created { p.notice role="status" { "Profile " (c) " created." } }
+            @if let Some(c) = created { p.notice role="status" { (c) } }
             table {
-                thead { tr { th { "Name" } th { "Target" } th { "UAT required" } th { "Services stopped at cutover" } } }
-                tbody { @for p in profiles { tr { td { (p.spec.name) } td { (p.spec.target) } td { (if p.spec.uat.required { "yes" } else { "no" }) } td { (p.spec.services_to_stop.join(", ")) } } } }
+                thead { tr { th { "Name" } th { "Target" } th { "UAT required" } th { "Services stopped at cutover" } th { "" } } }
+                tbody { @for p in profiles { tr { td { (p.spec.name) } td { (p.spec.target) } td { (if p.spec.uat.required { "yes" } else { "no" }) } td { (p.spec.services_to_stop.join(", ")) } td { a href={"/ui/profiles/" (p.spec.name) "/edit"} aria-label={"Edit " (p.spec.name)} { "Edit" } } } } }
             }
             h2 { "New profile" }
             form.form method="post" action="/ui/profiles" novalidate {
@@ -736,7 +736,7 @@ fn profile_page(
     )
 }
 
-pub async fn profiles(AxState(st): AxState<AppState>) -> UiResult {
+pub async fn profiles(AxState(st): AxState<AppState>, Query(q): Query<ConfirmQuery>) -> UiResult {
     let (profiles, _) = api(st.store().list_profiles(ALL).await)?;
     let (targets, _) = api(st.store().list_targets(ALL).await)?;
     Ok(view::html(profile_page(
@@ -744,7 +744,7 @@ pub async fn profiles(AxState(st): AxState<AppState>) -> UiResult {
         &targets,
         &ProfileForm::default(),
         &BTreeMap::new(),
-        None,
+        q.done.as_deref(),
     )))
 }
 
@@ -772,7 +772,7 @@ pub async fn create_profile(
         "services_to_stop": services,
         "uat": {"required": f.uat_required.is_some()},
     }));
-    let mut created = None;
+    let mut created: Option<String> = None;
     match spec {
         Err(e) => {
             errors.insert("_".into(), format!("the profile is not valid: {e}"));
@@ -786,7 +786,7 @@ pub async fn create_profile(
             } =>
         {
             match crate::api::insert_profile(&st, &spec).await {
-                Ok(p) => created = Some(p.spec.name),
+                Ok(p) => created = Some(format!("Profile {} created.", p.spec.name)),
                 Err(e) => {
                     let fields = e
                         .details
@@ -1037,10 +1037,10 @@ fn endpoint_page(
     view::form_page(
         title,
         html! {
-            @if let Some(c) = created { p.notice role="status" { (noun) " " (c) " created." } }
+            @if let Some(c) = created { p.notice role="status" { (c) } }
             table {
-                thead { tr { th { "Name" } th { "Kind" } th { "Endpoint" } th { "Path" } } }
-                tbody { @for l in list { tr { td { (l.name) } td { (l.kind) } td { (l.endpoint.clone().unwrap_or_default()) } td { (l.path.clone().unwrap_or_default()) } } } }
+                thead { tr { th { "Name" } th { "Kind" } th { "Endpoint" } th { "Path" } th { "" } } }
+                tbody { @for l in list { tr { td { (l.name) } td { (l.kind) } td { (l.endpoint.clone().unwrap_or_default()) } td { (l.path.clone().unwrap_or_default()) } td { a href={(action) "/" (l.name) "/edit"} aria-label={"Edit " (l.name)} { "Edit" } } } } }
             }
             h2 { "New " (noun) }
             form.form method="post" action=(action) novalidate {
@@ -1110,7 +1110,7 @@ async fn target_list(st: &AppState) -> Result<Vec<Listed>, UiError> {
         .collect())
 }
 
-pub async fn sources(AxState(st): AxState<AppState>) -> UiResult {
+pub async fn sources(AxState(st): AxState<AppState>, Query(q): Query<ConfirmQuery>) -> UiResult {
     let list = source_list(&st).await?;
     Ok(view::html(endpoint_page(
         "Sources",
@@ -1120,7 +1120,7 @@ pub async fn sources(AxState(st): AxState<AppState>) -> UiResult {
         &list,
         &EndpointForm::default(),
         &BTreeMap::new(),
-        None,
+        q.done.as_deref(),
     )))
 }
 
@@ -1145,7 +1145,7 @@ pub async fn create_source(
             StatusCode::OK,
             EndpointForm::default(),
             BTreeMap::new(),
-            Some(name),
+            Some(format!("Source {name} created.")),
         ),
         Err(errors) => (StatusCode::BAD_REQUEST, f, errors, None),
     };
@@ -1165,7 +1165,7 @@ pub async fn create_source(
         .into_response())
 }
 
-pub async fn targets(AxState(st): AxState<AppState>) -> UiResult {
+pub async fn targets(AxState(st): AxState<AppState>, Query(q): Query<ConfirmQuery>) -> UiResult {
     let list = target_list(&st).await?;
     Ok(view::html(endpoint_page(
         "Targets",
@@ -1175,7 +1175,7 @@ pub async fn targets(AxState(st): AxState<AppState>) -> UiResult {
         &list,
         &EndpointForm::default(),
         &BTreeMap::new(),
-        None,
+        q.done.as_deref(),
     )))
 }
 
@@ -1200,7 +1200,7 @@ pub async fn create_target(
             StatusCode::OK,
             EndpointForm::default(),
             BTreeMap::new(),
-            Some(name),
+            Some(format!("Target {name} created.")),
         ),
         Err(errors) => (StatusCode::BAD_REQUEST, f, errors, None),
     };
@@ -1258,4 +1258,290 @@ fn steps(events: &[Event]) -> Vec<StepRow> {
         }
     }
     out
+}
+
+/// The settings of a stored source or target as the form shows them (`path` apart).
+fn endpoint_form(
+    name: &str,
+    kind: &str,
+    endpoint: &Option<String>,
+    credential: Option<uuid::Uuid>,
+    config: &serde_json::Value,
+) -> EndpointForm {
+    let mut rest = config.clone();
+    let path = rest
+        .as_object_mut()
+        .and_then(|o| o.remove("path"))
+        .and_then(|p| p.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let empty = rest.as_object().is_none_or(|o| o.is_empty());
+    EndpointForm {
+        name: name.into(),
+        kind: kind.into(),
+        endpoint: endpoint.clone().unwrap_or_default(),
+        path,
+        credential: credential.map(|c| c.to_string()).unwrap_or_default(),
+        config: if empty {
+            String::new()
+        } else {
+            serde_json::to_string_pretty(&rest).unwrap_or_default()
+        },
+    }
+}
+
+fn edit_endpoint_page(
+    noun: &str,
+    action: &str,
+    form: &EndpointForm,
+    errors: &BTreeMap<String, String>,
+) -> Markup {
+    let err = |f: &str| errors.get(f).cloned();
+    let field = |id: &'static str, label: &'static str, value: &str| {
+        html! {
+            div.field {
+                label for=(id) { (label) }
+                input id=(id) name=(id) value=(value) aria-invalid=[err(id).map(|_| "true")] aria-describedby={(id) "-error"};
+                @if let Some(e) = err(id) { p.error id={(id) "-error"} { (e) } }
+            }
+        }
+    };
+    view::form_page(
+        &format!("Edit {noun} {}", form.name),
+        html! {
+            p { "Kind: " (form.kind) ". The name and the kind stay; migrations refer to them." }
+            form.form method="post" action=(action) novalidate {
+                @if let Some(e) = err("_") { p.error role="alert" { (e) } }
+                input type="hidden" name="name" value=(form.name);
+                input type="hidden" name="kind" value=(form.kind);
+                (field("endpoint", "Endpoint", &form.endpoint))
+                (field("path", "Path", &form.path))
+                (field("credential", "Credential id", &form.credential))
+                div.field {
+                    label for="config" { "More settings (JSON object)" }
+                    textarea #config name="config" rows="6" cols="60" aria-invalid=[err("config").map(|_| "true")] aria-describedby="config-error" { (form.config) }
+                    @if let Some(e) = err("config") { p.error #config-error { (e) } }
+                }
+                button type="submit" { "Save" }
+                " " a href=(action.trim_end_matches("/edit").rsplit_once('/').map(|(l, _)| l).unwrap_or("/ui/")) { "Cancel" }
+            }
+        },
+    )
+}
+
+pub async fn edit_source_form(AxState(st): AxState<AppState>, Path(key): Path<String>) -> UiResult {
+    let s = api(st.store().get_source(&key).await)?;
+    let form = endpoint_form(
+        &s.name,
+        s.kind.as_str(),
+        &s.endpoint,
+        s.credential_id,
+        &s.config,
+    );
+    Ok(view::html(edit_endpoint_page(
+        "source",
+        &format!("/ui/sources/{}/edit", s.name),
+        &form,
+        &BTreeMap::new(),
+    )))
+}
+
+pub async fn edit_source(
+    AxState(st): AxState<AppState>,
+    Path(key): Path<String>,
+    Form(mut f): Form<EndpointForm>,
+) -> UiResult {
+    let old = api(st.store().get_source(&key).await)?;
+    f.name = old.name.clone();
+    f.kind = old.kind.as_str().into();
+    let checked = match endpoint_json(&f, &source_kinds()) {
+        Err(errors) => Err(errors),
+        Ok(v) => match serde_json::from_value::<NewSource>(v) {
+            Err(e) => Err(BTreeMap::from([("_".to_string(), e.to_string())])),
+            Ok(new) => match crate::api::check_source(&st, &new).await {
+                Err(e) => Err(field_errors(&e)),
+                Ok(()) => {
+                    let updated = Source {
+                        endpoint: new.endpoint,
+                        credential_id: new.credential_id,
+                        config: new.config,
+                        ..old.clone()
+                    };
+                    api(st.store().update_source(&updated).await)?;
+                    Ok(())
+                }
+            },
+        },
+    };
+    match checked {
+        Ok(()) => Ok(Redirect::to(&format!(
+            "/ui/sources?done={}",
+            urlencode(&format!("Source {} saved.", old.name))
+        ))
+        .into_response()),
+        Err(errors) => Ok((
+            StatusCode::BAD_REQUEST,
+            view::html(edit_endpoint_page(
+                "source",
+                &format!("/ui/sources/{}/edit", old.name),
+                &f,
+                &errors,
+            )),
+        )
+            .into_response()),
+    }
+}
+
+pub async fn edit_target_form(AxState(st): AxState<AppState>, Path(key): Path<String>) -> UiResult {
+    let t = api(st.store().get_target(&key).await)?;
+    let form = endpoint_form(
+        &t.name,
+        t.kind.as_str(),
+        &t.endpoint,
+        t.credential_id,
+        &t.config,
+    );
+    Ok(view::html(edit_endpoint_page(
+        "target",
+        &format!("/ui/targets/{}/edit", t.name),
+        &form,
+        &BTreeMap::new(),
+    )))
+}
+
+pub async fn edit_target(
+    AxState(st): AxState<AppState>,
+    Path(key): Path<String>,
+    Form(mut f): Form<EndpointForm>,
+) -> UiResult {
+    let old = api(st.store().get_target(&key).await)?;
+    f.name = old.name.clone();
+    f.kind = old.kind.as_str().into();
+    let checked = match endpoint_json(&f, &target_kinds()) {
+        Err(errors) => Err(errors),
+        Ok(v) => match serde_json::from_value::<NewTarget>(v) {
+            Err(e) => Err(BTreeMap::from([("_".to_string(), e.to_string())])),
+            Ok(new) => match crate::api::check_target(&st, &new).await {
+                Err(e) => Err(field_errors(&e)),
+                Ok(()) => {
+                    let updated = Target {
+                        endpoint: new.endpoint,
+                        credential_id: new.credential_id,
+                        config: new.config,
+                        ..old.clone()
+                    };
+                    api(st.store().update_target(&updated).await)?;
+                    Ok(())
+                }
+            },
+        },
+    };
+    match checked {
+        Ok(()) => Ok(Redirect::to(&format!(
+            "/ui/targets?done={}",
+            urlencode(&format!("Target {} saved.", old.name))
+        ))
+        .into_response()),
+        Err(errors) => Ok((
+            StatusCode::BAD_REQUEST,
+            view::html(edit_endpoint_page(
+                "target",
+                &format!("/ui/targets/{}/edit", old.name),
+                &f,
+                &errors,
+            )),
+        )
+            .into_response()),
+    }
+}
+
+fn edit_profile_page(
+    form: &ProfileForm,
+    targets: &[Target],
+    errors: &BTreeMap<String, String>,
+) -> Markup {
+    let err = |f: &str| errors.get(f).cloned();
+    view::form_page(
+        &format!("Edit profile {}", form.name),
+        html! {
+            p { "Migrations that use this profile take the new settings at their next step." }
+            form.form method="post" action={"/ui/profiles/" (form.name) "/edit"} novalidate {
+                @if let Some(e) = err("_") { p.error role="alert" { (e) } }
+                input type="hidden" name="name" value=(form.name);
+                div.field {
+                    label for="target" { "Target" }
+                    select #target name="target" aria-invalid=[err("target").map(|_| "true")] aria-describedby="target-error" {
+                        @for t in targets { option value=(t.name) selected[form.target == t.name] { (t.name) " (" (t.kind.as_str()) ")" } }
+                    }
+                    @if let Some(e) = err("target") { p.error #target-error { (e) } }
+                }
+                div.field {
+                    label for="services" { "Services to stop at cutover (comma-separated)" }
+                    input #services name="services" value=(form.services) aria-invalid=[err("services_to_stop").map(|_| "true")];
+                    @if let Some(e) = err("services_to_stop") { p.error { (e) } }
+                }
+                div.field {
+                    input #uat_required type="checkbox" name="uat_required" value="on" checked[form.uat_required.is_some()];
+                    label for="uat_required" { "Require a passed UAT before cutover" }
+                }
+                button type="submit" { "Save" }
+                " " a href="/ui/profiles" { "Cancel" }
+            }
+        },
+    )
+}
+
+pub async fn edit_profile_form(
+    AxState(st): AxState<AppState>,
+    Path(key): Path<String>,
+) -> UiResult {
+    let p = api(st.store().get_profile(&key).await)?;
+    let (targets, _) = api(st.store().list_targets(ALL).await)?;
+    let form = ProfileForm {
+        name: p.spec.name.clone(),
+        target: p.spec.target.clone(),
+        services: p.spec.services_to_stop.join(", "),
+        uat_required: p.spec.uat.required.then(|| "on".to_string()),
+    };
+    Ok(view::html(edit_profile_page(
+        &form,
+        &targets,
+        &BTreeMap::new(),
+    )))
+}
+
+pub async fn edit_profile(
+    AxState(st): AxState<AppState>,
+    Path(key): Path<String>,
+    Form(mut f): Form<ProfileForm>,
+) -> UiResult {
+    let old = api(st.store().get_profile(&key).await)?;
+    f.name = old.spec.name.clone();
+    let mut spec = old.spec.clone();
+    spec.target = f.target.trim().to_string();
+    spec.services_to_stop = f
+        .services
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    spec.uat.required = f.uat_required.is_some();
+    match crate::api::check_profile(&st, &spec).await {
+        Ok(()) => {
+            api(st.store().update_profile(old.id, &spec).await)?;
+            Ok(Redirect::to(&format!(
+                "/ui/profiles?done={}",
+                urlencode(&format!("Profile {} saved.", spec.name))
+            ))
+            .into_response())
+        }
+        Err(e) => {
+            let (targets, _) = api(st.store().list_targets(ALL).await)?;
+            Ok((
+                StatusCode::BAD_REQUEST,
+                view::html(edit_profile_page(&f, &targets, &field_errors(&e))),
+            )
+                .into_response())
+        }
+    }
 }

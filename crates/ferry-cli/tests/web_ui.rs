@@ -261,8 +261,14 @@ async fn dashboard_in_a_real_browser() {
 
     // Editing: a target's settings that are not JSON are refused at their field; a
     // profile's change is saved.
-    c.goto(&format!("{base}/ui/targets/lab2/edit")).await.unwrap();
-    wait_for(&c, "#config").await.send_keys("{not json").await.unwrap();
+    c.goto(&format!("{base}/ui/targets/lab2/edit"))
+        .await
+        .unwrap();
+    wait_for(&c, "#config")
+        .await
+        .send_keys("{not json")
+        .await
+        .unwrap();
     click(&c, "form.form button[type=submit]").await;
     let err = wait_for(&c, "#config-error").await.text().await.unwrap();
     assert!(err.contains("not JSON"), "{err}");
@@ -273,7 +279,9 @@ async fn dashboard_in_a_real_browser() {
     let notice = wait_for(&c, ".notice").await.text().await.unwrap();
     assert!(notice.contains("Profile web saved"), "{notice}");
     // (UAT not required again, so the migration below goes straight to synced.)
-    c.goto(&format!("{base}/ui/profiles/web/edit")).await.unwrap();
+    c.goto(&format!("{base}/ui/profiles/web/edit"))
+        .await
+        .unwrap();
     click(&c, "#uat_required").await;
     click(&c, "form.form button[type=submit]").await;
     wait_for(&c, ".notice").await;
@@ -283,14 +291,14 @@ async fn dashboard_in_a_real_browser() {
     let csv = "host,username,password,private_key,agent,domain,move_group_name,target_migration_date,assigned_resource_email,cloud_sizing,tags\n\
                db-1,root,pw,,true,corp.local,wave-1,2026-12-01,ops@corp.local,medium,db\n\
                db-2,root,pw,,true,corp.local,wave-1,2026-13-01,ops@corp.local,medium,db\n";
-    js(
-        &c,
-        &format!(
-            "document.getElementById('csv').value = {}; return true;",
-            json!(csv)
-        ),
-    )
-    .await;
+    // Uploaded as a file, as a user would.
+    let csv_file = dir.join("inventory.csv");
+    std::fs::write(&csv_file, csv).unwrap();
+    wait_for(&c, "#csv-file")
+        .await
+        .send_keys(csv_file.to_str().unwrap())
+        .await
+        .unwrap();
     c.find(Locator::Css("form.form button[type=submit]"))
         .await
         .unwrap()

@@ -46,12 +46,4 @@
     window.addEventListener("pagehide", function () { if (es) { es.close(); es = null; } });
     window.addEventListener("pageshow", function (e) { if (e.persisted && !es) connect(); });
   }
-  // A CSV file chosen fills the text area (the form posts the text).
-  document.addEventListener("change", function (e) {
-    var t = e.target;
-    if (t && t.dataset && t.dataset.fills && t.files && t.files[0]) {
-      var area = document.getElementById(t.dataset.fills);
-      t.files[0].text().then(function (text) { if (area) area.value = text; });
-    }
-  });
 })();

@@ -224,6 +224,7 @@ pub struct ConfirmQuery {
     confirm: Option<String>,
     done: Option<String>,
     kind: Option<String>,
+    level: Option<String>,
 }
 
 pub async fn group(
@@ -434,7 +435,11 @@ pub async fn migration(
     let profile = st.store().get_profile(&m.profile_id.to_string()).await.ok();
     let syncs = api(st.store().list_syncs(id).await)?;
     let events = api(st.store().list_events(Some(id), 0, 1000).await)?;
-    let logs = api(st.store().list_logs(id, 0, 1000).await)?;
+    let mut logs = api(st.store().list_logs(id, 0, 1000).await)?;
+    let levels: std::collections::BTreeSet<String> = logs.iter().map(|l| l.level.clone()).collect();
+    if let Some(level) = q.level.as_deref().filter(|l| !l.is_empty()) {
+        logs.retain(|l| l.level == level);
+    }
     let timeline = steps(&events);
     let downtime: Option<crate::api::Downtime> = api(st
         .store()
@@ -559,6 +564,15 @@ pub async fn migration(
             }
             section aria-labelledby="h-logs" {
                 h2 #h-logs { "Logs" }
+                form.filter method="get" action="#h-logs" {
+                    label for="level" { "Level" }
+                    select #level name="level" {
+                        option value="" { "all" }
+                        @for l in &levels { option value=(l) selected[q.level.as_deref() == Some(l.as_str())] { (l) } }
+                    }
+                    @if let Some(k) = &q.kind { input type="hidden" name="kind" value=(k); }
+                    button type="submit" { "Filter" }
+                }
                 @if logs.is_empty() { p.muted { "No log lines." } }
                 @else {
                     pre.logs { @for l in &logs[logs.len().saturating_sub(200)..] { (when(l.at)) " " (l.level) " " (l.origin) ": " (l.message) "\n" } }
@@ -573,6 +587,7 @@ pub async fn migration(
                         option value="" { "all" }
                         @for k in &kinds { option value=(k) selected[q.kind.as_deref() == Some(*k)] { (k) } }
                     }
+                    @if let Some(l) = &q.level { input type="hidden" name="level" value=(l); }
                     button type="submit" { "Filter" }
                 }
                 table.events {
@@ -860,10 +875,11 @@ fn import_page(
                     }
                 }
             }
-            form.form method="post" action="/ui/import" {
+            form.form method="post" action="/ui/import" enctype="multipart/form-data" {
                 div.field {
                     label for="csv-file" { "CSV file" }
-                    input #csv-file type="file" accept=".csv,text/csv" data-fills="csv";
+                    input #csv-file name="file" type="file" accept=".csv,text/csv";
+                    p.hint { "A file chosen is imported; otherwise the text below." }
                 }
                 div.field {
                     label for="csv" { "CSV" }
@@ -875,16 +891,42 @@ fn import_page(
     )
 }
 
+struct ImportForm {
+    csv: String,
+}
+
 pub async fn import_form() -> UiResult {
     Ok(view::html(import_page("", None, None)))
 }
 
-#[derive(Deserialize)]
-pub struct ImportForm {
-    csv: String,
+/// The CSV of the import form: the file chosen, else the text pasted.
+async fn import_text(mut form: axum::extract::Multipart) -> Result<String, UiError> {
+    let bad = |e: axum::extract::multipart::MultipartError| {
+        fail(ApiError::bad_request(format!(
+            "the upload could not be read: {e}"
+        )))
+    };
+    let (mut file, mut text) = (String::new(), String::new());
+    while let Some(field) = form.next_field().await.map_err(bad)? {
+        match field.name() {
+            Some("file") => {
+                let bytes = field.bytes().await.map_err(bad)?;
+                file = String::from_utf8(bytes.to_vec()).map_err(|_| {
+                    fail(ApiError::bad_request(
+                        "the file is not UTF-8 text: save the CSV as UTF-8",
+                    ))
+                })?;
+            }
+            Some("csv") => text = field.text().await.map_err(bad)?,
+            _ => {}
+        }
+    }
+    Ok(if file.trim().is_empty() { text } else { file })
 }
 
-pub async fn import(AxState(st): AxState<AppState>, Form(f): Form<ImportForm>) -> UiResult {
+pub async fn import(AxState(st): AxState<AppState>, form: axum::extract::Multipart) -> UiResult {
+    let csv = import_text(form).await?;
+    let f = ImportForm { csv };
     match crate::api::import_csv(&st, &f.csv).await {
         Ok(r) => Ok(view::html(import_page(&f.csv, Some(&r), None))),
         Err(e) => {

@@ -864,7 +864,7 @@ fn import_page(
     view::form_page(
         "Import inventory",
         html! {
-            p { "Paste a CSV with a header line (RiverMeadow's bulk columns: name, os, cpus, memory, disks, ips, move_group, …) or choose a file. Valid rows are imported; each bad row is reported at its line." }
+            p { "Choose a CSV file or paste one. Its first line names the columns (RiverMeadow's bulk format): " code { (crate::csv_import::COLUMNS.join(",")) } ". Valid rows are imported; each bad row is reported at its line." }
             @if let Some(e) = error { p.error role="alert" { (e) } }
             @if let Some(r) = report {
                 p.notice role="status" #import-summary { (r.imported) " imported, " (r.rejected) " rejected." }

@@ -37,6 +37,10 @@ pub struct Args {
     /// Print the results as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Keep the copies in --dir afterwards (by default only the synthetic source, which
+    /// the next run reuses, is kept: the copies take several times its size).
+    #[arg(long)]
+    keep: bool,
 }
 
 #[derive(Serialize, Default)]
@@ -249,6 +253,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .map(|b| b as f64 / r.changed_bytes as f64);
     }
 
+    if !args.keep {
+        for f in ["qemu.raw", "rsync.raw", "source.qcow2"] {
+            remove(&d(f));
+        }
+        for f in ["ferry.raw", "bitmap.raw"] {
+            remove_target(&d(f));
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

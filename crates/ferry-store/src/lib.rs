@@ -555,25 +555,47 @@ impl Store {
     /// Replaces a target's endpoint, credential and config.
     /// Replaces a source's endpoint, credential and config (its name and kind stay).
     pub async fn update_source(&self, src: &Source) -> Result<Source> {
-        let mut w = self.write().await?;
-        let n = sqlx::query(
-            "UPDATE sources SET endpoint = $1, credential_id = $2, config = $3 WHERE id = $4",
+        self.update_endpoint(
+            "sources",
+            "source",
+            src.id,
+            &src.endpoint,
+            src.credential_id,
+            &src.config,
         )
-        .bind(src.endpoint.clone())
-        .bind(opt_uuid(src.credential_id))
-        .bind(src.config.to_string())
-        .bind(src.id.to_string())
+        .await?;
+        Ok(src.clone())
+    }
+
+    /// The shared update of a source's or target's endpoint, credential and config.
+    async fn update_endpoint(
+        &self,
+        table: &str,
+        what: &'static str,
+        id: Uuid,
+        endpoint: &Option<String>,
+        credential_id: Option<Uuid>,
+        config: &serde_json::Value,
+    ) -> Result<()> {
+        let mut w = self.write().await?;
+        let n = sqlx::query(&format!(
+            "UPDATE {table} SET endpoint = $1, credential_id = $2, config = $3 WHERE id = $4"
+        ))
+        .bind(endpoint.clone())
+        .bind(opt_uuid(credential_id))
+        .bind(config.to_string())
+        .bind(id.to_string())
         .execute(&mut *w.tx)
         .await?
         .rows_affected();
         w.commit().await?;
         if n == 0 {
             return Err(StoreError::NotFound {
-                what: "source",
-                id: src.id.to_string(),
+                what,
+                id: id.to_string(),
             });
         }
-        Ok(src.clone())
+        Ok(())
     }
 
     /// Replaces a profile's spec (its name stays: migrations refer to the profile).
@@ -596,24 +618,15 @@ impl Store {
     }
 
     pub async fn update_target(&self, t: &Target) -> Result<Target> {
-        let mut w = self.write().await?;
-        let n = sqlx::query(
-            "UPDATE targets SET endpoint = $1, credential_id = $2, config = $3 WHERE id = $4",
+        self.update_endpoint(
+            "targets",
+            "target",
+            t.id,
+            &t.endpoint,
+            t.credential_id,
+            &t.config,
         )
-        .bind(t.endpoint.clone())
-        .bind(opt_uuid(t.credential_id))
-        .bind(t.config.to_string())
-        .bind(t.id.to_string())
-        .execute(&mut *w.tx)
-        .await?
-        .rows_affected();
-        w.commit().await?;
-        if n == 0 {
-            return Err(StoreError::NotFound {
-                what: "target",
-                id: t.id.to_string(),
-            });
-        }
+        .await?;
         Ok(t.clone())
     }
 

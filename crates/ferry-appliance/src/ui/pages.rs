@@ -1110,156 +1110,295 @@ fn endpoint_page(
     )
 }
 
-fn source_kinds() -> Vec<&'static str> {
-    SourceKind::ALL.iter().map(|k| k.as_str()).collect()
+/// Sources and targets: the same pages and forms over two kinds of endpoint.
+#[derive(Clone, Copy)]
+enum Endpoints {
+    Sources,
+    Targets,
 }
 
-fn target_kinds() -> Vec<&'static str> {
-    TargetKind::ALL.iter().map(|k| k.as_str()).collect()
-}
+impl Endpoints {
+    fn title(self) -> &'static str {
+        match self {
+            Endpoints::Sources => "Sources",
+            Endpoints::Targets => "Targets",
+        }
+    }
 
-async fn source_list(st: &AppState) -> Result<Vec<Listed>, UiError> {
-    let (list, _) = api(st.store().list_sources(ALL).await)?;
-    Ok(list
-        .into_iter()
-        .map(|s| Listed {
-            path: s
-                .config
-                .get("path")
-                .and_then(|p| p.as_str())
-                .map(str::to_string),
-            name: s.name,
-            kind: s.kind.as_str(),
-            endpoint: s.endpoint,
+    fn noun(self) -> &'static str {
+        match self {
+            Endpoints::Sources => "source",
+            Endpoints::Targets => "target",
+        }
+    }
+
+    fn action(self) -> &'static str {
+        match self {
+            Endpoints::Sources => "/ui/sources",
+            Endpoints::Targets => "/ui/targets",
+        }
+    }
+
+    fn kinds(self) -> Vec<&'static str> {
+        match self {
+            Endpoints::Sources => SourceKind::ALL.iter().map(|k| k.as_str()).collect(),
+            Endpoints::Targets => TargetKind::ALL.iter().map(|k| k.as_str()).collect(),
+        }
+    }
+
+    async fn list(self, st: &AppState) -> Result<Vec<Listed>, UiError> {
+        let rows: Vec<(String, &'static str, Option<String>, serde_json::Value)> = match self {
+            Endpoints::Sources => api(st.store().list_sources(ALL).await)?
+                .0
+                .into_iter()
+                .map(|s| (s.name, s.kind.as_str(), s.endpoint, s.config))
+                .collect(),
+            Endpoints::Targets => api(st.store().list_targets(ALL).await)?
+                .0
+                .into_iter()
+                .map(|t| (t.name, t.kind.as_str(), t.endpoint, t.config))
+                .collect(),
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(name, kind, endpoint, config)| Listed {
+                path: config
+                    .get("path")
+                    .and_then(|p| p.as_str())
+                    .map(str::to_string),
+                name,
+                kind,
+                endpoint,
+            })
+            .collect())
+    }
+
+    /// The stored settings of `key` as the edit form shows them.
+    async fn stored(self, st: &AppState, key: &str) -> Result<EndpointForm, UiError> {
+        Ok(match self {
+            Endpoints::Sources => {
+                let s = api(st.store().get_source(key).await)?;
+                endpoint_form(
+                    &s.name,
+                    s.kind.as_str(),
+                    &s.endpoint,
+                    s.credential_id,
+                    &s.config,
+                )
+            }
+            Endpoints::Targets => {
+                let t = api(st.store().get_target(key).await)?;
+                endpoint_form(
+                    &t.name,
+                    t.kind.as_str(),
+                    &t.endpoint,
+                    t.credential_id,
+                    &t.config,
+                )
+            }
         })
-        .collect())
+    }
+
+    /// Checks the form through the API's rules; the API's JSON of it, or the errors by
+    /// field.
+    async fn checked(
+        self,
+        st: &AppState,
+        f: &EndpointForm,
+    ) -> Result<serde_json::Value, BTreeMap<String, String>> {
+        let v = endpoint_json(f, &self.kinds())?;
+        let one = |e: serde_json::Error| BTreeMap::from([("_".to_string(), e.to_string())]);
+        let r = match self {
+            Endpoints::Sources => {
+                let new: NewSource = serde_json::from_value(v.clone()).map_err(one)?;
+                crate::api::check_source(st, &new).await
+            }
+            Endpoints::Targets => {
+                let new: NewTarget = serde_json::from_value(v.clone()).map_err(one)?;
+                crate::api::check_target(st, &new).await
+            }
+        };
+        r.map(|()| v).map_err(|e| field_errors(&e))
+    }
+
+    /// Stores a new one; its name, or the errors by field.
+    async fn insert(
+        self,
+        st: &AppState,
+        f: &EndpointForm,
+    ) -> Result<String, BTreeMap<String, String>> {
+        let v = self.checked(st, f).await?;
+        let r = match self {
+            Endpoints::Sources => {
+                let new: NewSource = serde_json::from_value(v).expect("checked above");
+                crate::api::insert_source(st, &new).await.map(|s| s.name)
+            }
+            Endpoints::Targets => {
+                let new: NewTarget = serde_json::from_value(v).expect("checked above");
+                crate::api::insert_target(st, &new).await.map(|t| t.name)
+            }
+        };
+        r.map_err(|e| field_errors(&e))
+    }
+
+    /// Replaces the endpoint, credential and config of `key` (name and kind stay).
+    async fn update(
+        self,
+        st: &AppState,
+        key: &str,
+        f: &EndpointForm,
+    ) -> Result<Result<(), BTreeMap<String, String>>, UiError> {
+        let v = match self.checked(st, f).await {
+            Ok(v) => v,
+            Err(errors) => return Ok(Err(errors)),
+        };
+        let endpoint = v["endpoint"].as_str().map(str::to_string);
+        let credential_id = v["credential_id"].as_str().and_then(|c| c.parse().ok());
+        let config = v["config"].clone();
+        match self {
+            Endpoints::Sources => {
+                let old = api(st.store().get_source(key).await)?;
+                let new = Source {
+                    endpoint,
+                    credential_id,
+                    config,
+                    ..old
+                };
+                api(st.store().update_source(&new).await)?;
+            }
+            Endpoints::Targets => {
+                let old = api(st.store().get_target(key).await)?;
+                let new = Target {
+                    endpoint,
+                    credential_id,
+                    config,
+                    ..old
+                };
+                api(st.store().update_target(&new).await)?;
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    async fn list_page(
+        self,
+        st: &AppState,
+        form: &EndpointForm,
+        errors: &BTreeMap<String, String>,
+        notice: Option<&str>,
+    ) -> Result<Markup, UiError> {
+        let list = self.list(st).await?;
+        Ok(endpoint_page(
+            self.title(),
+            self.noun(),
+            self.action(),
+            &self.kinds(),
+            &list,
+            form,
+            errors,
+            notice,
+        ))
+    }
+
+    async fn create(self, st: &AppState, f: EndpointForm) -> UiResult {
+        match self.insert(st, &f).await {
+            Ok(name) => {
+                let notice = format!("{} {name} created.", capitalised(self.noun()));
+                let page = self
+                    .list_page(
+                        st,
+                        &EndpointForm::default(),
+                        &BTreeMap::new(),
+                        Some(&notice),
+                    )
+                    .await?;
+                Ok(view::html(page))
+            }
+            Err(errors) => {
+                let page = self.list_page(st, &f, &errors, None).await?;
+                Ok((StatusCode::BAD_REQUEST, view::html(page)).into_response())
+            }
+        }
+    }
+
+    async fn edit_form(self, st: &AppState, key: &str) -> UiResult {
+        let form = self.stored(st, key).await?;
+        Ok(view::html(edit_endpoint_page(
+            self.noun(),
+            &format!("{}/{}/edit", self.action(), form.name),
+            &form,
+            &BTreeMap::new(),
+        )))
+    }
+
+    async fn edit(self, st: &AppState, key: &str, mut f: EndpointForm) -> UiResult {
+        let stored = self.stored(st, key).await?;
+        f.name = stored.name;
+        f.kind = stored.kind;
+        match self.update(st, key, &f).await? {
+            Ok(()) => Ok(Redirect::to(&format!(
+                "{}?done={}",
+                self.action(),
+                urlencode(&format!("{} {} saved.", capitalised(self.noun()), f.name))
+            ))
+            .into_response()),
+            Err(errors) => Ok((
+                StatusCode::BAD_REQUEST,
+                view::html(edit_endpoint_page(
+                    self.noun(),
+                    &format!("{}/{}/edit", self.action(), f.name),
+                    &f,
+                    &errors,
+                )),
+            )
+                .into_response()),
+        }
+    }
 }
 
-async fn target_list(st: &AppState) -> Result<Vec<Listed>, UiError> {
-    let (list, _) = api(st.store().list_targets(ALL).await)?;
-    Ok(list
-        .into_iter()
-        .map(|t| Listed {
-            path: t
-                .config
-                .get("path")
-                .and_then(|p| p.as_str())
-                .map(str::to_string),
-            name: t.name,
-            kind: t.kind.as_str(),
-            endpoint: t.endpoint,
-        })
-        .collect())
+fn capitalised(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
 }
 
 pub async fn sources(AxState(st): AxState<AppState>, Query(q): Query<ConfirmQuery>) -> UiResult {
-    let list = source_list(&st).await?;
-    Ok(view::html(endpoint_page(
-        "Sources",
-        "source",
-        "/ui/sources",
-        &source_kinds(),
-        &list,
-        &EndpointForm::default(),
-        &BTreeMap::new(),
-        q.done.as_deref(),
-    )))
+    let page = Endpoints::Sources
+        .list_page(
+            &st,
+            &EndpointForm::default(),
+            &BTreeMap::new(),
+            q.done.as_deref(),
+        )
+        .await?;
+    Ok(view::html(page))
 }
 
 pub async fn create_source(
     AxState(st): AxState<AppState>,
     Form(f): Form<EndpointForm>,
 ) -> UiResult {
-    let kinds = source_kinds();
-    let result = match endpoint_json(&f, &kinds) {
-        Err(errors) => Err(errors),
-        Ok(v) => match serde_json::from_value::<NewSource>(v) {
-            Err(e) => Err(BTreeMap::from([("_".to_string(), e.to_string())])),
-            Ok(new) => crate::api::insert_source(&st, &new)
-                .await
-                .map(|s| s.name)
-                .map_err(|e| field_errors(&e)),
-        },
-    };
-    let list = source_list(&st).await?;
-    let (status, form, errors, created) = match result {
-        Ok(name) => (
-            StatusCode::OK,
-            EndpointForm::default(),
-            BTreeMap::new(),
-            Some(format!("Source {name} created.")),
-        ),
-        Err(errors) => (StatusCode::BAD_REQUEST, f, errors, None),
-    };
-    Ok((
-        status,
-        view::html(endpoint_page(
-            "Sources",
-            "source",
-            "/ui/sources",
-            &kinds,
-            &list,
-            &form,
-            &errors,
-            created.as_deref(),
-        )),
-    )
-        .into_response())
+    Endpoints::Sources.create(&st, f).await
 }
 
 pub async fn targets(AxState(st): AxState<AppState>, Query(q): Query<ConfirmQuery>) -> UiResult {
-    let list = target_list(&st).await?;
-    Ok(view::html(endpoint_page(
-        "Targets",
-        "target",
-        "/ui/targets",
-        &target_kinds(),
-        &list,
-        &EndpointForm::default(),
-        &BTreeMap::new(),
-        q.done.as_deref(),
-    )))
+    let page = Endpoints::Targets
+        .list_page(
+            &st,
+            &EndpointForm::default(),
+            &BTreeMap::new(),
+            q.done.as_deref(),
+        )
+        .await?;
+    Ok(view::html(page))
 }
 
 pub async fn create_target(
     AxState(st): AxState<AppState>,
     Form(f): Form<EndpointForm>,
 ) -> UiResult {
-    let kinds = target_kinds();
-    let result = match endpoint_json(&f, &kinds) {
-        Err(errors) => Err(errors),
-        Ok(v) => match serde_json::from_value::<NewTarget>(v) {
-            Err(e) => Err(BTreeMap::from([("_".to_string(), e.to_string())])),
-            Ok(new) => crate::api::insert_target(&st, &new)
-                .await
-                .map(|t| t.name)
-                .map_err(|e| field_errors(&e)),
-        },
-    };
-    let list = target_list(&st).await?;
-    let (status, form, errors, created) = match result {
-        Ok(name) => (
-            StatusCode::OK,
-            EndpointForm::default(),
-            BTreeMap::new(),
-            Some(format!("Target {name} created.")),
-        ),
-        Err(errors) => (StatusCode::BAD_REQUEST, f, errors, None),
-    };
-    Ok((
-        status,
-        view::html(endpoint_page(
-            "Targets",
-            "target",
-            "/ui/targets",
-            &kinds,
-            &list,
-            &form,
-            &errors,
-            created.as_deref(),
-        )),
-    )
-        .into_response())
+    Endpoints::Targets.create(&st, f).await
 }
 
 /// A step of a migration as its events tell it.
@@ -1371,129 +1510,27 @@ fn edit_endpoint_page(
 }
 
 pub async fn edit_source_form(AxState(st): AxState<AppState>, Path(key): Path<String>) -> UiResult {
-    let s = api(st.store().get_source(&key).await)?;
-    let form = endpoint_form(
-        &s.name,
-        s.kind.as_str(),
-        &s.endpoint,
-        s.credential_id,
-        &s.config,
-    );
-    Ok(view::html(edit_endpoint_page(
-        "source",
-        &format!("/ui/sources/{}/edit", s.name),
-        &form,
-        &BTreeMap::new(),
-    )))
+    Endpoints::Sources.edit_form(&st, &key).await
 }
 
 pub async fn edit_source(
     AxState(st): AxState<AppState>,
     Path(key): Path<String>,
-    Form(mut f): Form<EndpointForm>,
+    Form(f): Form<EndpointForm>,
 ) -> UiResult {
-    let old = api(st.store().get_source(&key).await)?;
-    f.name = old.name.clone();
-    f.kind = old.kind.as_str().into();
-    let checked = match endpoint_json(&f, &source_kinds()) {
-        Err(errors) => Err(errors),
-        Ok(v) => match serde_json::from_value::<NewSource>(v) {
-            Err(e) => Err(BTreeMap::from([("_".to_string(), e.to_string())])),
-            Ok(new) => match crate::api::check_source(&st, &new).await {
-                Err(e) => Err(field_errors(&e)),
-                Ok(()) => {
-                    let updated = Source {
-                        endpoint: new.endpoint,
-                        credential_id: new.credential_id,
-                        config: new.config,
-                        ..old.clone()
-                    };
-                    api(st.store().update_source(&updated).await)?;
-                    Ok(())
-                }
-            },
-        },
-    };
-    match checked {
-        Ok(()) => Ok(Redirect::to(&format!(
-            "/ui/sources?done={}",
-            urlencode(&format!("Source {} saved.", old.name))
-        ))
-        .into_response()),
-        Err(errors) => Ok((
-            StatusCode::BAD_REQUEST,
-            view::html(edit_endpoint_page(
-                "source",
-                &format!("/ui/sources/{}/edit", old.name),
-                &f,
-                &errors,
-            )),
-        )
-            .into_response()),
-    }
+    Endpoints::Sources.edit(&st, &key, f).await
 }
 
 pub async fn edit_target_form(AxState(st): AxState<AppState>, Path(key): Path<String>) -> UiResult {
-    let t = api(st.store().get_target(&key).await)?;
-    let form = endpoint_form(
-        &t.name,
-        t.kind.as_str(),
-        &t.endpoint,
-        t.credential_id,
-        &t.config,
-    );
-    Ok(view::html(edit_endpoint_page(
-        "target",
-        &format!("/ui/targets/{}/edit", t.name),
-        &form,
-        &BTreeMap::new(),
-    )))
+    Endpoints::Targets.edit_form(&st, &key).await
 }
 
 pub async fn edit_target(
     AxState(st): AxState<AppState>,
     Path(key): Path<String>,
-    Form(mut f): Form<EndpointForm>,
+    Form(f): Form<EndpointForm>,
 ) -> UiResult {
-    let old = api(st.store().get_target(&key).await)?;
-    f.name = old.name.clone();
-    f.kind = old.kind.as_str().into();
-    let checked = match endpoint_json(&f, &target_kinds()) {
-        Err(errors) => Err(errors),
-        Ok(v) => match serde_json::from_value::<NewTarget>(v) {
-            Err(e) => Err(BTreeMap::from([("_".to_string(), e.to_string())])),
-            Ok(new) => match crate::api::check_target(&st, &new).await {
-                Err(e) => Err(field_errors(&e)),
-                Ok(()) => {
-                    let updated = Target {
-                        endpoint: new.endpoint,
-                        credential_id: new.credential_id,
-                        config: new.config,
-                        ..old.clone()
-                    };
-                    api(st.store().update_target(&updated).await)?;
-                    Ok(())
-                }
-            },
-        },
-    };
-    match checked {
-        Ok(()) => Ok(Redirect::to(&format!(
-            "/ui/targets?done={}",
-            urlencode(&format!("Target {} saved.", old.name))
-        ))
-        .into_response()),
-        Err(errors) => Ok((
-            StatusCode::BAD_REQUEST,
-            view::html(edit_endpoint_page(
-                "target",
-                &format!("/ui/targets/{}/edit", old.name),
-                &f,
-                &errors,
-            )),
-        )
-            .into_response()),
-    }
+    Endpoints::Targets.edit(&st, &key, f).await
 }
 
 fn edit_profile_page(

@@ -178,6 +178,51 @@ pub struct SourceDisk {
     pub changed_areas: Option<Vec<(u64, u64)>>,
 }
 
+/// Where the data plane writes a disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskDestination {
+    /// An image file on this appliance, written by a receiver in this process.
+    Local(PathBuf),
+    /// A `ferry` receiver elsewhere (a target worker booted on the target instance),
+    /// reached over mutual TLS.
+    Remote(RemoteReceiver),
+}
+
+/// A receiver on another machine and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteReceiver {
+    /// `host:port`.
+    pub addr: String,
+    /// The name its certificate carries.
+    pub server_name: String,
+    /// This end's certificate and key, and the CA both certificates come from.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// Connect from inside this network namespace (labs where the appliance is not
+    /// routed to the target's network).
+    pub netns: Option<String>,
+}
+
+impl DiskDestination {
+    /// The local image path, for code that only handles local targets.
+    pub fn local(&self) -> Option<&std::path::Path> {
+        match self {
+            DiskDestination::Local(p) => Some(p),
+            DiskDestination::Remote(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DiskDestination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiskDestination::Local(p) => write!(f, "{}", p.display()),
+            DiskDestination::Remote(r) => write!(f, "{} ({})", r.addr, r.server_name),
+        }
+    }
+}
+
 /// Figures of one sync run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct SyncStats {
@@ -261,8 +306,25 @@ pub trait SourceAdapter: Send + Sync {
 #[async_trait]
 pub trait TargetAdapter: Send + Sync {
     async fn preflight(&self, ctx: &StepContext) -> AResult<()>;
+    /// Gets the target ready to receive one sync of `disks` (e.g. boots a target worker on
+    /// the instance); called before any [`TargetAdapter::disk_destination`] of that sync.
+    async fn begin_sync(&self, ctx: &StepContext, disks: &[SourceDisk]) -> AResult<()> {
+        let _ = (ctx, disks);
+        Ok(())
+    }
+    /// Ends what `begin_sync` began, always, also after a failed sync: `committed` says
+    /// whether every disk committed (when not, the target is put back to its last
+    /// complete generation).
+    async fn end_sync(&self, ctx: &StepContext, committed: bool) -> AResult<()> {
+        let _ = (ctx, committed);
+        Ok(())
+    }
     /// Where the data plane writes a disk.
-    async fn disk_destination(&self, ctx: &StepContext, disk: &SourceDisk) -> AResult<PathBuf>;
+    async fn disk_destination(
+        &self,
+        ctx: &StepContext,
+        disk: &SourceDisk,
+    ) -> AResult<DiskDestination>;
     /// Boots a test instance from the last complete sync in the isolated network.
     async fn start_test_instance(&self, ctx: &StepContext) -> AResult<()>;
     async fn stop_test_instance(&self, ctx: &StepContext) -> AResult<()>;
@@ -306,13 +368,13 @@ pub struct SyncProgress {
 /// The data plane: the only place disk bytes are copied.
 #[async_trait]
 pub trait Replicator: Send + Sync {
-    async fn sync(&self, src: &SourceDisk, dst: &std::path::Path) -> AResult<SyncStats>;
+    async fn sync(&self, src: &SourceDisk, dst: &DiskDestination) -> AResult<SyncStats>;
 
     /// Like [`Replicator::sync`], keeping `progress` current while it runs.
     async fn sync_observed(
         &self,
         src: &SourceDisk,
-        dst: &std::path::Path,
+        dst: &DiskDestination,
         progress: std::sync::Arc<SyncProgress>,
     ) -> AResult<SyncStats> {
         let _ = progress;

@@ -220,8 +220,14 @@ impl TargetAdapter for LocalDirTarget {
         Ok(())
     }
 
-    async fn disk_destination(&self, ctx: &StepContext, disk: &SourceDisk) -> AResult<PathBuf> {
-        Ok(Self::instance_dir(ctx)?.join(format!("{}.img", sanitize(&disk.name))))
+    async fn disk_destination(
+        &self,
+        ctx: &StepContext,
+        disk: &SourceDisk,
+    ) -> AResult<DiskDestination> {
+        Ok(DiskDestination::Local(
+            Self::instance_dir(ctx)?.join(format!("{}.img", sanitize(&disk.name))),
+        ))
     }
 
     /// Its final validation always compares the copies with the source's disks.
@@ -290,7 +296,7 @@ impl TargetAdapter for LocalDirTarget {
             ));
         }
         for d in source_disks {
-            let dst = self.disk_destination(ctx, d).await?;
+            let dst = Self::instance_dir(ctx)?.join(format!("{}.img", sanitize(&d.name)));
             let (a, b) = (PathBuf::from(&d.spec), dst.clone());
             let same = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
                 Ok(digest(&a)? == digest(&b)?)
@@ -336,18 +342,18 @@ pub struct EngineReplicator;
 
 #[async_trait]
 impl Replicator for EngineReplicator {
-    async fn sync(&self, src: &SourceDisk, dst: &Path) -> AResult<SyncStats> {
+    async fn sync(&self, src: &SourceDisk, dst: &DiskDestination) -> AResult<SyncStats> {
         self.sync_observed(src, dst, Arc::default()).await
     }
 
     async fn sync_observed(
         &self,
         src: &SourceDisk,
-        dst: &Path,
+        dst: &DiskDestination,
         watched: Arc<ferry_adapter::SyncProgress>,
     ) -> AResult<SyncStats> {
         use ferry_replication::{Mode, Progress, SendOptions};
-        if let Some(dir) = dst.parent() {
+        if let Some(dir) = dst.local().and_then(Path::parent) {
             tokio::fs::create_dir_all(dir).await?;
         }
         let disk = ferry_disk::open(
@@ -366,8 +372,8 @@ impl Replicator for EngineReplicator {
             } else {
                 Mode::HashCompare
             },
-            // Both ends are in this process: compressing would only cost CPU.
-            compress: false,
+            // Both ends in this process: compressing would only cost CPU.
+            compress: dst.local().is_none(),
             streams: 2,
             ..SendOptions::default()
         };
@@ -386,7 +392,15 @@ impl Replicator for EngineReplicator {
                 }
             })
         };
-        let r = ferry_replication::sync_local(&disk, dst, &opts, progress).await;
+        let r = match dst {
+            DiskDestination::Local(path) => {
+                ferry_replication::sync_local(&disk, path, &opts, progress).await
+            }
+            DiskDestination::Remote(to) => match remote_endpoint(to) {
+                Ok(endpoint) => ferry_replication::send(&disk, &endpoint, &opts, progress).await,
+                Err(e) => Err(e),
+            },
+        };
         copier.abort();
         let r = r.map_err(|e| AdapterError {
             retryable: e.is_retryable(),
@@ -400,4 +414,33 @@ impl Replicator for EngineReplicator {
             duration_ms: (r.duration_s * 1000.0) as u64,
         })
     }
+}
+
+/// The endpoint of a receiver on another machine, with this appliance's certificate.
+fn remote_endpoint(
+    to: &ferry_adapter::RemoteReceiver,
+) -> Result<ferry_replication::Endpoint, ferry_replication::SyncError> {
+    let identity = ferry_pki::Identity::from_files(&to.cert, &to.key, &to.ca)
+        .map_err(|e| ferry_replication::SyncError::Config(e.to_string()))?;
+    let endpoint = ferry_replication::Endpoint::new(&to.addr, Some(&to.server_name), &identity)?;
+    Ok(match &to.netns {
+        None => endpoint,
+        Some(ns) => {
+            let ns = ns.clone();
+            endpoint.with_dialer(Arc::new(move |addr: String| {
+                let ns = ns.clone();
+                Box::pin(async move {
+                    let addr: std::net::SocketAddr = addr
+                        .parse()
+                        .map_err(|e| std::io::Error::other(format!("{addr}: {e}")))?;
+                    let s =
+                        ferry_net::tcp_connect_async(&ns, addr, std::time::Duration::from_secs(10))
+                            .await
+                            .map_err(std::io::Error::other)?;
+                    s.set_nonblocking(true)?;
+                    tokio::net::TcpStream::from_std(s)
+                })
+            }))
+        }
+    })
 }

@@ -507,8 +507,12 @@ impl Engine {
         let started = ferry_store::now_ms();
         let disks = source.open_disks(ctx, full).await?;
         let mut total = SyncStats::default();
-        let mut result = Ok(());
+        let mut result = target.begin_sync(ctx, &disks).await;
+        let began = result.is_ok();
         for (i, d) in disks.iter().enumerate() {
+            if result.is_err() {
+                break;
+            }
             let progress = Arc::new(ferry_adapter::SyncProgress::default());
             if let Ok(mut r) = self.running.lock() {
                 r.insert(
@@ -542,8 +546,17 @@ impl Engine {
         if let Ok(mut r) = self.running.lock() {
             r.remove(&ctx.migration.id);
         }
-        let closed = source.close_disks(ctx, &disks, result.is_ok()).await;
+        // The target first: a failed sync is rolled back there before the source forgets
+        // anything.
+        let ended = if began {
+            target.end_sync(ctx, result.is_ok()).await
+        } else {
+            Ok(())
+        };
+        let committed = result.is_ok() && ended.is_ok();
+        let closed = source.close_disks(ctx, &disks, committed).await;
         result?;
+        ended?;
         closed?;
         Ok(SyncRun {
             id: Uuid::new_v4(),

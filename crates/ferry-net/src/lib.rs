@@ -30,6 +30,6 @@ pub use ip::{netns_exists, netns_path, LinkInfo, NETNS_RUN_DIR};
 pub use names::{sanitize_netns_name, validate_ifname, Cidr, MAX_IFNAME_LEN, MAX_NETNS_LEN};
 pub use netns::{
     delete_namespace, ensure_namespace, http_get, http_get_async, in_netns, in_netns_async,
-    tcp_check, tcp_check_async, HttpResponse,
+    tcp_check, tcp_check_async, tcp_connect_async, HttpResponse,
 };
 pub use network::{Link, Network, NetworkSpec, Tap, BRIDGE};

@@ -122,6 +122,13 @@ pub async fn tcp_check_async(ns: &str, addr: SocketAddr, timeout: Duration) -> R
     .await?
 }
 
+/// Opens a TCP connection to `addr` from inside namespace `ns`, for use anywhere: a
+/// socket stays in the namespace it was made in, whichever thread uses it later.
+pub async fn tcp_connect_async(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let ns_owned = ns.to_string();
+    in_netns_async(ns, move || connect(&ns_owned, addr, timeout)).await?
+}
+
 /// An HTTP answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpResponse {

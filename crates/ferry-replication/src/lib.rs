@@ -29,7 +29,7 @@ pub use proto::Mode;
 pub use receiver::Receiver;
 pub use report::{Progress, SyncReport};
 pub use sender::{send, SendOptions};
-pub use transport::{acceptor, Endpoint};
+pub use transport::{acceptor, Dialer, Endpoint};
 
 /// Everything a sync can fail with. Each message names what went wrong and, where there
 /// is one, what to do about it.

@@ -41,6 +41,8 @@ impl Active {
 /// Serves syncs into one target disk.
 pub struct Receiver {
     dst: PathBuf,
+    /// For a volume written in place: where its sidecar lives.
+    device_state: Option<PathBuf>,
     active: Mutex<Option<Arc<Active>>>,
     committed: watch::Sender<Option<Received>>,
 }
@@ -49,6 +51,18 @@ impl Receiver {
     pub fn new(dst: PathBuf) -> Arc<Self> {
         Arc::new(Self {
             dst,
+            device_state: None,
+            active: Mutex::new(None),
+            committed: watch::Sender::new(None),
+        })
+    }
+
+    /// Serves syncs into an existing volume, written in place (see
+    /// [`Target::open_device`]), its sidecar in `state_dir`.
+    pub fn device(dev: PathBuf, state_dir: PathBuf) -> Arc<Self> {
+        Arc::new(Self {
+            dst: dev,
+            device_state: Some(state_dir),
             active: Mutex::new(None),
             committed: watch::Sender::new(None),
         })
@@ -161,9 +175,13 @@ impl Receiver {
             tokio::task::spawn_blocking(move || s.checkpoint()).await??;
         }
         let dst = self.dst.clone();
+        let state = self.device_state.clone();
         let src = source.clone();
         let session = tokio::task::spawn_blocking(move || {
-            let target = Target::open(&dst)?;
+            let target = match &state {
+                Some(state) => Target::open_device(&dst, state)?,
+                None => Target::open(&dst)?,
+            };
             target.begin(geometry, &src)
         })
         .await??;

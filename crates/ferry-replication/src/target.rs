@@ -19,6 +19,15 @@
 //!
 //! A received chunk's index entry is written only after its data is on stable storage,
 //! so after a crash `pending/index.idx` never claims a chunk that is not there.
+//!
+//! A *device* target ([`Target::open_device`]) is a volume that already exists at its
+//! size (a block device a target worker writes, or a file standing in for one) with its
+//! sidecar in a state directory elsewhere. Chunks go straight to their place on the
+//! volume, and a commit only records the new index: keeping the previous generation
+//! intact while a sync runs is the platform's job there (an instance snapshot taken
+//! before each sync and reverted when one fails), since a volume cannot be renamed into
+//! place. The sidecar lives on the same snapshotted storage, so a revert rolls both back
+//! together. The first sync zeroes the volume, so chunks that are zero need no bytes.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -79,6 +88,8 @@ struct SessionInfo {
 pub struct Target {
     dst: PathBuf,
     sidecar: PathBuf,
+    /// Written in place (see the module documentation).
+    device: bool,
 }
 
 impl Target {
@@ -105,12 +116,41 @@ impl Target {
         let t = Self {
             dst: std::path::absolute(dst).map_err(io(dst))?,
             sidecar: std::path::absolute(&sidecar).map_err(io(&sidecar))?,
+            device: false,
         };
-        if t.pending_dir().join("COMMIT").exists() {
-            tracing::warn!(target = %t.dst.display(), "finishing a commit interrupted by a crash");
-            t.finish_commit(None)?;
+        t.recover()
+    }
+
+    /// Opens an existing volume written in place, with its sidecar in `state_dir`.
+    pub fn open_device(dev: &Path, state_dir: &Path) -> Result<Self, TargetError> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dev)
+            .map_err(io(dev))?;
+        std::fs::create_dir_all(state_dir).map_err(io(state_dir))?;
+        let t = Self {
+            dst: std::path::absolute(dev).map_err(io(dev))?,
+            sidecar: std::path::absolute(state_dir).map_err(io(state_dir))?,
+            device: true,
+        };
+        t.recover()
+    }
+
+    fn recover(self) -> Result<Self, TargetError> {
+        if self.pending_dir().join("COMMIT").exists() {
+            tracing::warn!(target = %self.dst.display(), "finishing a commit interrupted by a crash");
+            self.finish_commit(None)?;
         }
-        Ok(t)
+        Ok(self)
+    }
+
+    /// The size of a device target (a block device's `len()` is 0).
+    fn device_size(&self) -> Result<u64, TargetError> {
+        use std::io::Seek;
+        File::open(&self.dst)
+            .and_then(|mut f| f.seek(std::io::SeekFrom::End(0)))
+            .map_err(io(&self.dst))
     }
 
     pub fn dst(&self) -> &Path {
@@ -138,6 +178,19 @@ impl Target {
     /// A DST changed behind Ferry's back (other size or mtime), or one Ferry never wrote,
     /// is read and indexed again: correct first, fast when possible.
     fn committed_index(&self, chunk_size: u32) -> Result<Option<IndexFile>, TargetError> {
+        if self.device {
+            // Nothing recorded: a volume Ferry has not written yet (it is zeroed first).
+            let Some(state) = self.load_state() else {
+                return Ok(None);
+            };
+            if state.chunk_size == chunk_size {
+                match IndexFile::open(&self.index_path(state.generation)) {
+                    Ok(idx) => return Ok(Some(idx)),
+                    Err(e) => tracing::warn!("{e}; indexing the volume again"),
+                }
+            }
+            return self.index_existing(chunk_size, state.generation).map(Some);
+        }
         let meta = match std::fs::metadata(&self.dst) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -167,7 +220,11 @@ impl Target {
     fn index_existing(&self, chunk_size: u32, generation: u64) -> Result<IndexFile, TargetError> {
         use ferry_disk::Disk;
         let state = |e: String| TargetError::State(e);
-        let format = Format::of(&self.dst).map_err(state)?;
+        let format = if self.device {
+            Format::Raw
+        } else {
+            Format::of(&self.dst).map_err(state)?
+        };
         let disk = sink::open_for_reading(&self.dst, format).map_err(state)?;
         let rt = tokio::runtime::Handle::current();
         let geometry = Geometry::new(disk.size(), chunk_size);
@@ -212,13 +269,18 @@ impl Target {
         geometry: Geometry,
         source: &str,
     ) -> Result<(), TargetError> {
-        let meta = std::fs::metadata(&self.dst).map_err(io(&self.dst))?;
+        let (dst_size, dst_mtime_ns) = if self.device {
+            (self.device_size()?, 0)
+        } else {
+            let meta = std::fs::metadata(&self.dst).map_err(io(&self.dst))?;
+            (meta.len(), mtime_ns(&meta))
+        };
         let state = State {
             generation,
             chunk_size: geometry.chunk_size,
             disk_size: geometry.disk_size,
-            dst_size: meta.len(),
-            dst_mtime_ns: mtime_ns(&meta),
+            dst_size,
+            dst_mtime_ns,
             source: source.to_string(),
         };
         let path = self.sidecar.join("state.json");
@@ -228,6 +290,16 @@ impl Target {
     /// Starts a sync towards a disk of `geometry`, or resumes the interrupted one when it
     /// has the same base and geometry.
     pub fn begin(&self, geometry: Geometry, source: &str) -> Result<Session, TargetError> {
+        if self.device {
+            let size = self.device_size()?;
+            if size < geometry.disk_size {
+                return Err(TargetError::State(format!(
+                    "the volume {} holds {size} bytes, less than the {}-byte disk: give it at least the disk's size",
+                    self.dst.display(),
+                    geometry.disk_size
+                )));
+            }
+        }
         let committed = self.committed_index(geometry.chunk_size)?;
         let base_generation = committed.as_ref().map(|i| i.generation()).unwrap_or(0);
         let info = SessionInfo {
@@ -254,7 +326,15 @@ impl Target {
                 std::fs::remove_dir_all(&pending).map_err(io(&pending))?;
             }
             std::fs::create_dir_all(&pending).map_err(io(&pending))?;
-            if committed.is_none() {
+            if committed.is_none() && self.device {
+                let dev = OpenOptions::new()
+                    .write(true)
+                    .open(&self.dst)
+                    .map_err(io(&self.dst))?;
+                // All of it: a volume larger than the disk reads as zeros past its end.
+                zero_range(&dev, 0, self.device_size()?).map_err(io(&self.dst))?;
+                dev.sync_all().map_err(io(&self.dst))?;
+            } else if committed.is_none() {
                 let data = File::create(pending.join("data")).map_err(io(&pending))?;
                 data.set_len(geometry.disk_size).map_err(io(&pending))?;
             }
@@ -267,7 +347,17 @@ impl Target {
             write_atomic(&info_path, &serde_json::to_vec_pretty(&info).unwrap())
                 .map_err(io(&info_path))?;
         }
-        let store = if committed.is_some() {
+        let store = if self.device {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.dst)
+                .map_err(io(&self.dst))?;
+            Store::Image {
+                file,
+                path: self.dst.clone(),
+            }
+        } else if committed.is_some() {
             let path = pending.join("journal");
             Store::Journal(Journal::open(&path, geometry.chunk_size).map_err(io(&path))?)
         } else {
@@ -289,6 +379,7 @@ impl Target {
             target: Target {
                 dst: self.dst.clone(),
                 sidecar: self.sidecar.clone(),
+                device: self.device,
             },
             geometry,
             base_generation,
@@ -326,7 +417,10 @@ impl Target {
         // by running this again.
         if new_index_path.exists() {
             let new_index = IndexFile::open(&new_index_path)?;
-            if !info.has_base {
+            if self.device {
+                // The chunks are in place already (made durable by the last checkpoint).
+                applied = new_index.chunk_count();
+            } else if !info.has_base {
                 // First generation: the pending data file *is* the new disk (converted,
                 // when the target is to be qcow2).
                 let data = pending.join("data");
@@ -518,6 +612,36 @@ fn apply(
         )));
     }
     Ok(applied)
+}
+
+/// Makes a whole range read as zeros, cheaply where the device or filesystem can (a
+/// thin volume then stays thin); else by writing zeros.
+fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    for mode in [
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    ] {
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+    }
+    let zeros = vec![0u8; 4 << 20];
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = (offset + len - pos).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
 }
 
 /// Makes a range read as zeros, freeing its space where the filesystem can.

@@ -25,9 +25,20 @@ pub type Conn = Box<dyn Io>;
 /// Buffer of each direction of an in-process pipe.
 const PIPE_BUFFER: usize = 4 << 20;
 
+/// Opens the TCP connection to a receiver when plain `connect` cannot (e.g. from inside
+/// a network namespace).
+pub type Dialer = Arc<
+    dyn Fn(
+            String,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = std::io::Result<TcpStream>> + Send>,
+        > + Send
+        + Sync,
+>;
+
 #[derive(Clone)]
 enum Route {
-    Tcp(String),
+    Tcp(String, Option<Dialer>),
     InProcess(Arc<Receiver>),
 }
 
@@ -57,7 +68,7 @@ impl Endpoint {
         let config =
             ferry_pki::client_config(identity).map_err(|e| SyncError::Config(e.to_string()))?;
         Ok(Self {
-            route: Route::Tcp(addr.to_string()),
+            route: Route::Tcp(addr.to_string(), None),
             tls: Some((server_name, TlsConnector::from(config))),
         })
     }
@@ -70,9 +81,17 @@ impl Endpoint {
         }
     }
 
+    /// Connects through `dialer` instead of a plain TCP connect.
+    pub fn with_dialer(mut self, dialer: Dialer) -> Self {
+        if let Route::Tcp(_, d) = &mut self.route {
+            *d = Some(dialer);
+        }
+        self
+    }
+
     pub fn addr(&self) -> &str {
         match &self.route {
-            Route::Tcp(addr) => addr,
+            Route::Tcp(addr, _) => addr,
             Route::InProcess(_) => "in-process",
         }
     }
@@ -85,13 +104,15 @@ impl Endpoint {
             ),
         };
         match &self.route {
-            Route::Tcp(addr) => {
-                let tcp = TcpStream::connect(addr)
-                    .await
-                    .map_err(|e| SyncError::Connect {
-                        addr: addr.clone(),
-                        reason: format!("{e} (is `ferry disk receive` listening there?)"),
-                    })?;
+            Route::Tcp(addr, dialer) => {
+                let tcp = match dialer {
+                    Some(d) => d(addr.clone()).await,
+                    None => TcpStream::connect(addr).await,
+                };
+                let tcp = tcp.map_err(|e| SyncError::Connect {
+                    addr: addr.clone(),
+                    reason: format!("{e} (is `ferry disk receive` listening there?)"),
+                })?;
                 tcp.set_nodelay(true).ok();
                 let (server_name, connector) = self
                     .tls

@@ -14,7 +14,9 @@ mod config;
 mod dns;
 
 use async_trait::async_trait;
-use ferry_adapter::{AResult, AdapterError, CheckPhase, SourceDisk, StepContext, TargetAdapter};
+use ferry_adapter::{
+    AResult, AdapterError, CheckPhase, DiskDestination, SourceDisk, StepContext, TargetAdapter,
+};
 use ferry_model::{PostCutoverAction, ValidationCheck};
 use ferry_net::{Network, NetworkSpec};
 use ferry_qemu::{NicBackend, Vm, VmDisk, VmNic, VmSpec};
@@ -248,8 +250,14 @@ impl TargetAdapter for LocalTarget {
         Ok(())
     }
 
-    async fn disk_destination(&self, ctx: &StepContext, disk: &SourceDisk) -> AResult<PathBuf> {
-        Ok(Placement::of(ctx)?.disk_path(&disk.name))
+    async fn disk_destination(
+        &self,
+        ctx: &StepContext,
+        disk: &SourceDisk,
+    ) -> AResult<DiskDestination> {
+        Ok(DiskDestination::Local(
+            Placement::of(ctx)?.disk_path(&disk.name),
+        ))
     }
 
     async fn start_test_instance(&self, ctx: &StepContext) -> AResult<()> {

@@ -19,8 +19,8 @@ mod state;
 
 use async_trait::async_trait;
 use ferry_adapter::{
-    AResult, AdapterError, CheckPhase, SourceDisk, StepContext, TargetAdapter, TARGET_PASSWORD,
-    TARGET_USERNAME,
+    AResult, AdapterError, CheckPhase, DiskDestination, SourceDisk, StepContext, TargetAdapter,
+    TARGET_PASSWORD, TARGET_USERNAME,
 };
 use ferry_model::{PostCutoverAction, ValidationCheck};
 use ferry_morpheus::inventory::{Inventory, Named, Placement};
@@ -284,8 +284,12 @@ impl TargetAdapter for VmeTarget {
         Ok(())
     }
 
-    async fn disk_destination(&self, ctx: &StepContext, disk: &SourceDisk) -> AResult<PathBuf> {
-        Ok(staging(ctx, &disk.name))
+    async fn disk_destination(
+        &self,
+        ctx: &StepContext,
+        disk: &SourceDisk,
+    ) -> AResult<DiskDestination> {
+        Ok(DiskDestination::Local(staging(ctx, &disk.name)))
     }
 
     async fn start_test_instance(&self, ctx: &StepContext) -> AResult<()> {

@@ -38,7 +38,7 @@ SRC
   apt-get update -qq
 fi
 guest=()
-for p in qemu-system-x86 linux-image-amd64 debootstrap busybox-static iproute2 knot knot-dnsutils e2fsprogs \
+for p in qemu-system-x86 linux-image-amd64 debootstrap busybox-static iproute2 knot knot-dnsutils e2fsprogs binutils \
          libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu \
          golang-go golang-github-vmware-govmomi-dev; do
   have "$p" || guest+=("$p")

@@ -33,6 +33,8 @@ enum Command {
     Bench(cmd::bench::BenchCommand),
     /// A real disk through the replication workflow on the embedded defaults.
     Quickstart(cmd::quickstart::Args),
+    /// The target worker: receives syncs into the volumes of the instance it boots on.
+    Worker(cmd::worker::WorkerArgs),
     // Control-plane commands (appliance, source, target, inventory, group, profile, migration)
     // are added below this line.
     /// The control plane: REST API, orchestrator and scheduler.
@@ -59,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Pki(c) => cmd::pki::run(c),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Quickstart(a) => cmd::quickstart::run(a),
+        Command::Worker(a) => cmd::worker::run(a),
         Command::Appliance(c) => cmd::appliance::run(c),
         Command::Source(c) => cmd::source::run_source(c),
         Command::Target(c) => cmd::source::run_target(c),

@@ -206,54 +206,60 @@ async fn wait_state(
     }
 }
 
-/// A workload from a disk image migrated to VME in image mode through the whole workflow:
-/// pre-flight against the manager's inventory, initial sync into staging, UAT on the
-/// migration network (instance delivered, booted by the double as a QEMU guest, checked
-/// over HTTP, deleted with its image), cutover (the production instance serves the page).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_workload_migrates_to_vme_in_image_mode() {
-    if unsafe { libc::geteuid() } != 0 {
-        note("SKIP: needs root (network namespaces)");
-        return;
+/// What the VME workflow tests share: the test guest image, the Morpheus double booting
+/// instances as QEMU guests on a network of their own, and an appliance with a VME target
+/// `vme1` (extra `config` merged in) set up with its service account.
+struct Lab {
+    image: std::path::PathBuf,
+    tmp: tempfile::TempDir,
+    d: Double,
+    net: Gone,
+    app: Appliance,
+}
+
+struct Gone(ferry_net::Network);
+impl Drop for Gone {
+    fn drop(&mut self) {
+        let _ = self.0.destroy();
     }
-    let image = {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../scripts/testbed/build-guest-image.sh");
-        let out = Command::new("bash").arg(&script).output().unwrap();
-        assert!(
-            out.status.success(),
-            "guest image: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::path::PathBuf::from(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .last()
-                .unwrap()
-                .trim(),
-        )
-    };
+}
+
+fn guest_image() -> std::path::PathBuf {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/testbed/build-guest-image.sh");
+    let out = Command::new("bash").arg(&script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "guest image: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::path::PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .trim(),
+    )
+}
+
+async fn lab(net_name: &str, config: serde_json::Value) -> Lab {
+    let image = guest_image();
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(image.join("manifest.json")).unwrap()).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    std::fs::copy(image.join("disk.qcow2"), images.join("web01.qcow2")).unwrap();
-
+    // FERRY_TEST_KEEP=1 keeps the appliance's directory and log for a look afterwards.
+    let tmp = tempfile::Builder::new()
+        .disable_cleanup(std::env::var_os("FERRY_TEST_KEEP").is_some())
+        .tempdir()
+        .unwrap();
+    note(&format!("lab in {}", tmp.path().display()));
     let path = Spec::morpheus_default_path();
     let spec = Arc::new(Spec::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
     let d = Double::start(spec, "admin", ADMIN_PASSWORD).await;
     let net = ferry_net::Network::ensure(
-        &ferry_net::NetworkSpec::new(format!("fmw-{}", std::process::id()))
+        &ferry_net::NetworkSpec::new(format!("{net_name}-{}", std::process::id()))
             .with_cidr("10.204.0.1/24".parse().unwrap()),
     )
     .unwrap();
-    struct Gone(ferry_net::Network);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            let _ = self.0.destroy();
-        }
-    }
     let net = Gone(net);
     d.set_boot(ferry_morpheus_double::Boot {
         kernel: image.join("vmlinuz"),
@@ -265,13 +271,18 @@ async fn a_workload_migrates_to_vme_in_image_mode() {
         network: net.0.clone(),
         memory_mib: 512,
     });
-
-    let app = Appliance::start(&tmp.path().join("appliance"), &[], None);
-    let config = serde_json::json!({
+    let app = Appliance::start(
+        &tmp.path().join("appliance"),
+        &["--backoff-ms", "500"],
+        None,
+    );
+    let mut cfg = serde_json::json!({
         "cloud": "vme-prod", "group": "migrations", "plan": "2 CPU, 4GB Memory",
         "probe_netns": net.0.namespace, "boot_timeout_s": 240,
-    })
-    .to_string();
+    });
+    for (k, v) in config.as_object().unwrap() {
+        cfg[k] = v.clone();
+    }
     app.ok(&[
         "target",
         "add",
@@ -281,7 +292,7 @@ async fn a_workload_migrates_to_vme_in_image_mode() {
         "--endpoint",
         &d.url,
         "--config",
-        &config,
+        &cfg.to_string(),
     ]);
     let o = Command::new(FERRY)
         .args(["target", "setup-iam", "vme1"])
@@ -291,6 +302,35 @@ async fn a_workload_migrates_to_vme_in_image_mode() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    Lab {
+        image,
+        tmp,
+        d,
+        net,
+        app,
+    }
+}
+
+/// A workload from a disk image migrated to VME in image mode through the whole workflow:
+/// pre-flight against the manager's inventory, initial sync into staging, UAT on the
+/// migration network (instance delivered, booted by the double as a QEMU guest, checked
+/// over HTTP, deleted with its image), cutover (the production instance serves the page).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_migrates_to_vme_in_image_mode() {
+    if unsafe { libc::geteuid() } != 0 {
+        note("SKIP: needs root (network namespaces)");
+        return;
+    }
+    let Lab {
+        image,
+        tmp,
+        d,
+        net,
+        app,
+    } = lab("fmw", serde_json::json!({})).await;
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::copy(image.join("disk.qcow2"), images.join("web01.qcow2")).unwrap();
 
     // A DNS server whose web01 record points at the old address until cutover.
     let key = ferry_dns::TsigKey::new(
@@ -438,5 +478,272 @@ async fn a_workload_migrates_to_vme_in_image_mode() {
     note(&format!(
         "vme image mode: sync {:.1}s, UAT {:.1}s, cutover {:.1}s; {n} requests validated against the Morpheus API document",
         t_sync.as_secs_f64(), t_uat.as_secs_f64(), t_cutover.as_secs_f64()
+    ));
+}
+
+/// Whether the instance's volume holds exactly the source image's contents (a volume
+/// larger than the disk must read as zeros past its end).
+fn same_contents(source: &Path, volume: &Path) -> Result<(), String> {
+    let o = Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "qcow2"])
+        .arg(source)
+        .arg(volume)
+        .output()
+        .unwrap();
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ))
+    }
+}
+
+fn qemu_io(image: &Path, command: &str) {
+    let o = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", command])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-io {command}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Every file named `name` under `dir`.
+fn find_named(dir: &Path, name: &str) -> Vec<std::path::PathBuf> {
+    files(dir)
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| p.file_name().is_some_and(|f| f == name))
+        .collect()
+}
+
+/// Delta mode through the whole workflow: the instance is created once with an empty
+/// volume and the target worker volume; every sync boots the worker on it (a QEMU guest
+/// behind the double) and writes the changes into the volume over mutual TLS. After the
+/// initial sync and after each of two deltas, the volume equals the source byte for byte.
+/// A delta whose worker dies midway is reverted from the snapshot taken before it, and
+/// the retried sync completes. Then UAT boots the instance's own disk on the migration
+/// network and reverts it afterwards, and cutover boots it on the production network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_migrates_to_vme_in_delta_mode() {
+    if unsafe { libc::geteuid() } != 0 {
+        note("SKIP: needs root (network namespaces)");
+        return;
+    }
+    let image = guest_image();
+    let Lab {
+        tmp, d, net, app, ..
+    } = lab(
+        "fmd",
+        serde_json::json!({
+            "delivery": "delta",
+            "worker_base_image": image.join("disk.qcow2").display().to_string(),
+        }),
+    )
+    .await;
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let source = images.join("web01.qcow2");
+    std::fs::copy(image.join("disk.qcow2"), &source).unwrap();
+    let api = app.client();
+    api.ok("/api/sources", Some(serde_json::json!({"name": "images", "kind": "disk_image", "config": {"path": images.display().to_string()}}))).await;
+    let src = api.ok("/api/sources/images", None).await;
+    api.ok("/api/workloads", Some(serde_json::json!({
+        "name": "web01", "source_id": src["id"],
+        "disks": [{"name": "root", "size_bytes": 2u64 << 30, "path": source.display().to_string()}],
+        "nics": [{"name": "eth0", "network": "prod-vlan", "ips": ["10.204.0.10"]}],
+    }))).await;
+    api.ok("/api/profiles", Some(serde_json::json!({
+        "name": "to-vme", "target": "vme1",
+        "placement": {"datastore": "ceph-rbd"},
+        "network_map": {"prod-vlan": "VLAN-120-prod"},
+        "uat": {"network": "VLAN-900-migration"},
+        "validation": [{"kind": "boot"}, {"kind": "http", "params": {"contains": "ferry test guest"}}],
+    }))).await;
+    let m = api
+        .ok(
+            "/api/migrations",
+            Some(serde_json::json!({"workload": "web01", "profile": "to-vme"})),
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_string();
+    let volume = || {
+        let st = d.state();
+        assert_eq!(st.instances.len(), 1, "one instance for the migration");
+        let i = &st.instances[0];
+        assert_eq!(i.name, "web01");
+        assert_eq!(i.status, "stopped", "the worker is shut down after a sync");
+        assert_eq!(
+            i.volumes.len(),
+            1,
+            "the worker volume is detached after a sync: the instance has its own disk only"
+        );
+        i.volumes[0].path.clone()
+    };
+    let syncs_of = |m: &serde_json::Value| m["syncs"].as_array().map(Vec::len).unwrap_or(0);
+    // Waits for sync number `expect` to be recorded, asking for it first when `ask`.
+    let sync = |expect: usize, ask: bool| {
+        let (api, id) = (&api, &id);
+        async move {
+            let t = std::time::Instant::now();
+            if ask {
+                api.ok(
+                    &format!("/api/migrations/{id}/commands"),
+                    Some(serde_json::json!({"command": "sync"})),
+                )
+                .await;
+            }
+            loop {
+                let m = wait_state(api, id, "synced", std::time::Duration::from_secs(600)).await;
+                if syncs_of(&m) >= expect {
+                    return (t.elapsed(), m);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+        }
+    };
+
+    // Initial sync.
+    let (t_full, m) = sync(1, false).await;
+    same_contents(&source, &volume()).expect("the volume equals the source after the full sync");
+    let sent_full = m["syncs"][0]["bytes_sent"].as_u64().unwrap();
+
+    // Two deltas.
+    let mut t_deltas = vec![];
+    for (k, cmd) in ["write -P 0x5a 300M 1M", "write -P 0xa5 1000M 64k"]
+        .iter()
+        .enumerate()
+    {
+        qemu_io(&source, cmd);
+        let (t, m) = sync(k + 2, true).await;
+        same_contents(&source, &volume()).unwrap_or_else(|e| panic!("after delta {}: {e}", k + 1));
+        let sent = m["syncs"][k + 1]["bytes_sent"].as_u64().unwrap();
+        assert!(sent < 4 << 20, "delta {} sent {sent} bytes", k + 1);
+        t_deltas.push((t, sent));
+    }
+
+    // A delta whose worker dies midway: reverted, retried, complete.
+    let random = tmp.path().join("random.bin");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&random).unwrap();
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        let mut buf = vec![0u8; 1 << 20];
+        // Enough to be midway 2 s after the worker answers: the worker writes a few
+        // MiB/s under software emulation (it is a QEMU guest without KVM here).
+        for _ in 0..24 {
+            for b in buf.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&buf).unwrap();
+        }
+    }
+    qemu_io(&source, &format!("write -s {} 1200M 24M", random.display()));
+    let reverts_before = d
+        .state()
+        .mutations
+        .iter()
+        .filter(|c| c.contains("revert-snapshot"))
+        .count();
+    api.ok(
+        &format!("/api/migrations/{id}/commands"),
+        Some(serde_json::json!({"command": "sync"})),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let address = loop {
+        if let Some(p) = find_named(&app.dir, "worker-address").into_iter().next() {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never came up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let instance_id = d.state().instances[0].id;
+    let run = d
+        .state()
+        .data_dir
+        .join(format!("instance-{instance_id}"))
+        .join("run");
+    let vm = ferry_qemu::Vm::attach(&run).expect("the worker's QEMU runs");
+    vm.kill().await.unwrap();
+    assert_eq!(
+        syncs_of(&api.ok(&format!("/api/migrations/{id}"), None).await),
+        3,
+        "the worker died before the delta committed"
+    );
+    drop(address);
+    let (t_killed, _) = sync(4, false).await;
+    same_contents(&source, &volume())
+        .expect("the volume equals the source after the retried delta");
+    let reverts = d
+        .state()
+        .mutations
+        .iter()
+        .filter(|c| c.contains("revert-snapshot"))
+        .count();
+    assert!(
+        reverts > reverts_before,
+        "the failed delta was reverted from its snapshot"
+    );
+    assert!(
+        d.state().instances[0].snapshots.is_empty(),
+        "no snapshot is left behind"
+    );
+
+    // UAT boots the instance's own disk, and is reverted afterwards.
+    api.ok(
+        &format!("/api/migrations/{id}/commands"),
+        Some(serde_json::json!({"command": "uat_start"})),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let m = wait_state(&api, &id, "synced", std::time::Duration::from_secs(400)).await;
+    assert_eq!(m["migration"]["status"]["uat_verdict"], "passed", "{m}");
+    same_contents(&source, &volume()).expect("UAT's changes were reverted");
+
+    // Cutover: the final delta, then the instance boots on the production network.
+    api.ok(
+        &format!("/api/migrations/{id}/commands"),
+        Some(serde_json::json!({"command": "cutover"})),
+    )
+    .await;
+    wait_state(&api, &id, "completed", std::time::Duration::from_secs(600)).await;
+    {
+        let st = d.state();
+        assert_eq!(st.instances.len(), 1);
+        assert_eq!(st.instances[0].status, "running");
+        assert_eq!(
+            st.instances[0].nics[0].0, "network-1",
+            "the production network"
+        );
+    }
+    let page = net
+        .0
+        .http_get("http://10.204.0.10/", std::time::Duration::from_secs(5))
+        .unwrap();
+    assert!(page.body_text().contains("ferry test guest"));
+    let n = d.assert_conforming();
+    note(&format!(
+        "vme delta mode: full sync {:.1}s ({sent_full} bytes sent), deltas {}, delta with the worker killed and retried {:.1}s; {n} requests validated against the Morpheus API document",
+        t_full.as_secs_f64(),
+        t_deltas
+            .iter()
+            .map(|(t, b)| format!("{:.1}s/{b} bytes", t.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        t_killed.as_secs_f64()
     ));
 }

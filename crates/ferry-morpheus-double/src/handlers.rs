@@ -41,15 +41,30 @@ pub struct Instance {
     pub name: String,
     pub status: String,
     pub image_id: Option<i64>,
-    pub volumes: Vec<std::path::PathBuf>,
+    /// The VM behind the instance (what `/api/servers/{id}/volumes/...` name).
+    pub server_id: i64,
+    /// Attached volumes in controller order: the first is the root volume, the one that
+    /// boots.
+    pub volumes: Vec<Volume>,
+    /// Volumes detached from it, kept until the instance goes.
+    pub detached: Vec<Volume>,
     /// (network id, static address) per interface.
     pub nics: Vec<(String, Option<String>)>,
     pub plan_id: i64,
     pub cloud_id: i64,
     /// The request body it was created with.
     pub body: Value,
-    /// (id, name, copies of the volumes)
-    pub snapshots: Vec<(i64, String, Vec<std::path::PathBuf>)>,
+    /// (id, name, copy of each volume by volume id)
+    pub snapshots: Vec<(i64, String, Vec<(i64, std::path::PathBuf)>)>,
+}
+
+/// A storage volume: a qcow2 file.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    pub id: i64,
+    pub name: String,
+    pub path: std::path::PathBuf,
+    pub size_gib: u64,
 }
 
 /// Work to do outside the state lock (it takes time).
@@ -159,6 +174,13 @@ fn permission(method: &str, template: &str) -> &'static str {
         ("POST", "/api/instances") => return "provisioning-add",
         ("DELETE", "/api/instances/{id}") => return "provisioning-delete",
         ("PUT", t) if t.ends_with("/start") || t.ends_with("/stop") => return "provisioning-power",
+        ("DELETE", "/api/snapshots/{id}") => return "snapshots",
+        ("PUT", "/api/servers/{id}/volumes/{volumeId}/attach") => {
+            return "provisioning-reconfigure-add-disk"
+        }
+        ("PUT", "/api/servers/{id}/volumes/{volumeId}/detach") => {
+            return "provisioning-reconfigure-remove-disk"
+        }
         ("POST", "/api/virtual-images/{virtualImageId}/upload") => {
             return "provisioning-import-image"
         }
@@ -224,7 +246,20 @@ fn image_json(i: &Image) -> Value {
 }
 
 fn instance_json(i: &Instance) -> Value {
-    json!({"id": i.id, "name": i.name, "status": i.status, "cloud": {"id": i.cloud_id}, "plan": {"id": i.plan_id}})
+    let volumes: Vec<Value> = i
+        .volumes
+        .iter()
+        .enumerate()
+        .map(|(k, v)| json!({"id": v.id, "name": v.name, "rootVolume": k == 0, "size": v.size_gib, "displayOrder": k, "controllerId": 1}))
+        .collect();
+    let connection: Vec<Value> = i
+        .nics
+        .iter()
+        .filter_map(|(_, ip)| ip.as_ref())
+        .map(|ip| json!({"ip": ip, "port": 22}))
+        .collect();
+    json!({"id": i.id, "name": i.name, "status": i.status, "cloud": {"id": i.cloud_id}, "plan": {"id": i.plan_id},
+        "servers": [i.server_id], "volumes": volumes, "connectionInfo": connection})
 }
 
 fn exists(s: &State, key: &str, id: i64) -> bool {
@@ -295,6 +330,7 @@ fn create_instance(s: &mut State, b: Value) -> Answer {
         nics.push((id.to_string(), n["ipAddress"].as_str().map(str::to_string)));
     }
     let id = s.id();
+    let server_id = s.id();
     let dir = s.data_dir.join(format!("instance-{id}"));
     if let Err(e) = std::fs::create_dir_all(&dir) {
         return err(500, &format!("storage: {e}"));
@@ -334,7 +370,15 @@ fn create_instance(s: &mut State, b: Value) -> Answer {
         if let Err(e) = made {
             return err(500, &format!("creating volume {k}: {e}"));
         }
-        volumes.push(path);
+        volumes.push(Volume {
+            id: s.id(),
+            name: v["name"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("data-{k}")),
+            path,
+            size_gib: gib,
+        });
     }
     let powered_off = b
         .pointer("/config/provisionPoweredOff")
@@ -349,7 +393,9 @@ fn create_instance(s: &mut State, b: Value) -> Answer {
             "provisioning".into()
         },
         image_id,
+        server_id,
         volumes,
+        detached: vec![],
         nics,
         plan_id: plan,
         cloud_id: cloud,
@@ -657,12 +703,14 @@ pub fn handle(s: &mut State, c: &Call) -> Answer {
                 .map(str::to_string)
                 .unwrap_or_else(|| format!("{}.{sid}", i.name));
             let mut copies = vec![];
-            for (k, v) in i.volumes.iter().enumerate() {
-                let to = v.with_file_name(format!("snap{sid}-vol{k}.qcow2"));
-                if let Err(e) = std::fs::copy(v, &to) {
+            for v in i.volumes.iter().chain(&i.detached) {
+                let to = v
+                    .path
+                    .with_file_name(format!("snap{sid}-vol{}.qcow2", v.id));
+                if let Err(e) = std::fs::copy(&v.path, &to) {
                     return err(500, &format!("snapshot: {e}"));
                 }
-                copies.push(to);
+                copies.push((v.id, to));
             }
             i.snapshots.push((sid, name, copies));
             (200, json!({"success": true, "processIds": [sid]}))
@@ -687,10 +735,72 @@ pub fn handle(s: &mut State, c: &Call) -> Answer {
             let Some((_, _, copies)) = i.snapshots.iter().find(|(x, _, _)| Some(*x) == sid) else {
                 return err(404, "Snapshot not found");
             };
-            for (from, to) in copies.iter().zip(&i.volumes) {
-                if let Err(e) = std::fs::copy(from, to) {
+            for (vid, from) in copies {
+                let Some(to) = i.volumes.iter().chain(&i.detached).find(|v| v.id == *vid) else {
+                    continue;
+                };
+                if let Err(e) = std::fs::copy(from, &to.path) {
                     return err(500, &format!("revert: {e}"));
                 }
+            }
+            (200, json!({"success": true}))
+        }
+        ("DELETE", "/api/snapshots/{id}") => {
+            let sid = id("id");
+            for i in &mut s.instances {
+                if let Some(k) = i.snapshots.iter().position(|(x, _, _)| Some(*x) == sid) {
+                    let (_, _, copies) = i.snapshots.remove(k);
+                    for (_, f) in copies {
+                        let _ = std::fs::remove_file(f);
+                    }
+                    return (200, json!({"success": true}));
+                }
+            }
+            err(404, "Snapshot not found")
+        }
+        ("PUT", "/api/servers/{id}/volumes/{volumeId}/attach")
+        | ("PUT", "/api/servers/{id}/volumes/{volumeId}/detach") => {
+            let attach = c.template.ends_with("attach") && !c.template.ends_with("detach");
+            let root = if attach {
+                match json_body(c) {
+                    Ok(b) => b["rootVolume"].as_bool() == Some(true),
+                    Err(e) => return e,
+                }
+            } else {
+                false
+            };
+            let (sid, vid) = (id("id"), id("volumeId"));
+            let Some(i) = s.instances.iter_mut().find(|i| Some(i.server_id) == sid) else {
+                return err(404, "Server not found");
+            };
+            if i.status != "stopped" {
+                // What the double boots is decided at boot: changing it under a running
+                // guest would silently mean nothing.
+                return err(
+                    400,
+                    "stop the instance before attaching or detaching volumes",
+                );
+            }
+            let (from, to) = if attach {
+                (&mut i.detached, &mut i.volumes)
+            } else {
+                (&mut i.volumes, &mut i.detached)
+            };
+            let Some(k) = from.iter().position(|v| Some(v.id) == vid) else {
+                return err(
+                    404,
+                    if attach {
+                        "Volume not found among the server's detached volumes"
+                    } else {
+                        "Volume not attached to this server"
+                    },
+                );
+            };
+            let v = from.remove(k);
+            if root {
+                to.insert(0, v);
+            } else {
+                to.push(v);
             }
             (200, json!({"success": true}))
         }

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use handlers::Effect;
-pub use handlers::{Image, Instance, Role, State, User};
+pub use handlers::{Image, Instance, Role, State, User, Volume};
 use std::path::PathBuf;
 
 /// How the double boots an instance's root volume as a real QEMU guest. Real VME boots
@@ -431,6 +431,9 @@ async fn boot(s: &Shared, id: i64) {
     let accel = ferry_qemu::detect_accel().await;
     let mut spec = ferry_qemu::VmSpec::new(&format!("vme-{}", inst.name), &rd, accel);
     spec.memory_mib = cfg.memory_mib;
+    // Two vCPUs: a target worker verifies and decompresses on several threads, and
+    // under software emulation each vCPU is a host thread.
+    spec.cpus = 2;
     spec.kernel = Some(cfg.kernel.clone());
     spec.initrd = Some(cfg.initrd.clone());
     let ip = inst
@@ -443,8 +446,8 @@ async fn boot(s: &Shared, id: i64) {
         .volumes
         .iter()
         .enumerate()
-        .map(|(k, p)| ferry_qemu::VmDisk {
-            path: p.clone(),
+        .map(|(k, v)| ferry_qemu::VmDisk {
+            path: v.path.clone(),
             format: "qcow2".into(),
             node_name: format!("vol{k}"),
             read_only: false,

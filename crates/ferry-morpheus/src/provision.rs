@@ -358,6 +358,117 @@ pub async fn revert_snapshot(c: &Client, id: i64, snapshot: i64) -> Result<(), M
     .map(drop)
 }
 
+/// Deletes a snapshot (its id from [`snapshot`]).
+pub async fn delete_snapshot(c: &Client, snapshot: i64) -> Result<(), MorpheusError> {
+    c.delete(&format!("api/snapshots/{snapshot}"))
+        .await
+        .map(drop)
+}
+
+/// A volume attached to an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedVolume {
+    pub id: i64,
+    pub name: String,
+    pub root: bool,
+    pub size_gib: u64,
+    pub controller_id: Option<i64>,
+}
+
+/// What Ferry needs to know of an existing instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceDetails {
+    pub id: i64,
+    pub status: String,
+    /// The VM behind it, which volume calls address.
+    pub server_id: i64,
+    /// Attached volumes in display order.
+    pub volumes: Vec<AttachedVolume>,
+    /// Its first address, as the manager reports it.
+    pub ip: Option<String>,
+}
+
+pub async fn instance_details(c: &Client, id: i64) -> Result<InstanceDetails, MorpheusError> {
+    let call = format!("GET /api/instances/{id}");
+    let v: Value = c.get(&format!("api/instances/{id}"), &[]).await?;
+    let i = v.get("instance").ok_or_else(|| MorpheusError::BadAnswer {
+        call: call.clone(),
+        why: "no instance in the answer".into(),
+    })?;
+    let server_id = i
+        .pointer("/servers/0")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| MorpheusError::BadAnswer {
+            call: call.clone(),
+            why: "the instance has no server (VM) yet".into(),
+        })?;
+    let mut volumes: Vec<(i64, AttachedVolume)> = i
+        .get("volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|v| {
+            Some((
+                v.get("displayOrder").and_then(Value::as_i64).unwrap_or(0),
+                AttachedVolume {
+                    id: v.get("id")?.as_i64()?,
+                    name: v.get("name").and_then(Value::as_str).unwrap_or("").into(),
+                    root: v.get("rootVolume").and_then(Value::as_bool) == Some(true),
+                    size_gib: v.get("size").and_then(Value::as_u64).unwrap_or(0),
+                    controller_id: v.get("controllerId").and_then(Value::as_i64),
+                },
+            ))
+        })
+        .collect();
+    volumes.sort_by_key(|(order, v)| (!v.root, *order));
+    Ok(InstanceDetails {
+        id,
+        status: i
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .into(),
+        server_id,
+        volumes: volumes.into_iter().map(|(_, v)| v).collect(),
+        ip: i
+            .pointer("/connectionInfo/0/ip")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    })
+}
+
+/// Attaches a detached volume to a (stopped) instance's server, as its root volume (the
+/// one it boots) or after the others.
+pub async fn attach_volume(
+    c: &Client,
+    server: i64,
+    volume: &AttachedVolume,
+    root: bool,
+    unit: usize,
+) -> Result<(), MorpheusError> {
+    c.put(
+        &format!("api/servers/{server}/volumes/{}/attach", volume.id),
+        &json!({
+            "mountPoint": {"controller": {"id": volume.controller_id.unwrap_or(1)}, "unitNumber": unit.to_string()},
+            "rootVolume": root,
+        }),
+    )
+    .await
+    .map(drop)
+}
+
+/// Detaches a volume from a (stopped) instance's server; it stays, to be attached again.
+pub async fn detach_volume(c: &Client, server: i64, volume: i64) -> Result<(), MorpheusError> {
+    c.call(
+        reqwest::Method::PUT,
+        &format!("api/servers/{server}/volumes/{volume}/detach"),
+        &[],
+        None,
+    )
+    .await
+    .map(drop)
+}
+
 /// Moves the instance's (first) interface to another network, keeping or setting its
 /// address: from the migration network to production at cutover, and back.
 pub async fn move_to_network(

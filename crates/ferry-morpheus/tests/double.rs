@@ -295,7 +295,7 @@ async fn snapshot_revert_and_network_moves() {
         powered_off: true,
     };
     let id = provision::create_instance(&c, &spec).await.unwrap();
-    let vol = d.state().instances[0].volumes[0].clone();
+    let vol = d.state().instances[0].volumes[0].path.clone();
     let before = std::fs::read(&vol).unwrap();
     let sid = provision::snapshot(&c, id, "before-delta-1").await.unwrap();
     assert_eq!(

@@ -85,6 +85,7 @@ impl Receiver {
                 }
             };
             tcp.set_nodelay(true).ok();
+            crate::transport::detect_dead_peer(&tcp);
             let acceptor = acceptor.clone();
             let this = Arc::clone(&self);
             tokio::spawn(async move {

@@ -114,6 +114,7 @@ impl Endpoint {
                     reason: format!("{e} (is `ferry disk receive` listening there?)"),
                 })?;
                 tcp.set_nodelay(true).ok();
+                detect_dead_peer(&tcp);
                 let (server_name, connector) = self
                     .tls
                     .as_ref()
@@ -135,6 +136,23 @@ impl Endpoint {
                 Ok(Box::new(ours))
             }
         }
+    }
+}
+
+/// A peer that vanishes without closing (its machine powered off, its network cut)
+/// would leave a connection waiting forever: keepalive probes after 10 s of silence, and
+/// a 30 s limit on unacknowledged data, turn that into an error the sync retries on.
+pub fn detect_dead_peer(tcp: &TcpStream) {
+    let s = socket2::SockRef::from(tcp);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(10))
+        .with_interval(std::time::Duration::from_secs(5))
+        .with_retries(3);
+    if let Err(e) = s
+        .set_tcp_keepalive(&ka)
+        .and_then(|()| s.set_tcp_user_timeout(Some(std::time::Duration::from_secs(30))))
+    {
+        tracing::debug!("TCP keepalive not set: {e}");
     }
 }
 

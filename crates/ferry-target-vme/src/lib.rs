@@ -15,7 +15,9 @@
 //! deletes both. What an instance is for is recorded in the work directory, so a retried
 //! or resumed step finds what an earlier attempt created instead of creating it twice.
 
+mod delta;
 mod state;
+mod worker_image;
 
 use async_trait::async_trait;
 use ferry_adapter::{
@@ -284,11 +286,28 @@ impl TargetAdapter for VmeTarget {
         Ok(())
     }
 
+    async fn begin_sync(&self, ctx: &StepContext, disks: &[SourceDisk]) -> AResult<()> {
+        if delta::enabled(ctx) {
+            delta::begin(ctx, disks).await?;
+        }
+        Ok(())
+    }
+
+    async fn end_sync(&self, ctx: &StepContext, committed: bool) -> AResult<()> {
+        if delta::enabled(ctx) {
+            delta::end(ctx, committed).await?;
+        }
+        Ok(())
+    }
+
     async fn disk_destination(
         &self,
         ctx: &StepContext,
         disk: &SourceDisk,
     ) -> AResult<DiskDestination> {
+        if delta::enabled(ctx) {
+            return delta::destination(ctx, disk);
+        }
         Ok(DiskDestination::Local(staging(ctx, &disk.name)))
     }
 
@@ -298,14 +317,23 @@ impl TargetAdapter for VmeTarget {
                 "UAT on VME needs the profile's uat.network: the migration network test instances boot on",
             ));
         }
+        if delta::enabled(ctx) {
+            return delta::start_test(ctx).await;
+        }
         deploy(ctx, Role::Test).await
     }
 
     async fn stop_test_instance(&self, ctx: &StepContext) -> AResult<()> {
+        if delta::enabled(ctx) {
+            return delta::stop_test(ctx).await;
+        }
         undeploy(ctx, Role::Test).await
     }
 
     async fn start_production(&self, ctx: &StepContext) -> AResult<()> {
+        if delta::enabled(ctx) {
+            return delta::start_production(ctx).await;
+        }
         deploy(ctx, Role::Production).await
     }
 
@@ -459,8 +487,13 @@ impl TargetAdapter for VmeTarget {
     }
 
     async fn remove(&self, ctx: &StepContext) -> AResult<()> {
-        undeploy(ctx, Role::Test).await?;
-        undeploy(ctx, Role::Production).await?;
+        if delta::enabled(ctx) {
+            delta::stop_test(ctx).await?;
+            delta::stop_production(ctx).await?;
+        } else {
+            undeploy(ctx, Role::Test).await?;
+            undeploy(ctx, Role::Production).await?;
+        }
         let lookup = |r: &str| ctx.secrets.get(r).map(str::to_string);
         for u in ctx.facts.undo.iter().rev().filter(|u| u["kind"] == "dns") {
             ferry_dns::action::undo(u, &lookup)

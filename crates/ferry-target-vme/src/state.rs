@@ -16,6 +16,8 @@ pub enum Role {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Deployed {
     pub instance_id: i64,
+    /// The virtual image it was made from (image mode); 0 for the delta-mode instance,
+    /// which is the migration's own and outlives UAT and rollback.
     pub image_id: i64,
 }
 
@@ -40,14 +42,22 @@ pub fn load(ctx: &StepContext, role: Role) -> Option<Deployed> {
 }
 
 pub fn save(ctx: &StepContext, role: Role, d: &Deployed) -> AResult<()> {
-    let p = path(ctx, role);
+    write_atomic(
+        &path(ctx, role),
+        &serde_json::to_vec(d).expect("serialisable"),
+    )
+}
+
+/// Writes `bytes` to `p` through a temporary file, fsync and rename: a crash leaves the
+/// old record or the new one, never half of one.
+pub fn write_atomic(p: &std::path::Path, bytes: &[u8]) -> AResult<()> {
     if let Some(dir) = p.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = p.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(d).expect("serialisable"))?;
+    std::fs::write(&tmp, bytes)?;
     std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &p)?;
+    std::fs::rename(&tmp, p)?;
     Ok(())
 }
 

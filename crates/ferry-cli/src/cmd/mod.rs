@@ -7,6 +7,7 @@ pub mod pki;
 pub mod quickstart;
 pub mod quickstart_disk;
 pub mod util;
+pub mod worker;
 // Control plane.
 pub mod appliance;
 pub mod bench_api;

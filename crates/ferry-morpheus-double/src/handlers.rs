@@ -55,8 +55,11 @@ pub struct Instance {
     /// The request body it was created with.
     pub body: Value,
     /// (id, name, copy of each volume by volume id)
-    pub snapshots: Vec<(i64, String, Vec<(i64, std::path::PathBuf)>)>,
+    pub snapshots: Vec<(i64, String, VolumeCopies)>,
 }
+
+/// (volume id, the file its copy is in) of every volume a snapshot holds.
+pub type VolumeCopies = Vec<(i64, std::path::PathBuf)>;
 
 /// A storage volume: a qcow2 file.
 #[derive(Debug, Clone)]

@@ -735,6 +735,30 @@ async fn a_workload_migrates_to_vme_in_delta_mode() {
         .http_get("http://10.204.0.10/", std::time::Duration::from_secs(5))
         .unwrap();
     assert!(page.body_text().contains("ferry test guest"));
+
+    // Rollback: the instance stops, back on the migration network, and its volume holds
+    // the last synced generation again (what production's boot wrote is undone).
+    api.ok(
+        &format!("/api/migrations/{id}/commands"),
+        Some(serde_json::json!({"command": "rollback"})),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let (st, _) = state_of(&api, &id).await;
+        if st != "rolling_back" && st != "completed" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "rollback still {st}");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    same_contents(&source, &volume()).expect("the rollback put the last synced generation back");
+    assert_ne!(
+        d.state().instances[0].nics[0].0,
+        "network-1",
+        "back on the migration network"
+    );
     let n = d.assert_conforming();
     note(&format!(
         "vme delta mode: full sync {:.1}s ({sent_full} bytes sent), deltas {}, delta with the worker killed and retried {:.1}s; {n} requests validated against the Morpheus API document",

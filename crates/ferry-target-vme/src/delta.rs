@@ -41,6 +41,12 @@ pub struct DeltaInstance {
     /// The snapshot UAT runs behind, while it runs.
     #[serde(default)]
     pub uat_snapshot: Option<i64>,
+    /// A sync interrupted UAT: boot the test again once it ended.
+    #[serde(default)]
+    pub resume_uat: bool,
+    /// The snapshot the production boot runs behind (what a rollback reverts to).
+    #[serde(default)]
+    pub cutover_snapshot: Option<i64>,
 }
 
 /// The worker image uploaded for a target.
@@ -93,6 +99,42 @@ fn ferry_binary(ctx: &StepContext) -> AResult<PathBuf> {
         "this process ({}) is not the ferry binary: set the target's config.worker_binary to the ferry binary the worker runs",
         exe.display()
     )))
+}
+
+/// What delta mode needs on this appliance before any data moves: the worker's base
+/// image, the binary to put in it, and the tools that write it.
+pub fn preflight(ctx: &StepContext) -> AResult<()> {
+    let base = cfg(ctx, "worker_base_image").map(PathBuf::from).ok_or_else(|| {
+        AdapterError::permanent(format!(
+            "delta mode needs a worker base image: set config.worker_base_image on target '{}' (a Linux image with systemd, ext4 on the whole disk)",
+            ctx.target.name
+        ))
+    })?;
+    std::fs::File::open(&base).map_err(|e| {
+        AdapterError::permanent(format!(
+            "worker base image {}: {e} (target '{}', config.worker_base_image)",
+            base.display(),
+            ctx.target.name
+        ))
+    })?;
+    let ferry = ferry_binary(ctx)?;
+    if !ferry.is_file() {
+        return Err(AdapterError::permanent(format!(
+            "worker binary {} does not exist (config.worker_binary)",
+            ferry.display()
+        )));
+    }
+    for tool in ["debugfs", "qemu-img"] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            || std::path::Path::new("/sbin").join(tool).is_file();
+        if !found {
+            return Err(AdapterError::permanent(format!(
+                "{tool} is not installed on the appliance: delta mode writes the worker image with it (e2fsprogs, qemu-utils)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Builds and uploads the worker image once per target (again when its recipe changed).
@@ -184,6 +226,8 @@ async fn instance(c: &Client, ctx: &StepContext) -> AResult<DeltaInstance> {
         pending_snapshot: None,
         syncs: 0,
         uat_snapshot: None,
+        resume_uat: false,
+        cutover_snapshot: None,
     };
     save(ctx, &d)?;
     tracing::info!(workload = %ctx.workload.name, instance = id, "instance created for delta syncs");
@@ -214,6 +258,19 @@ fn worker_volume(d: &DeltaInstance) -> AttachedVolume {
 pub async fn begin(ctx: &StepContext, disks: &[SourceDisk]) -> AResult<()> {
     let c = client(ctx)?;
     let mut d = instance(&c, ctx).await?;
+    if d.cutover_snapshot.is_some() {
+        return Err(AdapterError::permanent(format!(
+            "instance {} runs in production: roll the migration back before syncing into it",
+            d.instance_id
+        )));
+    }
+    if d.uat_snapshot.is_some() {
+        // The test runs on these very disks: undo it, sync, and boot the test again after.
+        tracing::info!(instance = d.instance_id, "pausing UAT for the sync");
+        undo_own(&c, ctx, &mut d, Own::Uat).await?;
+        d.resume_uat = true;
+        save(ctx, &d)?;
+    }
     stop(&c, ctx, d.instance_id).await?;
     if let Some(s) = d.pending_snapshot {
         // A sync that ended without `end` (the appliance stopped): put it back first.
@@ -369,6 +426,15 @@ pub async fn end(ctx: &StepContext, committed: bool) -> AResult<()> {
         d.worker_attached = false;
         save(ctx, &d)?;
     }
+    if d.resume_uat && crate::state::load(ctx, Role::Test).is_some() {
+        tracing::info!(
+            instance = d.instance_id,
+            "UAT goes on with the synced disks"
+        );
+        boot_own(&c, ctx, &mut d, Own::Uat).await?;
+        d.resume_uat = false;
+        save(ctx, &d)?;
+    }
     Ok(())
 }
 
@@ -386,19 +452,70 @@ fn synced(ctx: &StepContext) -> AResult<DeltaInstance> {
     }
 }
 
-/// UAT: boots the instance on its own disks on the migration network, behind a snapshot
-/// that `stop_test` reverts to, so what the test changed never reaches the next delta.
+/// Which snapshot a boot of the instance's own disks runs behind.
+#[derive(Debug, Clone, Copy)]
+enum Own {
+    Uat,
+    Production,
+}
+
+impl Own {
+    fn slot(self, d: &mut DeltaInstance) -> &mut Option<i64> {
+        match self {
+            Own::Uat => &mut d.uat_snapshot,
+            Own::Production => &mut d.cutover_snapshot,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Own::Uat => "ferry-uat",
+            Own::Production => "ferry-cutover",
+        }
+    }
+}
+
+/// Boots the instance's own disks behind a snapshot, so whatever the boot changes can be
+/// undone and the volumes go back to exactly the last synced generation (what the
+/// worker's chunk index describes).
+async fn boot_own(c: &Client, ctx: &StepContext, d: &mut DeltaInstance, why: Own) -> AResult<()> {
+    stop(c, ctx, d.instance_id).await?;
+    if why.slot(d).is_none() {
+        let s = provision::snapshot(c, d.instance_id, why.name())
+            .await
+            .map_err(api_err)?;
+        *why.slot(d) = Some(s);
+        save(ctx, d)?;
+    }
+    provision::start_instance(c, d.instance_id)
+        .await
+        .map_err(api_err)?;
+    provision::wait_status(c, d.instance_id, "running", boot_timeout(ctx))
+        .await
+        .map_err(api_err)
+}
+
+/// Stops the instance and undoes what its boot changed.
+async fn undo_own(c: &Client, ctx: &StepContext, d: &mut DeltaInstance, why: Own) -> AResult<()> {
+    let Some(s) = *why.slot(d) else {
+        return Ok(());
+    };
+    stop(c, ctx, d.instance_id).await?;
+    provision::revert_snapshot(c, d.instance_id, s)
+        .await
+        .map_err(api_err)?;
+    match provision::delete_snapshot(c, s).await {
+        Ok(()) | Err(ferry_morpheus::MorpheusError::NotFound { .. }) => {}
+        Err(e) => tracing::warn!(snapshot = s, "cannot delete snapshot {}: {e}", why.name()),
+    }
+    *why.slot(d) = None;
+    save(ctx, d)
+}
+
+/// UAT: boots the instance on its own disks on the migration network; `stop_test` undoes
+/// what the test changed, so it never reaches the next delta.
 pub async fn start_test(ctx: &StepContext) -> AResult<()> {
     let c = client(ctx)?;
     let mut d = synced(ctx)?;
-    stop(&c, ctx, d.instance_id).await?;
-    if d.uat_snapshot.is_none() {
-        let s = provision::snapshot(&c, d.instance_id, "ferry-uat")
-            .await
-            .map_err(api_err)?;
-        d.uat_snapshot = Some(s);
-        save(ctx, &d)?;
-    }
     crate::state::save(
         ctx,
         Role::Test,
@@ -407,40 +524,28 @@ pub async fn start_test(ctx: &StepContext) -> AResult<()> {
             image_id: 0,
         },
     )?;
-    provision::start_instance(&c, d.instance_id)
-        .await
-        .map_err(api_err)?;
-    provision::wait_status(&c, d.instance_id, "running", boot_timeout(ctx))
-        .await
-        .map_err(api_err)
+    boot_own(&c, ctx, &mut d, Own::Uat).await
 }
 
 /// Ends UAT: the instance goes back to exactly the last synced generation.
 pub async fn stop_test(ctx: &StepContext) -> AResult<()> {
-    let Some(mut d) = load(ctx) else {
-        return crate::state::clear(ctx, Role::Test);
-    };
-    let c = client(ctx)?;
-    if let Some(s) = d.uat_snapshot {
-        stop(&c, ctx, d.instance_id).await?;
-        provision::revert_snapshot(&c, d.instance_id, s)
-            .await
-            .map_err(api_err)?;
-        match provision::delete_snapshot(&c, s).await {
-            Ok(()) | Err(ferry_morpheus::MorpheusError::NotFound { .. }) => {}
-            Err(e) => tracing::warn!(snapshot = s, "cannot delete the UAT snapshot: {e}"),
+    if let Some(mut d) = load(ctx) {
+        let c = client(ctx)?;
+        undo_own(&c, ctx, &mut d, Own::Uat).await?;
+        if d.resume_uat {
+            d.resume_uat = false;
+            save(ctx, &d)?;
         }
-        d.uat_snapshot = None;
-        save(ctx, &d)?;
     }
     crate::state::clear(ctx, Role::Test)
 }
 
 /// Cutover: the instance moves to the production network (when it was on the migration
-/// network) and boots its own disks.
+/// network) and boots its own disks, behind a snapshot a rollback reverts to.
 pub async fn start_production(ctx: &StepContext) -> AResult<()> {
     let c = client(ctx)?;
-    let d = synced(ctx)?;
+    let mut d = synced(ctx)?;
+    undo_own(&c, ctx, &mut d, Own::Uat).await?;
     stop(&c, ctx, d.instance_id).await?;
     if ctx.profile.spec.uat.network.is_some() {
         let spec = instance_spec(&c, ctx, Role::Production).await?;
@@ -458,19 +563,15 @@ pub async fn start_production(ctx: &StepContext) -> AResult<()> {
             image_id: 0,
         },
     )?;
-    provision::start_instance(&c, d.instance_id)
-        .await
-        .map_err(api_err)?;
-    provision::wait_status(&c, d.instance_id, "running", boot_timeout(ctx))
-        .await
-        .map_err(api_err)
+    boot_own(&c, ctx, &mut d, Own::Production).await
 }
 
-/// Rollback: the instance stops and goes back to the migration network; its volumes
-/// stay, so the migration can be tried again with deltas.
+/// Rollback: the instance stops, its volumes go back to the last synced generation and
+/// it returns to the migration network, so the migration can be tried again with deltas.
 pub async fn stop_production(ctx: &StepContext) -> AResult<()> {
-    if let Some(d) = load(ctx) {
+    if let Some(mut d) = load(ctx) {
         let c = client(ctx)?;
+        undo_own(&c, ctx, &mut d, Own::Production).await?;
         stop(&c, ctx, d.instance_id).await?;
         if ctx.profile.spec.uat.network.is_some() {
             let spec = instance_spec(&c, ctx, Role::Test).await?;

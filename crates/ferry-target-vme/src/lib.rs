@@ -216,7 +216,7 @@ async fn deploy(ctx: &StepContext, role: Role) -> AResult<()> {
     let disks = &ctx.workload.disks;
     if disks.len() != 1 {
         return Err(AdapterError::permanent(format!(
-            "image mode delivers one disk per instance; workload '{}' has {}",
+            "image mode delivers one disk per instance; workload '{}' has {}: use delta mode (set the target's config.worker_base_image)",
             ctx.workload.name,
             disks.len()
         )));
@@ -282,6 +282,9 @@ impl TargetAdapter for VmeTarget {
         instance_spec(&c, ctx, Role::Production).await?;
         if ctx.profile.spec.uat.network.is_some() {
             instance_spec(&c, ctx, Role::Test).await?;
+        }
+        if delta::enabled(ctx) {
+            delta::preflight(ctx)?;
         }
         Ok(())
     }

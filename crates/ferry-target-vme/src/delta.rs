@@ -10,7 +10,6 @@
 //! each change the manager confirms, so a retried or resumed step carries on from there.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use ferry_adapter::{
     AResult, AdapterError, DiskDestination, RemoteReceiver, SourceDisk, StepContext,
@@ -320,29 +319,13 @@ pub async fn begin(ctx: &StepContext, disks: &[SourceDisk]) -> AResult<()> {
         let addr: std::net::SocketAddr = format!("{ip}:{}", WORKER_PORT + k as u16)
             .parse()
             .map_err(|e| AdapterError::permanent(format!("worker address {ip}: {e}")))?;
-        ferry_adapter::checks::retry(boot_timeout(ctx), || {
-            let ns = netns.clone();
-            async move {
-                let r = match &ns {
-                    Some(ns) => ferry_net::tcp_check_async(ns, addr, Duration::from_secs(3))
-                        .await
-                        .map(drop)
-                        .map_err(|e| e.to_string()),
-                    None => tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
-                        .await
-                        .map_err(|_| "timeout".to_string())
-                        .and_then(|r| r.map(drop).map_err(|e| e.to_string())),
-                };
-                r.map_err(AdapterError::transient)
-            }
-        })
-        .await
-        .map_err(|e| {
-            AdapterError::transient(format!(
+        let within = boot_timeout(ctx);
+        if let Err(e) = crate::tcp_reachable(netns.as_deref(), addr, within).await {
+            return Err(AdapterError::transient(format!(
                 "the target worker on instance {} did not answer at {addr}: {} (its console log in the manager says why)",
                 d.instance_id, e.message
-            ))
-        })?;
+            )));
+        }
     }
     tracing::info!(instance = d.instance_id, %ip, "the target worker answers");
     let addr_file = ctx.work_dir.join("vme").join("worker-address");

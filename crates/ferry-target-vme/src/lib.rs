@@ -274,6 +274,31 @@ async fn undeploy(ctx: &StepContext, role: Role) -> AResult<()> {
 
 use ferry_adapter::checks::{param, retry};
 
+/// Retries a TCP connect to `addr` (from inside `netns` when given) until it succeeds or
+/// `within` has passed.
+async fn tcp_reachable(
+    netns: Option<&str>,
+    addr: std::net::SocketAddr,
+    within: Duration,
+) -> AResult<()> {
+    retry(within, || async move {
+        let r = match netns {
+            Some(ns) => ferry_net::tcp_check_async(ns, addr, Duration::from_secs(3))
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            None => {
+                tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| "timeout".to_string())
+                    .and_then(|r| r.map(drop).map_err(|e| e.to_string()))
+            }
+        };
+        r.map_err(AdapterError::transient)
+    })
+    .await
+}
+
 #[async_trait]
 impl TargetAdapter for VmeTarget {
     async fn preflight(&self, ctx: &StepContext) -> AResult<()> {
@@ -412,30 +437,9 @@ impl TargetAdapter for VmeTarget {
                         format!("{}:{}", host?, param(check, "port").unwrap_or("22"))
                             .parse()
                             .map_err(|e| fail(format!("bad address: {e}")))?;
-                    let ns = netns.clone();
-                    retry(within, || {
-                        let ns = ns.clone();
-                        async move {
-                            let r = match &ns {
-                                Some(ns) => {
-                                    ferry_net::tcp_check_async(ns, addr, Duration::from_secs(3))
-                                        .await
-                                        .map(drop)
-                                        .map_err(|e| e.to_string())
-                                }
-                                None => tokio::time::timeout(
-                                    Duration::from_secs(3),
-                                    tokio::net::TcpStream::connect(addr),
-                                )
-                                .await
-                                .map_err(|_| "timeout".to_string())
-                                .and_then(|r| r.map(drop).map_err(|e| e.to_string())),
-                            };
-                            r.map_err(AdapterError::transient)
-                        }
-                    })
-                    .await
-                    .map_err(|e| fail(format!("{addr}: {}", e.message)))?;
+                    tcp_reachable(netns.as_deref(), addr, within)
+                        .await
+                        .map_err(|e| fail(format!("{addr}: {}", e.message)))?;
                 }
                 "http" => {
                     let url = format!(

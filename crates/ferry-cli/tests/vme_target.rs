@@ -630,14 +630,15 @@ async fn a_workload_migrates_to_vme_in_delta_mode() {
 
     // A delta whose worker dies midway: reverted, retried, complete.
     let random = tmp.path().join("random.bin");
+    let mib = if cfg!(debug_assertions) { 24 } else { 256 };
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&random).unwrap();
         let mut x: u64 = 0x9e3779b97f4a7c15;
         let mut buf = vec![0u8; 1 << 20];
-        // Enough to be midway 2 s after the worker answers: the worker writes a few
-        // MiB/s under software emulation (it is a QEMU guest without KVM here).
-        for _ in 0..24 {
+        // Enough to catch it midway: the worker is a QEMU guest under software emulation
+        // here, slower still when it runs a debug build.
+        for _ in 0..mib {
             for b in buf.chunks_mut(8) {
                 x ^= x << 13;
                 x ^= x >> 7;
@@ -647,7 +648,12 @@ async fn a_workload_migrates_to_vme_in_delta_mode() {
             f.write_all(&buf).unwrap();
         }
     }
-    qemu_io(&source, &format!("write -s {} 1200M 24M", random.display()));
+    qemu_io(
+        &source,
+        &format!("write -s {} 1200M {mib}M", random.display()),
+    );
+    let vol = volume();
+    let before = std::fs::metadata(&vol).unwrap().len();
     let reverts_before = d
         .state()
         .mutations
@@ -670,7 +676,14 @@ async fn a_workload_migrates_to_vme_in_delta_mode() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // Midway: once the worker has written a few MiB of the delta into the volume.
+    while std::fs::metadata(&vol).unwrap().len() < before + (4 << 20) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delta never reached the volume"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let instance_id = d.state().instances[0].id;
     let run = d
         .state()

@@ -43,6 +43,8 @@ enum Command {
     Source(cmd::source::SourceArgs),
     /// Where workloads go (VME, libvirt, a local directory).
     Target(cmd::source::SourceArgs),
+    /// Secrets the appliance keeps encrypted: accounts, keys, tokens.
+    Credential(cmd::credential::CredentialArgs),
     /// Workloads: list, show, add, import from CSV.
     Inventory(cmd::inventory::InventoryArgs),
     /// Move groups (waves).
@@ -65,6 +67,7 @@ fn main() -> std::process::ExitCode {
         Command::Appliance(c) => cmd::appliance::run(c),
         Command::Source(c) => cmd::source::run_source(c),
         Command::Target(c) => cmd::source::run_target(c),
+        Command::Credential(c) => cmd::credential::run(c),
         Command::Inventory(c) => cmd::inventory::run_inventory(c),
         Command::Group(c) => cmd::inventory::run_group(c),
         Command::Profile(c) => cmd::profile::run(c),

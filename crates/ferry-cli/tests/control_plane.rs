@@ -809,3 +809,78 @@ fn api_conforms_to_its_openapi_document() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `ferry credential add` takes the secret from standard input, $FERRY_SECRET or a file,
+/// never from the command line; `list` shows everything but the secret, which is stored
+/// only encrypted.
+#[test]
+fn credentials_are_added_without_the_secret_on_the_command_line() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let app = Appliance::start(&tmp.path().join("appliance"), &[], None);
+    let secret_a = "Stdin-Secret-7f3a";
+    let mut child = std::process::Command::new(FERRY)
+        .args([
+            "credential",
+            "add",
+            "vc-admin",
+            "--kind",
+            "password",
+            "--username",
+            "administrator@vsphere.local",
+        ])
+        .env("FERRY_URL", &app.url)
+        .env("FERRY_TOKEN", &app.token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{secret_a}").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("stored encrypted"));
+
+    let secret_b = "hmac-sha256:ferry-key:c2VjcmV0LWJ5dGVz";
+    let key_file = tmp.path().join("tsig");
+    std::fs::write(&key_file, format!("{secret_b}\n")).unwrap();
+    app.ok(&[
+        "credential",
+        "add",
+        "dns-key",
+        "--kind",
+        "token",
+        "--secret-file",
+        key_file.to_str().unwrap(),
+    ]);
+
+    let o = app.ferry(&["credential", "add", "empty", "--kind", "token"]);
+    assert!(!o.status.success(), "an empty secret is refused");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("the secret is empty"));
+    let o = app.ferry(&["credential", "add", "x", "--kind", "pin"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("password, private_key, token"));
+
+    let list = app.ok(&["credential", "list"]);
+    assert!(
+        list.contains("vc-admin") && list.contains("administrator@vsphere.local"),
+        "{list}"
+    );
+    assert!(list.contains("dns-key") && list.contains("token"), "{list}");
+    let json: serde_json::Value =
+        serde_json::from_str(&app.ok(&["credential", "list", "--json"])).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2);
+    drop(app);
+    for (p, b) in std::fs::read_dir(tmp.path().join("appliance"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path()).ok().map(|b| (e.path(), b)))
+    {
+        for s in [secret_a, secret_b] {
+            assert!(
+                !b.windows(s.len()).any(|w| w == s.as_bytes()),
+                "{s} in clear in {}",
+                p.display()
+            );
+        }
+    }
+}

@@ -12,6 +12,7 @@ pub mod worker;
 pub mod appliance;
 pub mod bench_api;
 pub mod client;
+pub mod credential;
 pub mod inventory;
 pub mod migration;
 pub mod profile;

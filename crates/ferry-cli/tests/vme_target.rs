@@ -484,8 +484,13 @@ async fn a_workload_migrates_to_vme_in_image_mode() {
 /// Whether the instance's volume holds exactly the source image's contents (a volume
 /// larger than the disk must read as zeros past its end).
 fn same_contents(source: &Path, volume: &Path) -> Result<(), String> {
+    let format = if source.extension().is_some_and(|e| e == "qcow2") {
+        "qcow2"
+    } else {
+        "raw"
+    };
     let o = Command::new("qemu-img")
-        .args(["compare", "-f", "qcow2", "-F", "qcow2"])
+        .args(["compare", "-f", format, "-F", "qcow2"])
         .arg(source)
         .arg(volume)
         .output()
@@ -512,6 +517,23 @@ fn qemu_io(image: &Path, command: &str) {
         "qemu-io {command}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// `mib` MiB of incompressible bytes.
+fn random_file(path: &Path, mib: usize, seed: u64) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for b in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&buf).unwrap();
+    }
 }
 
 /// Every file named `name` under `dir`.
@@ -551,14 +573,24 @@ async fn a_workload_migrates_to_vme_in_delta_mode() {
     std::fs::create_dir_all(&images).unwrap();
     let source = images.join("web01.qcow2");
     std::fs::copy(image.join("disk.qcow2"), &source).unwrap();
+    // A second disk: its own volume on the instance, its own port on the worker.
+    let data = images.join("web01-data.raw");
+    random_file(&data, 48, 42);
     let api = app.client();
     api.ok("/api/sources", Some(serde_json::json!({"name": "images", "kind": "disk_image", "config": {"path": images.display().to_string()}}))).await;
     let src = api.ok("/api/sources/images", None).await;
-    api.ok("/api/workloads", Some(serde_json::json!({
-        "name": "web01", "source_id": src["id"],
-        "disks": [{"name": "root", "size_bytes": 2u64 << 30, "path": source.display().to_string()}],
-        "nics": [{"name": "eth0", "network": "prod-vlan", "ips": ["10.204.0.10"]}],
-    }))).await;
+    api.ok(
+        "/api/workloads",
+        Some(serde_json::json!({
+            "name": "web01", "source_id": src["id"],
+            "disks": [
+                {"name": "root", "size_bytes": 2u64 << 30, "path": source.display().to_string()},
+                {"name": "data", "size_bytes": 48u64 << 20, "path": data.display().to_string()},
+            ],
+            "nics": [{"name": "eth0", "network": "prod-vlan", "ips": ["10.204.0.10"]}],
+        })),
+    )
+    .await;
     api.ok("/api/profiles", Some(serde_json::json!({
         "name": "to-vme", "target": "vme1",
         "placement": {"datastore": "ceph-rbd"},
@@ -581,9 +613,10 @@ async fn a_workload_migrates_to_vme_in_delta_mode() {
         assert_eq!(i.status, "stopped", "the worker is shut down after a sync");
         assert_eq!(
             i.volumes.len(),
-            1,
-            "the worker volume is detached after a sync: the instance has its own disk only"
+            2,
+            "the worker volume is detached after a sync: the instance has its own disks only"
         );
+        same_contents(&data, &i.volumes[1].path).expect("the second volume equals the data disk");
         i.volumes[0].path.clone()
     };
     let syncs_of = |m: &serde_json::Value| m["syncs"].as_array().map(Vec::len).unwrap_or(0);
@@ -630,24 +663,10 @@ async fn a_workload_migrates_to_vme_in_delta_mode() {
 
     // A delta whose worker dies midway: reverted, retried, complete.
     let random = tmp.path().join("random.bin");
+    // Enough to catch it midway: the worker is a QEMU guest under software emulation
+    // here, slower still when it runs a debug build.
     let mib = if cfg!(debug_assertions) { 24 } else { 256 };
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&random).unwrap();
-        let mut x: u64 = 0x9e3779b97f4a7c15;
-        let mut buf = vec![0u8; 1 << 20];
-        // Enough to catch it midway: the worker is a QEMU guest under software emulation
-        // here, slower still when it runs a debug build.
-        for _ in 0..mib {
-            for b in buf.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                b.copy_from_slice(&x.to_le_bytes());
-            }
-            f.write_all(&buf).unwrap();
-        }
-    }
+    random_file(&random, mib, 0x9e3779b97f4a7c15);
     qemu_io(
         &source,
         &format!("write -s {} 1200M {mib}M", random.display()),

@@ -214,15 +214,6 @@ impl DiskDestination {
     }
 }
 
-impl std::fmt::Display for DiskDestination {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DiskDestination::Local(p) => write!(f, "{}", p.display()),
-            DiskDestination::Remote(r) => write!(f, "{} ({})", r.addr, r.server_name),
-        }
-    }
-}
-
 /// Figures of one sync run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct SyncStats {

@@ -193,6 +193,11 @@ impl LocalDirTarget {
             ctx.migration.id.simple()
         )))
     }
+
+    /// Where disk `name`'s copy lives.
+    fn disk_path(ctx: &StepContext, name: &str) -> AResult<PathBuf> {
+        Ok(Self::instance_dir(ctx)?.join(format!("{}.img", sanitize(name))))
+    }
 }
 
 fn sanitize(name: &str) -> String {
@@ -225,9 +230,7 @@ impl TargetAdapter for LocalDirTarget {
         ctx: &StepContext,
         disk: &SourceDisk,
     ) -> AResult<DiskDestination> {
-        Ok(DiskDestination::Local(
-            Self::instance_dir(ctx)?.join(format!("{}.img", sanitize(&disk.name))),
-        ))
+        Ok(DiskDestination::Local(Self::disk_path(ctx, &disk.name)?))
     }
 
     /// Its final validation always compares the copies with the source's disks.
@@ -296,7 +299,7 @@ impl TargetAdapter for LocalDirTarget {
             ));
         }
         for d in source_disks {
-            let dst = Self::instance_dir(ctx)?.join(format!("{}.img", sanitize(&d.name)));
+            let dst = Self::disk_path(ctx, &d.name)?;
             let (a, b) = (PathBuf::from(&d.spec), dst.clone());
             let same = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
                 Ok(digest(&a)? == digest(&b)?)

@@ -173,6 +173,30 @@ async fn setup_iam_once_then_nothing_and_no_password_in_clear() {
     ));
 }
 
+/// Gives the migration a command.
+async fn command(api: &Api, id: &str, command: &str) {
+    api.ok(
+        &format!("/api/migrations/{id}/commands"),
+        Some(serde_json::json!({"command": command})),
+    )
+    .await;
+}
+
+/// Rolls the migration back and waits until the rollback has run.
+async fn roll_back(api: &Api, id: &str, within: std::time::Duration) {
+    command(api, id, "rollback").await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let (st, _) = state_of(api, id).await;
+        if st != "rolling_back" && st != "completed" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "rollback still {st}");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
+
 /// The migration's current state, failing the test with the error if it failed.
 async fn state_of(api: &Api, id: &str) -> (String, serde_json::Value) {
     let m = api.ok(&format!("/api/migrations/{id}"), None).await;
@@ -402,11 +426,7 @@ async fn a_workload_migrates_to_vme_in_image_mode() {
     wait_state(&api, &id, "synced", std::time::Duration::from_secs(120)).await;
     let t_sync = t.elapsed();
 
-    api.ok(
-        &format!("/api/migrations/{id}/commands"),
-        Some(serde_json::json!({"command": "uat_start"})),
-    )
-    .await;
+    command(&api, &id, "uat_start").await;
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let m = wait_state(&api, &id, "synced", std::time::Duration::from_secs(400)).await;
     assert_eq!(m["migration"]["status"]["uat_verdict"], "passed", "{m}");
@@ -420,11 +440,7 @@ async fn a_workload_migrates_to_vme_in_image_mode() {
     );
     let t_uat = t.elapsed() - t_sync;
 
-    api.ok(
-        &format!("/api/migrations/{id}/commands"),
-        Some(serde_json::json!({"command": "cutover"})),
-    )
-    .await;
+    command(&api, &id, "cutover").await;
     wait_state(&api, &id, "completed", std::time::Duration::from_secs(400)).await;
     let t_cutover = t.elapsed() - t_sync - t_uat;
     {
@@ -449,21 +465,7 @@ async fn a_workload_migrates_to_vme_in_image_mode() {
     );
 
     // Rollback: the VME instance goes, DNS points back.
-    api.ok(
-        &format!("/api/migrations/{id}/commands"),
-        Some(serde_json::json!({"command": "rollback"})),
-    )
-    .await;
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let (st, _) = state_of(&api, &id).await;
-        if st != "rolling_back" && st != "completed" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "rollback still {st}");
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    }
+    roll_back(&api, &id, std::time::Duration::from_secs(120)).await;
     assert!(
         d.state().instances.is_empty(),
         "the production instance was deleted"
@@ -626,11 +628,7 @@ async fn a_workload_migrates_to_vme_in_delta_mode() {
         async move {
             let t = std::time::Instant::now();
             if ask {
-                api.ok(
-                    &format!("/api/migrations/{id}/commands"),
-                    Some(serde_json::json!({"command": "sync"})),
-                )
-                .await;
+                command(api, id, "sync").await;
             }
             loop {
                 let m = wait_state(api, id, "synced", std::time::Duration::from_secs(600)).await;
@@ -679,11 +677,7 @@ async fn a_workload_migrates_to_vme_in_delta_mode() {
         .iter()
         .filter(|c| c.contains("revert-snapshot"))
         .count();
-    api.ok(
-        &format!("/api/migrations/{id}/commands"),
-        Some(serde_json::json!({"command": "sync"})),
-    )
-    .await;
+    command(&api, &id, "sync").await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
     let address = loop {
         if let Some(p) = find_named(&app.dir, "worker-address").into_iter().next() {
@@ -736,22 +730,14 @@ async fn a_workload_migrates_to_vme_in_delta_mode() {
     );
 
     // UAT boots the instance's own disk, and is reverted afterwards.
-    api.ok(
-        &format!("/api/migrations/{id}/commands"),
-        Some(serde_json::json!({"command": "uat_start"})),
-    )
-    .await;
+    command(&api, &id, "uat_start").await;
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let m = wait_state(&api, &id, "synced", std::time::Duration::from_secs(400)).await;
     assert_eq!(m["migration"]["status"]["uat_verdict"], "passed", "{m}");
     same_contents(&source, &volume()).expect("UAT's changes were reverted");
 
     // Cutover: the final delta, then the instance boots on the production network.
-    api.ok(
-        &format!("/api/migrations/{id}/commands"),
-        Some(serde_json::json!({"command": "cutover"})),
-    )
-    .await;
+    command(&api, &id, "cutover").await;
     wait_state(&api, &id, "completed", std::time::Duration::from_secs(600)).await;
     {
         let st = d.state();
@@ -770,21 +756,7 @@ async fn a_workload_migrates_to_vme_in_delta_mode() {
 
     // Rollback: the instance stops, back on the migration network, and its volume holds
     // the last synced generation again (what production's boot wrote is undone).
-    api.ok(
-        &format!("/api/migrations/{id}/commands"),
-        Some(serde_json::json!({"command": "rollback"})),
-    )
-    .await;
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    loop {
-        let (st, _) = state_of(&api, &id).await;
-        if st != "rolling_back" && st != "completed" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "rollback still {st}");
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    }
+    roll_back(&api, &id, std::time::Duration::from_secs(300)).await;
     same_contents(&source, &volume()).expect("the rollback put the last synced generation back");
     assert_ne!(
         d.state().instances[0].nics[0].0,

@@ -178,26 +178,26 @@ impl Target {
     /// A DST changed behind Ferry's back (other size or mtime), or one Ferry never wrote,
     /// is read and indexed again: correct first, fast when possible.
     fn committed_index(&self, chunk_size: u32) -> Result<Option<IndexFile>, TargetError> {
-        if self.device {
+        let state = self.load_state();
+        let same_file = if self.device {
             // Nothing recorded: a volume Ferry has not written yet (it is zeroed first).
-            let Some(state) = self.load_state() else {
+            // A volume's size and times say nothing of its contents: the platform's
+            // snapshots keep it and its sidecar in step.
+            if state.is_none() {
                 return Ok(None);
-            };
-            if state.chunk_size == chunk_size {
-                match IndexFile::open(&self.index_path(state.generation)) {
-                    Ok(idx) => return Ok(Some(idx)),
-                    Err(e) => tracing::warn!("{e}; indexing the volume again"),
-                }
             }
-            return self.index_existing(chunk_size, state.generation).map(Some);
-        }
-        let meta = match std::fs::metadata(&self.dst) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(&self.dst)(e)),
+            true
+        } else {
+            let meta = match std::fs::metadata(&self.dst) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io(&self.dst)(e)),
+            };
+            state
+                .as_ref()
+                .is_none_or(|s| s.dst_size == meta.len() && s.dst_mtime_ns == mtime_ns(&meta))
         };
-        if let Some(state) = self.load_state() {
-            let same_file = state.dst_size == meta.len() && state.dst_mtime_ns == mtime_ns(&meta);
+        if let Some(state) = &state {
             if same_file && state.chunk_size == chunk_size {
                 match IndexFile::open(&self.index_path(state.generation)) {
                     Ok(idx) => return Ok(Some(idx)),
@@ -210,7 +210,7 @@ impl Target {
                 );
             }
         }
-        let generation = self.load_state().map(|s| s.generation).unwrap_or(0);
+        let generation = state.map(|s| s.generation).unwrap_or(0);
         let idx = self.index_existing(chunk_size, generation)?;
         Ok(Some(idx))
     }
@@ -332,7 +332,7 @@ impl Target {
                     .open(&self.dst)
                     .map_err(io(&self.dst))?;
                 // All of it: a volume larger than the disk reads as zeros past its end.
-                zero_range(&dev, 0, self.device_size()?).map_err(io(&self.dst))?;
+                punch_zero(&dev, 0, self.device_size()?).map_err(io(&self.dst))?;
                 dev.sync_all().map_err(io(&self.dst))?;
             } else if committed.is_none() {
                 let data = File::create(pending.join("data")).map_err(io(&pending))?;
@@ -614,13 +614,13 @@ fn apply(
     Ok(applied)
 }
 
-/// Makes a whole range read as zeros, cheaply where the device or filesystem can (a
-/// thin volume then stays thin); else by writing zeros.
-fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+/// Makes a range read as zeros: freeing its space where the filesystem or device can (a
+/// thin volume then stays thin), else as unwritten extents, else by writing zeros.
+pub(crate) fn punch_zero(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::unix::io::AsRawFd;
     for mode in [
-        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
         libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
     ] {
         let rc = unsafe {
             libc::fallocate(
@@ -634,7 +634,8 @@ fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
             return Ok(());
         }
     }
-    let zeros = vec![0u8; 4 << 20];
+    // In pieces: a whole volume is zeroed this way when nothing else works.
+    let zeros = vec![0u8; len.min(4 << 20) as usize];
     let mut pos = offset;
     while pos < offset + len {
         let n = (offset + len - pos).min(zeros.len() as u64) as usize;
@@ -642,23 +643,6 @@ fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
         pos += n as u64;
     }
     Ok(())
-}
-
-/// Makes a range read as zeros, freeing its space where the filesystem can.
-pub(crate) fn punch_zero(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::unix::io::AsRawFd;
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    file.write_all_at(&vec![0u8; len as usize], offset)
 }
 
 fn mtime_ns(meta: &std::fs::Metadata) -> i128 {

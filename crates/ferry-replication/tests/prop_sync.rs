@@ -21,6 +21,15 @@ struct MemDisk {
 const GRAIN: u64 = 4096;
 
 impl MemDisk {
+    /// A disk of `size` zero bytes that tracks its changes.
+    fn zeroed(size: u64) -> Self {
+        MemDisk {
+            bytes: Arc::new(Mutex::new(vec![0; size as usize])),
+            dirty: Arc::new(Mutex::new(BTreeSet::new())),
+            track: true,
+        }
+    }
+
     fn write(&self, offset: u64, data: &[u8]) {
         let mut b = self.bytes.lock().unwrap();
         b[offset as usize..offset as usize + data.len()].copy_from_slice(data);
@@ -172,11 +181,7 @@ proptest! {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let dst = dir.path().join("target.raw");
-        let disk = MemDisk {
-            bytes: Arc::new(Mutex::new(vec![0; size as usize])),
-            dirty: Arc::new(Mutex::new(BTreeSet::new())),
-            track: true,
-        };
+        let disk = MemDisk::zeroed(size);
         for (i, (use_bitmap, writes)) in generations.iter().enumerate() {
             for (off, len, fill) in writes {
                 disk.write(*off, &bytes_of(*len, fill));
@@ -213,11 +218,7 @@ proptest! {
         std::fs::write(&vol, vec![0xAB; (size + slack) as usize]).unwrap();
         let receiver = Receiver::device(vol.clone(), dir.path().join("state"));
         let endpoint = Endpoint::in_process(receiver);
-        let disk = MemDisk {
-            bytes: Arc::new(Mutex::new(vec![0; size as usize])),
-            dirty: Arc::new(Mutex::new(BTreeSet::new())),
-            track: true,
-        };
+        let disk = MemDisk::zeroed(size);
         for (i, (use_bitmap, writes)) in generations.iter().enumerate() {
             for (off, len, fill) in writes {
                 disk.write(*off, &bytes_of(*len, fill));

@@ -70,8 +70,31 @@ fn state_path(ctx: &StepContext) -> PathBuf {
 }
 
 pub fn load(ctx: &StepContext) -> Option<DeltaInstance> {
-    let b = std::fs::read(state_path(ctx)).ok()?;
-    serde_json::from_slice(&b).ok()
+    crate::state::read_json(&state_path(ctx))
+}
+
+/// Where `begin` records the running worker's address for `destination`.
+fn worker_address_path(ctx: &StepContext) -> PathBuf {
+    ctx.work_dir.join("vme").join("worker-address")
+}
+
+/// The worker's base image (`config.worker_base_image`).
+fn base_image(ctx: &StepContext) -> AResult<PathBuf> {
+    cfg(ctx, "worker_base_image").map(PathBuf::from).ok_or_else(|| {
+        AdapterError::permanent(format!(
+            "delta mode needs a worker base image: set config.worker_base_image on target '{}' (a Linux image with systemd, ext4 on the whole disk)",
+            ctx.target.name
+        ))
+    })
+}
+
+/// Deletes a snapshot that served its purpose; one already gone is fine, and a failure
+/// only leaves it behind (said in the log).
+async fn drop_snapshot(c: &Client, snapshot: i64, what: &str) {
+    match provision::delete_snapshot(c, snapshot).await {
+        Ok(()) | Err(ferry_morpheus::MorpheusError::NotFound { .. }) => {}
+        Err(e) => tracing::warn!(snapshot, "cannot delete {what}: {e}"),
+    }
 }
 
 fn save(ctx: &StepContext, d: &DeltaInstance) -> AResult<()> {
@@ -103,12 +126,7 @@ fn ferry_binary(ctx: &StepContext) -> AResult<PathBuf> {
 /// What delta mode needs on this appliance before any data moves: the worker's base
 /// image, the binary to put in it, and the tools that write it.
 pub fn preflight(ctx: &StepContext) -> AResult<()> {
-    let base = cfg(ctx, "worker_base_image").map(PathBuf::from).ok_or_else(|| {
-        AdapterError::permanent(format!(
-            "delta mode needs a worker base image: set config.worker_base_image on target '{}' (a Linux image with systemd, ext4 on the whole disk)",
-            ctx.target.name
-        ))
-    })?;
+    let base = base_image(ctx)?;
     std::fs::File::open(&base).map_err(|e| {
         AdapterError::permanent(format!(
             "worker base image {}: {e} (target '{}', config.worker_base_image)",
@@ -138,21 +156,13 @@ pub fn preflight(ctx: &StepContext) -> AResult<()> {
 
 /// Builds and uploads the worker image once per target (again when its recipe changed).
 async fn worker_image(c: &Client, ctx: &StepContext) -> AResult<UploadedWorker> {
-    let base = cfg(ctx, "worker_base_image").map(PathBuf::from).ok_or_else(|| {
-        AdapterError::permanent(format!(
-            "delta mode needs a worker base image: set config.worker_base_image on target '{}' (a Linux image with systemd, ext4 on the whole disk)",
-            ctx.target.name
-        ))
-    })?;
+    let base = base_image(ctx)?;
     let dir = worker_dir(ctx);
     let ca = worker_image::pki(&dir.join("pki"), &ctx.target.name)?;
     let ferry = ferry_binary(ctx)?;
     let key = worker_image::recipe_key(&base, &ferry, &ca)?;
     let record = dir.join("image.json");
-    if let Some(u) = std::fs::read(&record)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<UploadedWorker>(&b).ok())
-    {
+    if let Some(u) = crate::state::read_json::<UploadedWorker>(&record) {
         if u.key == key {
             return Ok(u);
         }
@@ -298,12 +308,7 @@ pub async fn begin(ctx: &StepContext, disks: &[SourceDisk]) -> AResult<()> {
         save(ctx, &d)?;
     }
     tracing::info!(instance = d.instance_id, "booting the target worker");
-    provision::start_instance(&c, d.instance_id)
-        .await
-        .map_err(api_err)?;
-    provision::wait_status(&c, d.instance_id, "running", boot_timeout(ctx))
-        .await
-        .map_err(api_err)?;
+    crate::start(&c, ctx, d.instance_id).await?;
     let details = provision::instance_details(&c, d.instance_id)
         .await
         .map_err(api_err)?;
@@ -328,8 +333,7 @@ pub async fn begin(ctx: &StepContext, disks: &[SourceDisk]) -> AResult<()> {
         }
     }
     tracing::info!(instance = d.instance_id, %ip, "the target worker answers");
-    let addr_file = ctx.work_dir.join("vme").join("worker-address");
-    tokio::fs::write(&addr_file, &ip).await?;
+    tokio::fs::write(worker_address_path(ctx), &ip).await?;
     Ok(())
 }
 
@@ -346,12 +350,11 @@ pub fn destination(ctx: &StepContext, disk: &SourceDisk) -> AResult<DiskDestinat
                 disk.name, ctx.workload.name
             ))
         })?;
-    let ip =
-        std::fs::read_to_string(ctx.work_dir.join("vme").join("worker-address")).map_err(|_| {
-            AdapterError::permanent(
-                "no target worker is running for this migration (the sync did not begin)",
-            )
-        })?;
+    let ip = std::fs::read_to_string(worker_address_path(ctx)).map_err(|_| {
+        AdapterError::permanent(
+            "no target worker is running for this migration (the sync did not begin)",
+        )
+    })?;
     let pki = worker_dir(ctx).join("pki");
     let ca = ferry_pki::CaDir::new(&pki);
     Ok(DiskDestination::Remote(RemoteReceiver {
@@ -371,7 +374,7 @@ pub async fn end(ctx: &StepContext, committed: bool) -> AResult<()> {
         return Ok(());
     };
     let c = client(ctx)?;
-    let _ = tokio::fs::remove_file(ctx.work_dir.join("vme").join("worker-address")).await;
+    let _ = tokio::fs::remove_file(worker_address_path(ctx)).await;
     tracing::info!(
         instance = d.instance_id,
         committed,
@@ -389,13 +392,7 @@ pub async fn end(ctx: &StepContext, committed: bool) -> AResult<()> {
                 "the failed sync was reverted from the snapshot taken before it"
             );
         }
-        match provision::delete_snapshot(&c, s).await {
-            Ok(()) | Err(ferry_morpheus::MorpheusError::NotFound { .. }) => {}
-            Err(e) => tracing::warn!(
-                snapshot = s,
-                "cannot delete the snapshot taken before the sync: {e}"
-            ),
-        }
+        drop_snapshot(&c, s, "the snapshot taken before the sync").await;
         d.pending_snapshot = None;
         if committed {
             d.syncs += 1;
@@ -469,12 +466,7 @@ async fn boot_own(c: &Client, ctx: &StepContext, d: &mut DeltaInstance, why: Own
         *why.slot(d) = Some(s);
         save(ctx, d)?;
     }
-    provision::start_instance(c, d.instance_id)
-        .await
-        .map_err(api_err)?;
-    provision::wait_status(c, d.instance_id, "running", boot_timeout(ctx))
-        .await
-        .map_err(api_err)
+    crate::start(c, ctx, d.instance_id).await
 }
 
 /// Stops the instance and undoes what its boot changed.
@@ -486,10 +478,7 @@ async fn undo_own(c: &Client, ctx: &StepContext, d: &mut DeltaInstance, why: Own
     provision::revert_snapshot(c, d.instance_id, s)
         .await
         .map_err(api_err)?;
-    match provision::delete_snapshot(c, s).await {
-        Ok(()) | Err(ferry_morpheus::MorpheusError::NotFound { .. }) => {}
-        Err(e) => tracing::warn!(snapshot = s, "cannot delete snapshot {}: {e}", why.name()),
-    }
+    drop_snapshot(c, s, why.name()).await;
     *why.slot(d) = None;
     save(ctx, d)
 }

@@ -206,12 +206,7 @@ async fn deploy(ctx: &StepContext, role: Role) -> AResult<()> {
     let c = client(ctx)?;
     if let Some(d) = state::load(ctx, role) {
         // A retried step: it exists; make sure it runs.
-        provision::start_instance(&c, d.instance_id)
-            .await
-            .map_err(api_err)?;
-        return provision::wait_status(&c, d.instance_id, "running", boot_timeout(ctx))
-            .await
-            .map_err(api_err);
+        return start(&c, ctx, d.instance_id).await;
     }
     let disks = &ctx.workload.disks;
     if disks.len() != 1 {
@@ -247,10 +242,13 @@ async fn deploy(ctx: &StepContext, role: Role) -> AResult<()> {
         workload = %ctx.workload.name, ?role, instance = got.instance_id,
         bytes = got.uploaded_bytes, secs = t.elapsed().as_secs_f64(), "delivered as a virtual image"
     );
-    provision::start_instance(&c, got.instance_id)
-        .await
-        .map_err(api_err)?;
-    provision::wait_status(&c, got.instance_id, "running", boot_timeout(ctx))
+    start(&c, ctx, got.instance_id).await
+}
+
+/// Starts the instance and waits until it runs.
+async fn start(c: &Client, ctx: &StepContext, id: i64) -> AResult<()> {
+    provision::start_instance(c, id).await.map_err(api_err)?;
+    provision::wait_status(c, id, "running", boot_timeout(ctx))
         .await
         .map_err(api_err)
 }

@@ -37,8 +37,13 @@ pub fn instance_name(ctx: &StepContext, role: Role) -> String {
 }
 
 pub fn load(ctx: &StepContext, role: Role) -> Option<Deployed> {
-    let b = std::fs::read(path(ctx, role)).ok()?;
-    serde_json::from_slice(&b).ok()
+    read_json(&path(ctx, role))
+}
+
+/// A record written by [`write_atomic`]; `None` when there is none (or it is unreadable:
+/// then what it recorded is made again).
+pub fn read_json<T: serde::de::DeserializeOwned>(p: &std::path::Path) -> Option<T> {
+    serde_json::from_slice(&std::fs::read(p).ok()?).ok()
 }
 
 pub fn save(ctx: &StepContext, role: Role, d: &Deployed) -> AResult<()> {

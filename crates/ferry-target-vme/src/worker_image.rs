@@ -85,17 +85,8 @@ pub fn recipe_key(base: &Path, ferry: &Path, ca: &CaDir) -> AResult<String> {
             m.mtime_nsec() + m.mtime() * 1_000_000_000
         ));
     }
-    Ok(ferry_pki_digest(&parts))
-}
-
-fn ferry_pki_digest(s: &str) -> String {
-    // Not a security boundary: a change detector. FNV-1a is plenty.
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in s.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    format!("{h:016x}")
+    use sha2::Digest;
+    Ok(hex::encode(sha2::Sha256::digest(parts.as_bytes())))
 }
 
 /// Builds the worker image from `base` into `out` (qcow2), with `ferry` inside.
@@ -105,7 +96,6 @@ pub async fn build(base: &Path, ferry: &Path, ca: &CaDir, out: &Path) -> AResult
     let raw = out.with_extension("raw");
     let bin = dir.join("ferry.stripped");
     let unit = dir.join("ferry-worker.service");
-    let os = |p: &Path| p.as_os_str().to_owned();
     run(
         "qemu-img",
         &[
@@ -148,7 +138,7 @@ pub async fn build(base: &Path, ferry: &Path, ca: &CaDir, out: &Path) -> AResult
         &[
             "-w".as_ref(),
             "-f".as_ref(),
-            os(&script).as_os_str(),
+            script.as_os_str(),
             raw.as_os_str(),
         ],
     )
@@ -173,6 +163,8 @@ pub async fn build(base: &Path, ferry: &Path, ca: &CaDir, out: &Path) -> AResult
             )));
         }
     }
+    // The raw copy's length is the image's virtual size.
+    let size = tokio::fs::metadata(&raw).await?.len();
     let tmp = out.with_extension("qcow2.tmp");
     run(
         "qemu-img",
@@ -189,24 +181,7 @@ pub async fn build(base: &Path, ferry: &Path, ca: &CaDir, out: &Path) -> AResult
     for f in [&raw, &bin, &unit, &script] {
         let _ = tokio::fs::remove_file(f).await;
     }
-    virtual_size(out).await
-}
-
-/// An image's virtual size in bytes.
-pub async fn virtual_size(image: &Path) -> AResult<u64> {
-    let out = run(
-        "qemu-img",
-        &["info".as_ref(), "--output=json".as_ref(), image.as_os_str()],
-    )
-    .await?;
-    let v: serde_json::Value = serde_json::from_str(&out)
-        .map_err(|e| AdapterError::permanent(format!("qemu-img info {}: {e}", image.display())))?;
-    v["virtual-size"].as_u64().ok_or_else(|| {
-        AdapterError::permanent(format!(
-            "qemu-img info {}: no virtual-size",
-            image.display()
-        ))
-    })
+    Ok(size)
 }
 
 /// Where a target keeps its worker CA and image, beside the migrations' work

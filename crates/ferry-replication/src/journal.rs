@@ -10,11 +10,13 @@
 //! a torn or never-written record (a crash mid-write) is simply skipped.
 
 use std::fs::{File, OpenOptions};
+use std::io::IoSlice;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::chunk::{self, Digest};
+use crate::vectored::pwritev_all;
 
 const MAGIC: &[u8; 8] = b"FERRYJ01";
 const HEADER: u64 = 64;
@@ -58,17 +60,47 @@ impl Journal {
     }
 
     /// Appends a record; returns its slot (see [`Journal::data_offset`]).
+    #[cfg(test)]
     pub fn append(&self, chunk: u64, digest: &Digest, bytes: &[u8]) -> std::io::Result<u64> {
-        let k = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut h = [0u8; HEADER as usize];
-        h[..8].copy_from_slice(MAGIC);
-        h[8..16].copy_from_slice(&chunk.to_le_bytes());
-        h[16..20].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
-        h[24..56].copy_from_slice(digest);
-        // Data first: a header never describes bytes that are not there yet.
-        self.file.write_all_at(bytes, k * self.record + HEADER)?;
-        self.file.write_all_at(&h, k * self.record)?;
-        Ok(k)
+        self.append_many(&[(chunk, *digest, bytes)])
+    }
+
+    /// Appends records to consecutive slots with one write; returns the first slot.
+    ///
+    /// Nothing orders a record's header after its bytes on the disk (only a flush
+    /// would), so a crash can leave either without the other: the scan trusts a record
+    /// only when its bytes hash to the digest in its header.
+    pub fn append_many(&self, records: &[(u64, Digest, &[u8])]) -> std::io::Result<u64> {
+        let first = self.next.fetch_add(records.len() as u64, Ordering::Relaxed);
+        let headers: Vec<[u8; HEADER as usize]> = records
+            .iter()
+            .map(|(chunk, digest, bytes)| {
+                let mut h = [0u8; HEADER as usize];
+                h[..8].copy_from_slice(MAGIC);
+                h[8..16].copy_from_slice(&chunk.to_le_bytes());
+                h[16..20].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+                h[24..56].copy_from_slice(digest);
+                h
+            })
+            .collect();
+        // A record shorter than a chunk (the disk's last) still takes a whole slot.
+        let gap = records
+            .iter()
+            .map(|r| (self.record - HEADER) as usize - r.2.len())
+            .max()
+            .unwrap_or(0);
+        let pad = vec![0u8; gap];
+        let mut slices = Vec::with_capacity(records.len() * 3);
+        for (h, (_, _, bytes)) in headers.iter().zip(records) {
+            slices.push(IoSlice::new(h));
+            slices.push(IoSlice::new(bytes));
+            let short = (self.record - HEADER) as usize - bytes.len();
+            if short > 0 {
+                slices.push(IoSlice::new(&pad[..short]));
+            }
+        }
+        pwritev_all(&self.file, &mut slices, first * self.record)?;
+        Ok(first)
     }
 
     /// Where the bytes of the record in `slot` start in the file.

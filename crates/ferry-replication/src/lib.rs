@@ -6,7 +6,7 @@
 //! - [`sender`]: change detection (dirty bitmap, or hash compare against the target's
 //!   index) and parallel streaming.
 //! - [`receiver`] / [`target`]: verification, checkpoints, and crash-safe commits.
-//! - [`local`]: both ends in one process over loopback mutual TLS.
+//! - [`local`]: both ends in one process, over in-memory pipes instead of TLS.
 //!
 //! This crate knows disks, chunks and generations — not workloads, migrations or
 //! platforms.
@@ -16,6 +16,7 @@ mod compress;
 pub mod index;
 mod journal;
 pub mod local;
+mod pipe;
 pub mod proto;
 pub mod receiver;
 pub mod report;
@@ -23,6 +24,7 @@ pub mod sender;
 mod sink;
 pub mod target;
 pub mod transport;
+mod vectored;
 
 pub use local::{sync_local, LocalTarget};
 pub use proto::Mode;

@@ -1,6 +1,7 @@
 //! The receiving end: accepts mutual-TLS connections for one target disk, verifies every
 //! chunk against its digest before writing it, checkpoints, and commits.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::chunk::{self, Geometry, ZERO};
+use crate::chunk::{self, Digest, Geometry, ZERO};
 use crate::proto::{self, Control, Frame, ProtoError, KIND_CONTROL, KIND_DATA, KIND_ZERO};
 use crate::target::{CommitInfo, Session, Target};
 use crate::SyncError;
@@ -383,29 +384,52 @@ impl Receiver {
 }
 
 /// Verifies and stores a batch of chunk frames (off the async threads: hashing and
-/// decompression are CPU work). Hands the frames' buffers back for the next ones.
+/// decompression are CPU work). Nothing of a batch is stored unless all of it verifies.
+/// Hands the frames' buffers back for the next ones.
 async fn store(session: &Arc<Session>, batch: Vec<Frame>) -> Result<Vec<Vec<u8>>, SyncError> {
     if batch.is_empty() {
         return Ok(Vec::new());
     }
     let s = Arc::clone(session);
     tokio::task::spawn_blocking(move || {
-        let mut buffers = Vec::with_capacity(batch.len());
-        for frame in batch {
-            store_one(&s, &frame)?;
-            buffers.push(frame.payload);
-        }
-        Ok(buffers)
+        let verified = batch
+            .iter()
+            .map(|f| verify(&s, f))
+            .collect::<Result<Vec<_>, _>>()?;
+        let chunks: Vec<(u64, Digest, Option<&[u8]>)> = verified
+            .iter()
+            .map(|v| (v.chunk, v.digest, v.stored()))
+            .collect();
+        s.put_many(&chunks)?;
+        drop(chunks);
+        drop(verified);
+        Ok(batch.into_iter().map(|f| f.payload).collect())
     })
     .await?
 }
 
-fn store_one(session: &Session, frame: &Frame) -> Result<(), SyncError> {
+/// A chunk whose bytes hash to the digest sent with it.
+struct Verified<'a> {
+    chunk: u64,
+    digest: Digest,
+    bytes: Cow<'a, [u8]>,
+}
+
+impl Verified<'_> {
+    /// The bytes to store (none for a chunk that is all zeros).
+    fn stored(&self) -> Option<&[u8]> {
+        (self.digest != ZERO).then_some(&self.bytes[..])
+    }
+}
+
+fn verify<'a>(session: &Session, frame: &'a Frame) -> Result<Verified<'a>, SyncError> {
     let geometry = session.geometry();
     if frame.kind == KIND_ZERO {
-        let chunk = frame.zero_chunk()?;
-        session.put(chunk, ZERO, None)?;
-        return Ok(());
+        return Ok(Verified {
+            chunk: frame.zero_chunk()?,
+            digest: ZERO,
+            bytes: Cow::Borrowed(&[]),
+        });
     }
     let d = frame.data()?;
     if d.chunk >= geometry.chunk_count() {
@@ -423,28 +447,29 @@ fn store_one(session: &Session, frame: &Frame) -> Result<(), SyncError> {
             reason: format!("{} bytes announced, the chunk has {len}", d.raw_len),
         });
     }
-    let decompressed;
     let bytes = if frame.flags & proto::FLAG_COMPRESSED != 0 {
-        decompressed =
-            crate::compress::decompress(d.bytes, len).map_err(|e| SyncError::Verification {
+        Cow::Owned(crate::compress::decompress(d.bytes, len).map_err(|e| {
+            SyncError::Verification {
                 chunk: d.chunk,
                 offset,
                 reason: format!("does not decompress ({e})"),
-            })?;
-        &decompressed[..]
+            }
+        })?)
     } else {
-        d.bytes
+        Cow::Borrowed(d.bytes)
     };
-    if bytes.len() != len || chunk::digest(bytes) != d.digest {
+    if bytes.len() != len || chunk::digest(&bytes) != d.digest {
         return Err(SyncError::Verification {
             chunk: d.chunk,
             offset,
             reason: "its bytes do not match the digest sent with it".into(),
         });
     }
-    let stored = if d.digest == ZERO { None } else { Some(bytes) };
-    session.put(d.chunk, d.digest, stored)?;
-    Ok(())
+    Ok(Verified {
+        chunk: d.chunk,
+        digest: d.digest,
+        bytes,
+    })
 }
 
 fn parse_hex(s: &str) -> Result<chunk::Digest, SyncError> {

@@ -30,6 +30,7 @@
 //! together. The first sync zeroes the volume, so chunks that are zero need no bytes.
 
 use std::fs::{File, OpenOptions};
+use std::io::IoSlice;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +42,7 @@ use crate::chunk::{self, Digest, Geometry, ZERO};
 use crate::index::{sync_dir, write_atomic, IndexError, IndexFile};
 use crate::journal::Journal;
 use crate::sink::{self, Format, Sink};
+use crate::vectored::pwritev_all;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -730,57 +732,102 @@ impl Session {
     }
 
     /// Stores a verified chunk (or, with `None`, a chunk that is now all zeros).
+    #[cfg(test)]
     pub fn put(&self, chunk: u64, digest: Digest, bytes: Option<&[u8]>) -> Result<(), TargetError> {
-        if chunk >= self.geometry.chunk_count() {
-            return Err(TargetError::State(format!(
-                "chunk {chunk} is past the end of the disk ({} chunks)",
-                self.geometry.chunk_count()
-            )));
-        }
-        let (off, len) = self.geometry.chunk(chunk);
-        if let Some(b) = bytes {
-            if b.len() != len {
+        self.put_many(&[(chunk, digest, bytes)])
+    }
+
+    /// Stores a batch of verified chunks (`None`: a chunk that is now all zeros). A batch
+    /// costs a write per run of neighbouring chunks (one in all into the journal), not
+    /// one per chunk.
+    pub fn put_many(&self, chunks: &[(u64, Digest, Option<&[u8]>)]) -> Result<(), TargetError> {
+        let mut stored = 0u64;
+        let mut total = 0u64;
+        for &(chunk, _, bytes) in chunks {
+            if chunk >= self.geometry.chunk_count() {
                 return Err(TargetError::State(format!(
-                    "chunk {chunk} has {} bytes, expected {len}",
-                    b.len()
+                    "chunk {chunk} is past the end of the disk ({} chunks)",
+                    self.geometry.chunk_count()
                 )));
             }
+            let (_, len) = self.geometry.chunk(chunk);
+            if let Some(b) = bytes {
+                if b.len() != len {
+                    return Err(TargetError::State(format!(
+                        "chunk {chunk} has {} bytes, expected {len}",
+                        b.len()
+                    )));
+                }
+                stored += len as u64;
+            }
+            total += len as u64;
         }
-        match (&self.store, bytes) {
-            (Store::Image { file, path }, Some(b)) => {
-                file.write_all_at(b, off).map_err(io(path))?;
-            }
-            (Store::Image { file, path }, None) => {
-                punch_zero(file, off, len as u64).map_err(io(path))?;
-            }
-            (Store::Journal(j), Some(b)) => {
-                let slot = j.append(chunk, &digest, b).map_err(io(j.path()))?;
-                let mut records = self.written.records.lock().unwrap();
-                if records.len() < MAX_WRITTEN || records.contains_key(&chunk) {
-                    records.insert(chunk, (slot, digest));
+        match &self.store {
+            Store::Image { file, path } => self.write_in_place(file, chunks).map_err(io(path))?,
+            Store::Journal(j) => {
+                // A chunk that became zero needs no bytes: the commit punches it out.
+                let records: Vec<(u64, Digest, &[u8])> = chunks
+                    .iter()
+                    .filter_map(|&(c, d, b)| b.map(|b| (c, d, b)))
+                    .collect();
+                if !records.is_empty() {
+                    let first = j.append_many(&records).map_err(io(j.path()))?;
+                    let mut written = self.written.records.lock().unwrap();
+                    for (slot, &(chunk, digest, _)) in (first..).zip(&records) {
+                        if written.len() < MAX_WRITTEN || written.contains_key(&chunk) {
+                            written.insert(chunk, (slot, digest));
+                        }
+                    }
                 }
             }
-            // A chunk that became zero needs no bytes: the commit punches it out.
-            (Store::Journal(_), None) => {}
         }
-        if bytes.is_some() {
-            let before = self.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+        if stored > 0 {
+            let before = self.bytes_written.fetch_add(stored, Ordering::Relaxed);
             // Start writing back every few MiB without waiting, so the disk works while
             // the network does, and checkpoints find little left to flush. (With lots of
             // memory the kernel would otherwise hold gigabytes dirty until the commit.)
-            if (before + len as u64) / WRITEBACK_BYTES != before / WRITEBACK_BYTES {
+            if (before + stored) / WRITEBACK_BYTES != before / WRITEBACK_BYTES {
                 if let Some(w) = &self.writeback {
                     w.kick();
                 }
             }
         }
-        self.unrecorded.lock().unwrap().push((chunk, digest));
-        let pending = self
-            .unrecorded_bytes
-            .fetch_add(len as u64, Ordering::Relaxed)
-            + len as u64;
+        self.unrecorded
+            .lock()
+            .unwrap()
+            .extend(chunks.iter().map(|&(c, d, _)| (c, d)));
+        let pending = self.unrecorded_bytes.fetch_add(total, Ordering::Relaxed) + total;
         if pending >= CHECKPOINT_BYTES {
             self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Writes chunks at their own offsets: each run of neighbouring chunks with bytes in
+    /// one call, chunks that became zero punched out.
+    fn write_in_place(
+        &self,
+        file: &File,
+        chunks: &[(u64, Digest, Option<&[u8]>)],
+    ) -> std::io::Result<()> {
+        let mut i = 0;
+        while i < chunks.len() {
+            let (first, _, bytes) = chunks[i];
+            let (off, len) = self.geometry.chunk(first);
+            if bytes.is_none() {
+                punch_zero(file, off, len as u64)?;
+                i += 1;
+                continue;
+            }
+            let mut run = vec![IoSlice::new(bytes.unwrap_or_default())];
+            let mut j = i + 1;
+            while j < chunks.len() && chunks[j].0 == first + (j - i) as u64 && chunks[j].2.is_some()
+            {
+                run.push(IoSlice::new(chunks[j].2.unwrap_or_default()));
+                j += 1;
+            }
+            pwritev_all(file, &mut run, off)?;
+            i = j;
         }
         Ok(())
     }

@@ -126,7 +126,7 @@ impl Endpoint {
                 Ok(Box::new(tls))
             }
             Route::InProcess(receiver) => {
-                let (ours, theirs) = tokio::io::duplex(PIPE_BUFFER);
+                let (ours, theirs) = crate::pipe::pipe(PIPE_BUFFER);
                 let receiver = Arc::clone(receiver);
                 tokio::spawn(async move {
                     if let Err(e) = receiver.handle(theirs).await {

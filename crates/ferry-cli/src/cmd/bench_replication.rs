@@ -60,6 +60,10 @@ struct Results {
     full_ratio: f64,
     full_ratio_flushed: f64,
     full_ratio_floor: f64,
+    /// Ferry between two processes over mutual TLS on loopback (`disk send` to a
+    /// `disk receive`), zstd off as on any wire faster than the disk.
+    full_tls_ferry_s: f64,
+    full_tls_ratio: f64,
     full_ferry_bytes_sent: u64,
     delta_rsync_s: f64,
     delta_hash_ferry_s: f64,
@@ -156,6 +160,47 @@ pub fn run(args: Args) -> Result<ExitCode> {
             t_floor[round], t_qemu[round], t_qemu_wb[round]
         ));
     }
+    // The same full copy between two processes, over mutual TLS.
+    let pki = d("pki");
+    let _ = std::fs::remove_dir_all(&pki);
+    let pki_arg = pki.to_str().context("the bench directory is not UTF-8")?;
+    run_ok(Command::new(&ferry).args(["pki", "init", "--dir", pki_arg]))?;
+    run_ok(Command::new(&ferry).args([
+        "pki",
+        "issue",
+        "--dir",
+        pki_arg,
+        "receiver",
+        "--san",
+        "127.0.0.1",
+    ]))?;
+    run_ok(Command::new(&ferry).args(["pki", "issue", "--dir", pki_arg, "sender"]))?;
+    let mut t_tls = Vec::new();
+    for round in 0..args.rounds {
+        remove_target(&d("tls.raw"));
+        let receiver = Receiver::start(&ferry, &d("tls.raw"), pki_arg)?;
+        settle()?;
+        let (t, _) = time(
+            Command::new(&ferry)
+                .args(["disk", "send", "--json", "--compress", "off"])
+                .arg(&src)
+                .args([
+                    "--to",
+                    &receiver.addr,
+                    "--pki-dir",
+                    pki_arg,
+                    "--name",
+                    "sender",
+                ]),
+        )?;
+        drop(receiver);
+        say(format!("full {round} over mutual TLS: ferry {t:.2} s"));
+        t_tls.push(t);
+    }
+    same(&src, &d("tls.raw"))?;
+    remove_target(&d("tls.raw"));
+    let _ = std::fs::remove_dir_all(&pki);
+    r.full_tls_ferry_s = median(&t_tls);
     same(&src, &d("direct.raw"))?;
     remove(&d("direct.raw"));
     same(&src, &d("qemu.raw"))?;
@@ -167,6 +212,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     r.full_ratio_flushed = r.full_ferry_s / r.full_qemu_img_flushed_s;
     r.full_disk_floor_s = median(&t_floor);
     r.full_ratio_floor = r.full_ferry_s / r.full_disk_floor_s;
+    r.full_tls_ratio = r.full_tls_ferry_s / r.full_qemu_img_s;
 
     // Baselines for the deltas: rsync's copy, and a qcow2 twin carrying a dirty bitmap.
     remove(&d("rsync.raw"));
@@ -316,6 +362,13 @@ fn print_table(r: &Results) {
         format!("{:.2} s", r.full_ferry_s),
         format!("{:.2}x the time", r.full_ratio_flushed),
         String::new(),
+    ]);
+    t.add_row(vec![
+        "full copy over mutual TLS".to_string(),
+        format!("qemu-img convert {:.2} s", r.full_qemu_img_s),
+        format!("{:.2} s", r.full_tls_ferry_s),
+        format!("{:.2}x the time", r.full_tls_ratio),
+        "two processes, loopback".to_string(),
     ]);
     t.add_row(vec![
         "full copy vs the disk's floor".to_string(),
@@ -496,6 +549,48 @@ fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     s[s.len() / 2]
+}
+
+/// A `ferry disk receive` on a free loopback port, stopped when dropped.
+struct Receiver {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Receiver {
+    fn start(ferry: &Path, dst: &Path, pki: &str) -> Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(ferry)
+            .args(["disk", "receive"])
+            .arg(dst)
+            .args(["--listen", &addr, "--pki-dir", pki, "--name", "receiver"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting ferry disk receive")?;
+        let receiver = Self { child, addr };
+        let until = Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(&receiver.addr).is_err() {
+            if Instant::now() > until {
+                bail!(
+                    "ferry disk receive did not listen on {} within 10 s",
+                    receiver.addr
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(receiver)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn remove(p: &Path) {

@@ -390,6 +390,7 @@ impl Target {
             index,
             unrecorded: Mutex::new(Vec::new()),
             unrecorded_bytes: AtomicU64::new(0),
+            checkpoint_bytes: checkpoint_interval(geometry.disk_size),
             checkpoint_lock: Mutex::new(()),
             bytes_written: AtomicU64::new(0),
             written: Written::default(),
@@ -669,6 +670,8 @@ pub struct Session {
     /// Chunks written but whose index entries wait for the next checkpoint.
     unrecorded: Mutex<Vec<(u64, Digest)>>,
     unrecorded_bytes: AtomicU64,
+    /// Received bytes between two checkpoints.
+    checkpoint_bytes: u64,
     checkpoint_lock: Mutex<()>,
     bytes_written: AtomicU64,
     /// Journal records appended by this session (later generations only).
@@ -704,9 +707,15 @@ enum Store {
 /// Start writeback after this many received bytes.
 const WRITEBACK_BYTES: u64 = 8 << 20;
 
-/// Checkpoint after this many received bytes: bounds what a receiver crash costs in
-/// re-sent data.
-const CHECKPOINT_BYTES: u64 = 32 << 20;
+/// Checkpoint after every 1/32 of the disk received, within these bounds: a receiver
+/// crash costs at most about 3% of the disk in re-sent data, and a checkpoint (two
+/// flushes) comes no more often than the disk can take them without slowing the sync.
+const CHECKPOINT_MIN: u64 = 32 << 20;
+const CHECKPOINT_MAX: u64 = 256 << 20;
+
+fn checkpoint_interval(disk_size: u64) -> u64 {
+    (disk_size / 32).clamp(CHECKPOINT_MIN, CHECKPOINT_MAX)
+}
 
 impl Session {
     pub fn geometry(&self) -> Geometry {
@@ -797,7 +806,7 @@ impl Session {
             .unwrap()
             .extend(chunks.iter().map(|&(c, d, _)| (c, d)));
         let pending = self.unrecorded_bytes.fetch_add(total, Ordering::Relaxed) + total;
-        if pending >= CHECKPOINT_BYTES {
+        if pending >= self.checkpoint_bytes {
             self.checkpoint()?;
         }
         Ok(())

@@ -364,9 +364,10 @@ impl Receiver {
                 }
                 KIND_CONTROL => match frame.control()? {
                     Control::End => {
+                        // Stored, not yet checkpointed: the commit (or, if the sender goes
+                        // away first, the end of the session) checkpoints once for all
+                        // connections, instead of each paying two flushes of its own.
                         store(&active.session, std::mem::take(&mut batch)).await?;
-                        let s = Arc::clone(&active.session);
-                        tokio::task::spawn_blocking(move || s.checkpoint()).await??;
                         proto::write_control(w, &Control::EndOk { chunks }).await?;
                         return Ok(());
                     }

@@ -478,8 +478,9 @@ impl Target {
                 sync_dir(self.dst.parent().unwrap_or(Path::new("/"))).map_err(io(&self.dst))?;
             }
             drop(new_index);
+            // Made durable with the state below, by the same flush of the sidecar. A crash
+            // before it finds the commit decided and runs this again.
             std::fs::rename(&new_index_path, &committed_path).map_err(io(&committed_path))?;
-            sync_dir(&self.sidecar).map_err(io(&self.sidecar))?;
         }
         self.write_state(generation, geometry, &info.source)?;
         std::fs::remove_dir_all(&pending).map_err(io(&pending))?;
@@ -865,6 +866,14 @@ impl Session {
     /// Commits the sync if the pending index equals the sender's (`expected`, the digest
     /// over all entries); otherwise keeps everything for a resume.
     pub fn commit(&self, expected: &Digest) -> Result<CommitInfo, TargetError> {
+        self.decide(expected)?;
+        self.target.finish_commit(Some(&self.written))
+    }
+
+    /// Decides the commit: everything received is durable and recorded, the index is
+    /// the sender's, and the decision is on disk. From here on, whoever opens the target
+    /// next finishes the commit if this process does not.
+    fn decide(&self, expected: &Digest) -> Result<(), TargetError> {
         let t = std::time::Instant::now();
         self.checkpoint()?;
         tracing::debug!(elapsed = ?t.elapsed(), "commit: checkpoint");
@@ -879,12 +888,68 @@ impl Session {
                 ),
             });
         }
-        let commit = self.target.pending_dir().join("COMMIT");
-        write_atomic(
-            &commit,
-            format!("{}\n", self.base_generation + 1).as_bytes(),
-        )
-        .map_err(io(&commit))?;
-        self.target.finish_commit(Some(&self.written))
+        // The decision is the file's existence (what it would say is in session.json):
+        // one flush of the directory makes it durable.
+        let pending = self.target.pending_dir();
+        let commit = pending.join("COMMIT");
+        File::create(&commit).map_err(io(&commit))?;
+        sync_dir(&pending).map_err(io(&pending))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk_of(byte: u8) -> Vec<u8> {
+        vec![byte; 4096]
+    }
+
+    /// Syncs `chunks` (chunk number, fill byte) into the target; with `crash`, stops right
+    /// after the commit is decided, as a receiver killed there would.
+    fn sync(dst: &Path, chunks: &[(u64, u8)], crash: bool) {
+        let session = Target::open(dst)
+            .unwrap()
+            .begin(Geometry::new(16 * 4096, 4096), "test")
+            .unwrap();
+        for &(c, b) in chunks {
+            let bytes = chunk_of(b);
+            session.put(c, chunk::digest(&bytes), Some(&bytes)).unwrap();
+        }
+        session.checkpoint().unwrap();
+        let expected = session.index().entries_digest().unwrap();
+        if crash {
+            session.decide(&expected).unwrap();
+        } else {
+            session.commit(&expected).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_commit_decided_before_a_crash_is_finished_by_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("disk.raw");
+        sync(&dst, &[(0, 1), (3, 2), (15, 3)], false);
+        sync(&dst, &[(3, 7), (9, 8)], true);
+        assert!(
+            dst.with_file_name("disk.raw.ferry/pending/COMMIT").exists(),
+            "the decision is on disk"
+        );
+        // The next open finishes the commit, from the journal alone.
+        let target = Target::open(&dst).unwrap();
+        assert!(!target.pending_dir().exists());
+        let state = target.load_state().unwrap();
+        assert_eq!(state.generation, 2);
+        let disk = std::fs::read(&dst).unwrap();
+        assert_eq!(disk.len(), 16 * 4096);
+        for (c, want) in [(0, 1u8), (3, 7), (9, 8), (15, 3), (5, 0)] {
+            let at = c * 4096;
+            assert!(
+                disk[at..at + 4096].iter().all(|&b| b == want),
+                "chunk {c} should be all {want}"
+            );
+        }
+        let idx = IndexFile::open(&target.index_path(2)).unwrap();
+        assert_eq!(idx.get(9).unwrap(), chunk::digest(&chunk_of(8)));
     }
 }

@@ -259,3 +259,95 @@ fn a_sender_with_a_certificate_from_another_ca_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("TLS handshake failed"));
 }
+
+/// The qemu-nbd a sync starts for an image dies with it, even when the sync is killed
+/// outright: an orphan would keep the image locked, and the next sync would fail on it.
+#[test]
+fn a_killed_sync_leaves_no_qemu_nbd_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    fill_random(&raw, 0, 64 << 20, 5);
+    let qcow = dir.path().join("src.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut sync = ferry()
+        .args(["disk", "sync", "--max-rate", "4M"])
+        .arg(&qcow)
+        .arg(dir.path().join("dst.raw"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let parent = sync.id();
+    let mut server = None;
+    wait_until(
+        "the sync to start qemu-nbd",
+        Duration::from_secs(20),
+        || {
+            server = children(parent)
+                .into_iter()
+                .find(|&p| comm(p) == "qemu-nbd");
+            server.is_some()
+        },
+    );
+    let server = server.unwrap();
+    sync.kill().unwrap();
+    sync.wait().unwrap();
+    wait_until(
+        "the orphaned qemu-nbd to exit",
+        Duration::from_secs(10),
+        || {
+            // Gone, or a zombie waiting for whoever adopted it.
+            std::fs::read_to_string(format!("/proc/{server}/stat"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(true)
+        },
+    );
+    // And the image is free again: a new sync of it runs to the end.
+    let out = ferry()
+        .args(["disk", "sync"])
+        .arg(&qcow)
+        .arg(dir.path().join("again.raw"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Process ids whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = s.rsplit(')').next()?.split_whitespace().nth(1)?.to_string();
+                    rest.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}

@@ -54,6 +54,66 @@ pub(crate) fn socket_dir(program: &str) -> Result<(tempfile::TempDir, PathBuf, P
     Ok((dir, socket, log))
 }
 
+/// A request to the spawner thread.
+type SpawnJob = (
+    Command,
+    tokio::runtime::Handle,
+    tokio::sync::oneshot::Sender<std::io::Result<Child>>,
+);
+
+/// Starts `cmd` so that it is sent SIGTERM if Ferry dies (SIGKILL, a crash) before it
+/// stops the server itself: an orphaned qemu-nbd would keep its image locked, and the
+/// next sync of that disk would fail on the lock.
+///
+/// The parent-death signal fires when the *thread* that started the child ends, not the
+/// process; tokio's blocking threads come and go, so children are started from one thread
+/// that lives as long as the process.
+async fn spawn_dying_with_us(mut cmd: Command) -> std::io::Result<Child> {
+    type Spawner = Result<std::sync::Mutex<std::sync::mpsc::Sender<SpawnJob>>, String>;
+    static SPAWNER: std::sync::OnceLock<Spawner> = std::sync::OnceLock::new();
+    // SAFETY: getpid is async-signal-safe and has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Ferry died between the fork and the prctl: the signal will never come.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new()
+            .name("ferry-spawner".into())
+            .spawn(move || {
+                for (mut cmd, rt, reply) in rx {
+                    let _in_runtime = rt.enter();
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .map(|_| std::sync::Mutex::new(tx))
+            .map_err(|e| e.to_string())
+    });
+    let spawner = spawner
+        .as_ref()
+        .map_err(|e| std::io::Error::other(format!("cannot start the spawner thread: {e}")))?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let job = (cmd, tokio::runtime::Handle::current(), reply);
+    spawner
+        .lock()
+        .unwrap()
+        .send(job)
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+    answer
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("the spawner thread is gone")))
+}
+
 impl ServerProcess {
     /// Runs `cmd` (already told to listen on `socket`) with its stderr in `log`, and
     /// waits until it serves. `what` names the export in messages.
@@ -71,8 +131,8 @@ impl ServerProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file));
         debug!(program, what, "starting an NBD server");
-        let child = cmd
-            .spawn()
+        let child = spawn_dying_with_us(cmd)
+            .await
             .map_err(|e| NbdError::Launch(format!("cannot run {program}: {e}")))?;
         let mut p = ServerProcess {
             program,

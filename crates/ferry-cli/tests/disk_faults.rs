@@ -315,17 +315,13 @@ fn a_killed_sync_leaves_no_qemu_nbd_behind() {
         },
     );
     // And the image is free again: a new sync of it runs to the end.
-    let out = ferry()
-        .args(["disk", "sync"])
-        .arg(&qcow)
-        .arg(dir.path().join("again.raw"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let again = dir.path().join("again.raw");
+    ok(&[
+        "disk",
+        "sync",
+        qcow.to_str().unwrap(),
+        again.to_str().unwrap(),
+    ]);
 }
 
 /// Process ids whose parent is `pid`.

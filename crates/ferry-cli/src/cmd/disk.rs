@@ -20,7 +20,8 @@ pub enum DiskCommand {
     /// SRC: a raw image or block device, any image QEMU reads (qcow2, vmdk, vhdx: Ferry
     /// serves it with qemu-nbd), or an nbd:// / nbd+unix:// URI. DST: a raw or qcow2 image
     /// path (an existing image's format, or qcow2 for a new `*.qcow2`).
-    /// Both ends run in this process and talk over loopback mutual TLS.
+    /// Both ends run in this process and talk the same protocol as `send` and `receive`,
+    /// over in-memory pipes (TLS protects bytes between machines, not inside one process).
     Sync {
         src: String,
         dst: PathBuf,

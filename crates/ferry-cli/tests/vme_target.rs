@@ -248,26 +248,8 @@ impl Drop for Gone {
     }
 }
 
-fn guest_image() -> std::path::PathBuf {
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/testbed/build-guest-image.sh");
-    let out = Command::new("bash").arg(&script).output().unwrap();
-    assert!(
-        out.status.success(),
-        "guest image: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::path::PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap()
-            .trim(),
-    )
-}
-
 async fn lab(net_name: &str, config: serde_json::Value) -> Lab {
-    let image = guest_image();
+    let image = ferry_qemu::testbed::guest_image(false).unwrap();
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(image.join("manifest.json")).unwrap()).unwrap();
     // FERRY_TEST_KEEP=1 keeps the appliance's directory and log for a look afterwards.
@@ -560,7 +542,7 @@ async fn a_workload_migrates_to_vme_in_delta_mode() {
         note("SKIP: needs root (network namespaces)");
         return;
     }
-    let image = guest_image();
+    let image = ferry_qemu::testbed::guest_image(false).unwrap();
     let Lab {
         tmp, d, net, app, ..
     } = lab(

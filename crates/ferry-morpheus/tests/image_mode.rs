@@ -8,28 +8,9 @@ use ferry_morpheus::{Client, ClientOptions, Login, MorpheusError};
 use ferry_morpheus_double::{Boot, Double, Fault};
 use ferry_net::{Network, NetworkSpec};
 use ferry_openapi::Spec;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn guest_image() -> PathBuf {
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/testbed/build-guest-image.sh");
-    let out = Command::new("bash").arg(&script).output().unwrap();
-    assert!(
-        out.status.success(),
-        "guest image: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap()
-            .trim(),
-    )
-}
 
 fn spec(name: &str, ip: &str) -> InstanceSpec {
     InstanceSpec {
@@ -60,7 +41,7 @@ async fn image_mode_delivers_the_guest_and_the_instance_serves_its_page() {
         eprintln!("SKIP: needs root (network namespaces)");
         return;
     }
-    let image = guest_image();
+    let image = ferry_qemu::testbed::guest_image(false).unwrap();
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(image.join("manifest.json")).unwrap()).unwrap();
     let path = Spec::morpheus_default_path();

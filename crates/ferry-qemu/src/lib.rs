@@ -4,11 +4,13 @@
 //! - [`qga`]: the guest agent client (exec, fsfreeze, shutdown, file read);
 //! - [`accel`]: KVM where it really works, TCG otherwise;
 //! - [`vm`]: VMs that run detached from their caller and can be attached again;
-//! - [`view`]: point-in-time NBD views of a running disk with dirty-bitmap deltas.
+//! - [`view`]: point-in-time NBD views of a running disk with dirty-bitmap deltas;
+//! - [`testbed`]: the test guest image, built by the repository's recipe and cached.
 
 pub mod accel;
 pub mod qga;
 pub mod qmp;
+pub mod testbed;
 pub mod view;
 pub mod vm;
 

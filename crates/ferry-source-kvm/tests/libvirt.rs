@@ -43,25 +43,6 @@ fn libvirt_uri() -> Option<String> {
     }
 }
 
-/// The cached test guest (built on first use).
-fn guest_image() -> PathBuf {
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/testbed/build-guest-image.sh");
-    let out = Command::new("bash").arg(&script).output().unwrap();
-    assert!(
-        out.status.success(),
-        "building the guest image failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap()
-            .trim(),
-    )
-}
-
 /// Undefines the domain and removes its files, also when the test fails.
 struct Domain {
     uri: String,
@@ -87,7 +68,7 @@ impl Drop for Domain {
 }
 
 fn define_domain(uri: &str, name: &str) -> Domain {
-    let image = guest_image();
+    let image = ferry_qemu::testbed::guest_image(false).unwrap();
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(image.join("manifest.json")).unwrap()).unwrap();
     // QEMU runs as libvirt's user: the guest's files go where that user may read them,

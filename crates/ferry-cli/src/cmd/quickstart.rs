@@ -4,7 +4,7 @@
 //! taking a TSIG-signed update, and an appliance driven through its API.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitCode, Stdio};
+use std::process::{Child, ExitCode};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -163,7 +163,9 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
         .with_context(|| format!("creating {}", lay.data.display()))?;
 
     step(1, "the guest image", "A small Debian guest (systemd, qemu-guest-agent, a web service and a ledger that appends numbered, fsync'ed records), built once with debootstrap and cached outside the repository.");
-    let image = guest_image().await?;
+    let image = tokio::task::spawn_blocking(|| ferry_qemu::testbed::guest_image(true))
+        .await?
+        .context("preparing the guest image")?;
     let manifest: Value = serde_json::from_slice(&std::fs::read(image.join("manifest.json"))?)?;
     let base_append = manifest["append"]
         .as_str()
@@ -478,34 +480,6 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
         dt["total_ms"].as_f64().unwrap_or(0.0) / 1000.0
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// Runs the repository's image recipe (cached outside the repository, keyed by it).
-async fn guest_image() -> Result<PathBuf> {
-    let script = std::env::var_os("FERRY_TESTBED_SCRIPT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/testbed/build-guest-image.sh")
-        });
-    if !script.exists() {
-        bail!("the guest image recipe {} is missing: run the quickstart from Ferry's source tree or set FERRY_TESTBED_SCRIPT", script.display());
-    }
-    let out = tokio::process::Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .await
-        .context("running the guest image recipe")?;
-    if !out.status.success() {
-        bail!("building the guest image failed ({}): see the messages above; `bash scripts/install-deps.sh` installs what it needs", out.status);
-    }
-    let dir = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or("")
-        .trim()
-        .to_string();
-    Ok(PathBuf::from(dir))
 }
 
 fn client_url(lay: &Layout) -> Result<String> {

@@ -1,0 +1,70 @@
+//! The test guest: a small Debian image that the repository's recipe
+//! (`scripts/testbed/build-guest-image.sh`) builds once and caches outside the
+//! repository, keyed by the recipe. The quickstart migrates it; the tests boot it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestbedError {
+    #[error("the guest image recipe {0} is missing: run from Ferry's source tree or set FERRY_TESTBED_SCRIPT")]
+    Missing(PathBuf),
+    #[error("cannot run the guest image recipe {path}: {source}")]
+    Run {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("building the guest image failed ({status}); `bash scripts/install-deps.sh` installs what it needs: {messages}")]
+    Failed { status: String, messages: String },
+}
+
+/// The recipe: `$FERRY_TESTBED_SCRIPT`, else the one in this source tree.
+pub fn recipe() -> PathBuf {
+    std::env::var_os("FERRY_TESTBED_SCRIPT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/testbed/build-guest-image.sh")
+        })
+}
+
+/// Runs the recipe (quick when its cache is current) and returns the directory that
+/// holds the image. With `show_progress` the recipe's messages go to this process's
+/// stderr as they come; otherwise they are kept for the error.
+pub fn guest_image(show_progress: bool) -> Result<PathBuf, TestbedError> {
+    let path = recipe();
+    if !path.exists() {
+        return Err(TestbedError::Missing(path));
+    }
+    let out = Command::new("bash")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stderr(if show_progress {
+            Stdio::inherit()
+        } else {
+            Stdio::piped()
+        })
+        .output()
+        .map_err(|source| TestbedError::Run {
+            path: path.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        let messages = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(TestbedError::Failed {
+            status: out.status.to_string(),
+            messages: if messages.is_empty() {
+                "see the messages above".into()
+            } else {
+                messages
+            },
+        });
+    }
+    // The recipe's last line of output names the directory.
+    Ok(PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim(),
+    ))
+}

@@ -174,6 +174,26 @@ async fn setup_iam_once_then_nothing_and_no_password_in_clear() {
 }
 
 /// Gives the migration a command.
+/// Creates the profile `to-vme` (the double's networks, boot and HTTP validation, then
+/// `post_cutover`) and a migration of `web01` with it; returns the migration's id.
+async fn migrate_to_vme(api: &Api, post_cutover: serde_json::Value) -> String {
+    api.ok("/api/profiles", Some(serde_json::json!({
+        "name": "to-vme", "target": "vme1",
+        "placement": {"datastore": "ceph-rbd"},
+        "network_map": {"prod-vlan": "VLAN-120-prod"},
+        "uat": {"network": "VLAN-900-migration"},
+        "validation": [{"kind": "boot"}, {"kind": "http", "params": {"contains": "ferry test guest"}}],
+        "post_cutover": post_cutover,
+    }))).await;
+    let m = api
+        .ok(
+            "/api/migrations",
+            Some(serde_json::json!({"workload": "web01", "profile": "to-vme"})),
+        )
+        .await;
+    m["id"].as_str().unwrap().to_string()
+}
+
 async fn command(api: &Api, id: &str, command: &str) {
     api.ok(
         &format!("/api/migrations/{id}/commands"),
@@ -389,21 +409,11 @@ async fn a_workload_migrates_to_vme_in_image_mode() {
         "disks": [{"name": "root", "size_bytes": 2u64 << 30, "path": images.join("web01.qcow2").display().to_string()}],
         "nics": [{"name": "eth0", "network": "prod-vlan", "ips": ["10.204.0.10"]}],
     }))).await;
-    api.ok("/api/profiles", Some(serde_json::json!({
-        "name": "to-vme", "target": "vme1",
-        "placement": {"datastore": "ceph-rbd"},
-        "network_map": {"prod-vlan": "VLAN-120-prod"},
-        "uat": {"network": "VLAN-900-migration"},
-        "validation": [{"kind": "boot"}, {"kind": "http", "params": {"contains": "ferry test guest"}}],
-        "post_cutover": [{"kind": "dns", "params": {"server": knot.addr.to_string(), "zone": "vme.test", "tsig_credential": "vme-tsig"}}],
-    }))).await;
-    let m = api
-        .ok(
-            "/api/migrations",
-            Some(serde_json::json!({"workload": "web01", "profile": "to-vme"})),
-        )
-        .await;
-    let id = m["id"].as_str().unwrap().to_string();
+    let id = migrate_to_vme(
+        &api,
+        serde_json::json!([{"kind": "dns", "params": {"server": knot.addr.to_string(), "zone": "vme.test", "tsig_credential": "vme-tsig"}}]),
+    )
+    .await;
     let t = std::time::Instant::now();
     wait_state(&api, &id, "synced", std::time::Duration::from_secs(120)).await;
     let t_sync = t.elapsed();
@@ -575,20 +585,7 @@ async fn a_workload_migrates_to_vme_in_delta_mode() {
         })),
     )
     .await;
-    api.ok("/api/profiles", Some(serde_json::json!({
-        "name": "to-vme", "target": "vme1",
-        "placement": {"datastore": "ceph-rbd"},
-        "network_map": {"prod-vlan": "VLAN-120-prod"},
-        "uat": {"network": "VLAN-900-migration"},
-        "validation": [{"kind": "boot"}, {"kind": "http", "params": {"contains": "ferry test guest"}}],
-    }))).await;
-    let m = api
-        .ok(
-            "/api/migrations",
-            Some(serde_json::json!({"workload": "web01", "profile": "to-vme"})),
-        )
-        .await;
-    let id = m["id"].as_str().unwrap().to_string();
+    let id = migrate_to_vme(&api, serde_json::json!([])).await;
     let volume = || {
         let st = d.state();
         assert_eq!(st.instances.len(), 1, "one instance for the migration");

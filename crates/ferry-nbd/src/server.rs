@@ -69,7 +69,7 @@ type SpawnJob = (
 /// process; tokio's blocking threads come and go, so children are started from one thread
 /// that lives as long as the process.
 async fn spawn_dying_with_us(mut cmd: Command) -> std::io::Result<Child> {
-    type Spawner = Result<std::sync::Mutex<std::sync::mpsc::Sender<SpawnJob>>, String>;
+    type Spawner = Result<std::sync::mpsc::Sender<SpawnJob>, String>;
     static SPAWNER: std::sync::OnceLock<Spawner> = std::sync::OnceLock::new();
     // SAFETY: getpid is async-signal-safe and has no preconditions.
     let parent = unsafe { libc::getpid() };
@@ -96,7 +96,7 @@ async fn spawn_dying_with_us(mut cmd: Command) -> std::io::Result<Child> {
                     let _ = reply.send(cmd.spawn());
                 }
             })
-            .map(|_| std::sync::Mutex::new(tx))
+            .map(|_| tx)
             .map_err(|e| e.to_string())
     });
     let spawner = spawner
@@ -105,8 +105,6 @@ async fn spawn_dying_with_us(mut cmd: Command) -> std::io::Result<Child> {
     let (reply, answer) = tokio::sync::oneshot::channel();
     let job = (cmd, tokio::runtime::Handle::current(), reply);
     spawner
-        .lock()
-        .unwrap()
         .send(job)
         .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
     answer

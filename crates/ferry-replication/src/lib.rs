@@ -13,6 +13,7 @@
 
 pub mod chunk;
 mod compress;
+mod direct;
 pub mod index;
 mod journal;
 pub mod local;

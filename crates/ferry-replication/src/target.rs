@@ -39,6 +39,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::{self, Digest, Geometry, ZERO};
+use crate::direct::DirectWriter;
 use crate::index::{sync_dir, write_atomic, IndexError, IndexFile};
 use crate::journal::Journal;
 use crate::sink::{self, Format, Sink};
@@ -357,6 +358,7 @@ impl Target {
                 .map_err(io(&self.dst))?;
             Store::Image {
                 file,
+                direct: DirectWriter::open(&self.dst),
                 path: self.dst.clone(),
             }
         } else if committed.is_some() {
@@ -369,14 +371,21 @@ impl Target {
                 .write(true)
                 .open(&path)
                 .map_err(io(&path))?;
-            Store::Image { file, path }
+            Store::Image {
+                file,
+                direct: DirectWriter::open(&path),
+                path,
+            }
         };
         let index = IndexFile::open(&pending.join("index.idx"))?;
-        let writeback = crate::sink::Writeback::new(match &store {
-            Store::Image { file, .. } => file,
-            Store::Journal(j) => j.file(),
-        })
-        .ok();
+        // Direct writes leave nothing in the page cache to write back.
+        let writeback = match &store {
+            Store::Image {
+                direct: Some(_), ..
+            } => None,
+            Store::Image { file, .. } => crate::sink::Writeback::new(file).ok(),
+            Store::Journal(j) => crate::sink::Writeback::new(j.file()).ok(),
+        };
         Ok(Session {
             target: Target {
                 dst: self.dst.clone(),
@@ -699,8 +708,13 @@ pub(crate) struct Written {
 
 /// Where received chunks go.
 enum Store {
-    /// First generation: the new disk itself.
-    Image { file: File, path: PathBuf },
+    /// First generation: the new disk itself, written directly where the file system
+    /// allows it.
+    Image {
+        file: File,
+        direct: Option<DirectWriter>,
+        path: PathBuf,
+    },
     /// Later generations: appended, copied in at the commit.
     Journal(Journal),
 }
@@ -773,7 +787,9 @@ impl Session {
             total += len as u64;
         }
         match &self.store {
-            Store::Image { file, path } => self.write_in_place(file, chunks).map_err(io(path))?,
+            Store::Image { file, direct, path } => self
+                .write_in_place(file, direct.as_ref(), chunks)
+                .map_err(io(path))?,
             Store::Journal(j) => {
                 // A chunk that became zero needs no bytes: the commit punches it out.
                 let records: Vec<(u64, Digest, &[u8])> = chunks
@@ -818,6 +834,7 @@ impl Session {
     fn write_in_place(
         &self,
         file: &File,
+        direct: Option<&DirectWriter>,
         chunks: &[(u64, Digest, Option<&[u8]>)],
     ) -> std::io::Result<()> {
         let mut i = 0;
@@ -836,7 +853,13 @@ impl Session {
                 run.push(IoSlice::new(chunks[j].2.unwrap_or_default()));
                 j += 1;
             }
-            pwritev_all(file, &mut run, off)?;
+            let written = match direct {
+                Some(d) => d.write(&run, off)?,
+                None => false,
+            };
+            if !written {
+                pwritev_all(file, &mut run, off)?;
+            }
             i = j;
         }
         Ok(())
@@ -853,7 +876,7 @@ impl Session {
         let t = std::time::Instant::now();
         // Data first, then the entries that claim it.
         match &self.store {
-            Store::Image { file, path } => file.sync_data().map_err(io(path))?,
+            Store::Image { file, path, .. } => file.sync_data().map_err(io(path))?,
             Store::Journal(j) => j.sync().map_err(io(j.path()))?,
         }
         let flushed = t.elapsed();

@@ -315,3 +315,64 @@ fn qcow2_targets_full_delta_and_adopted() {
     assert_eq!(r["chunks_changed"], 1, "{r}");
     compare(&other);
 }
+
+/// A small file system of its own (tmpfs), unmounted when dropped. Needs root.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn new(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs needs root");
+        Self { dir }
+    }
+
+    fn grow(&self, size: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_target_file_system_fails_clearly_and_the_next_sync_resumes() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src.raw");
+    fill_random(&src, 0, 24 * MIB, 7);
+    let fs = SmallFs::new("12M");
+    let dst = fs.dir.path().join("dst.raw");
+    let (s, d) = (src.to_str().unwrap(), dst.to_str().unwrap());
+
+    let out = run(&["disk", "sync", s, d]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("file system is full") && err.contains(d),
+        "{err}"
+    );
+    assert!(!dst.exists(), "a target that does not fit must not appear");
+
+    // With room again, the sync picks up what was received and completes.
+    fs.grow("64M");
+    let out = json(&ok(&["disk", "sync", "--json", s, d]));
+    assert_eq!(out["resumed"], true, "{out}");
+    assert!(same_file(&src, &dst));
+}

@@ -21,7 +21,7 @@ const ENTRY: u64 = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
-    #[error("index {path}: {source}")]
+    #[error("index {path}: {source}{}", crate::what_to_do(source))]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -34,6 +34,21 @@ pub use report::{Progress, SyncReport};
 pub use sender::{send, SendOptions};
 pub use transport::{acceptor, Dialer, Endpoint};
 
+/// What to do about a write the target's storage refused, appended to the error: a full
+/// file system is the one a user meets most, at the worst time.
+pub(crate) fn what_to_do(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) => {
+            ": the target's file system is full; free space on it (or sync to another one) and run the sync again, which resumes from the chunks already received"
+        }
+        Some(libc::EDQUOT) => {
+            ": the disk quota on the target's file system is used up; raise it (or sync elsewhere) and run the sync again, which resumes from the chunks already received"
+        }
+        Some(libc::EROFS) => ": the target's file system is mounted read-only",
+        _ => "",
+    }
+}
+
 /// Everything a sync can fail with. Each message names what went wrong and, where there
 /// is one, what to do about it.
 #[derive(Debug, thiserror::Error)]

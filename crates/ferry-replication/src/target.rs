@@ -47,7 +47,7 @@ use crate::vectored::pwritev_all;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {source}{}", crate::what_to_do(source))]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -63,11 +63,14 @@ impl QemuNbd {
             return Self::spawn(image, &format, &opts, opts.aio.as_deref()).await;
         }
         match Self::spawn(image, &format, &opts, Some("io_uring")).await {
-            Ok(q) => Ok(q),
-            Err(e) => {
+            // Only a refusal of io_uring itself is worth a second start ("failed to init
+            // linux io_uring ring", "not supported in this build", "Invalid aio mode"):
+            // anything else (a damaged image, a missing file) would fail again, slower.
+            Err(e) if refuses_io_uring(&e.to_string()) => {
                 tracing::debug!("qemu-nbd without io_uring: {e}");
                 Self::spawn(image, &format, &opts, None).await
             }
+            other => other,
         }
     }
 
@@ -162,4 +165,32 @@ pub async fn detect_format(image: &Path) -> Result<String, NbdError> {
                 image.display()
             ))
         })
+}
+
+/// Whether qemu-nbd's failure to start was about `--aio=io_uring` rather than the image.
+fn refuses_io_uring(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    e.contains("io_uring") || e.contains("aio mode") || e.contains("aio=")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refuses_io_uring;
+
+    #[test]
+    fn only_an_io_uring_refusal_is_retried_without_it() {
+        for refusal in [
+            "qemu-nbd: failed to init linux io_uring ring: Operation not permitted",
+            "qemu-nbd: aio=io_uring was specified, but is not supported in this build.",
+            "qemu-nbd: Invalid aio mode 'io_uring'",
+        ] {
+            assert!(refuses_io_uring(refusal), "{refusal}");
+        }
+        assert!(!refuses_io_uring(
+            "qemu-nbd: Failed to blk_new_open '/tmp/bad.qcow2': qcow2: Compression type incompatible feature bit must not be set"
+        ));
+        assert!(!refuses_io_uring(
+            "qemu-nbd: Failed to blk_new_open 'x.raw': Could not open 'x.raw': No such file or directory"
+        ));
+    }
 }

@@ -309,3 +309,63 @@ impl Drop for Writeback {
         }
     }
 }
+
+/// Brings ranges of a file into the page cache (`WILLNEED`) from a thread of its own, up
+/// to a budget of bytes. A delta asks for the target ranges its chunks will overwrite as
+/// they arrive: reading them takes nothing from the target, and at the commit the copy
+/// then overwrites pages that are there, instead of allocating each one under the file's
+/// lock after the transfer is over. Advisory: requests the thread is too busy for are
+/// dropped, and a failure only leaves the commit more to do.
+pub struct Prefetch {
+    ask: Option<std::sync::mpsc::SyncSender<Vec<(u64, u64)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Prefetch {
+    pub fn new(file: File, budget: u64) -> std::io::Result<Prefetch> {
+        use std::os::unix::io::AsRawFd;
+        let (ask, rx) = std::sync::mpsc::sync_channel::<Vec<(u64, u64)>>(64);
+        let thread = std::thread::Builder::new()
+            .name("ferry-prefetch".into())
+            .spawn(move || {
+                let mut left = budget;
+                while let Ok(ranges) = rx.recv() {
+                    for (offset, len) in ranges {
+                        if left < len {
+                            return;
+                        }
+                        left -= len;
+                        // SAFETY: plain syscall on a descriptor this thread owns.
+                        unsafe {
+                            libc::posix_fadvise(
+                                file.as_raw_fd(),
+                                offset as libc::off_t,
+                                len as libc::off_t,
+                                libc::POSIX_FADV_WILLNEED,
+                            )
+                        };
+                    }
+                }
+            })?;
+        Ok(Prefetch {
+            ask: Some(ask),
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for `(offset, len)` ranges; never blocks.
+    pub fn ask(&self, ranges: Vec<(u64, u64)>) {
+        if let Some(a) = &self.ask {
+            let _ = a.try_send(ranges);
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        drop(self.ask.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -386,6 +386,14 @@ impl Target {
             Store::Image { file, .. } => crate::sink::Writeback::new(file).ok(),
             Store::Journal(j) => crate::sink::Writeback::new(j.file()).ok(),
         };
+        // A raw target a delta will be copied into: its pages to be overwritten are read
+        // in while the chunks arrive (see `Prefetch`).
+        let prefetch = match (&store, Format::of(&self.dst)) {
+            (Store::Journal(_), Ok(Format::Raw)) => File::open(&self.dst)
+                .ok()
+                .and_then(|f| crate::sink::Prefetch::new(f, PREFETCH_BUDGET).ok()),
+            _ => None,
+        };
         Ok(Session {
             target: Target {
                 dst: self.dst.clone(),
@@ -404,6 +412,7 @@ impl Target {
             bytes_written: AtomicU64::new(0),
             written: Written::default(),
             writeback,
+            prefetch,
         })
     }
 
@@ -748,7 +757,13 @@ pub struct Session {
     written: Written,
     /// Writes back what was stored, from a thread of its own.
     writeback: Option<crate::sink::Writeback>,
+    /// Reads in the target's pages the commit will overwrite.
+    prefetch: Option<crate::sink::Prefetch>,
 }
+
+/// Most bytes of the target read in ahead of a commit while chunks arrive: the commit
+/// reads in the rest as it copies.
+const PREFETCH_BUDGET: u64 = 256 << 20;
 
 /// Most journal records a session remembers the place of (48 bytes each: 16 MiB, about
 /// 20 GiB of 64 KiB chunks). Beyond that the commit finds the rest by scanning the
@@ -858,6 +873,14 @@ impl Session {
                     .collect();
                 if !records.is_empty() {
                     let first = j.append_many(&records).map_err(io(j.path()))?;
+                    if let Some(p) = &self.prefetch {
+                        p.ask(
+                            records
+                                .iter()
+                                .map(|&(c, _, b)| (self.geometry.chunk(c).0, b.len() as u64))
+                                .collect(),
+                        );
+                    }
                     let mut written = self.written.records.lock().unwrap();
                     for (slot, &(chunk, digest, _)) in (first..).zip(&records) {
                         if written.len() < MAX_WRITTEN || written.contains_key(&chunk) {

@@ -263,50 +263,73 @@ fn copy_range(
     Ok(true)
 }
 
+/// A thread of its own that takes advisory requests: whoever asks never waits, and
+/// requests it is too busy for are dropped.
+struct Helper<T: Send + 'static> {
+    ask: Option<std::sync::mpsc::SyncSender<T>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl<T: Send + 'static> Helper<T> {
+    /// `serve` takes each request; returning `false` ends the thread.
+    fn start(
+        name: &str,
+        queue: usize,
+        mut serve: impl FnMut(T) -> bool + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let (ask, rx) = std::sync::mpsc::sync_channel::<T>(queue);
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                while let Ok(request) = rx.recv() {
+                    if !serve(request) {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Helper {
+            ask: Some(ask),
+            thread: Some(thread),
+        })
+    }
+
+    fn ask(&self, request: T) {
+        if let Some(a) = &self.ask {
+            let _ = a.try_send(request);
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for Helper<T> {
+    fn drop(&mut self) {
+        drop(self.ask.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Starts writeback of a file from a thread of its own, so whoever writes the data never
 /// waits for the device to take requests: the disk works while data keeps coming, and
 /// the final flush finds little left to do. Kicks made while one runs are merged.
 /// Advisory: a failure only makes the final flush longer.
-pub struct Writeback {
-    kick: Option<std::sync::mpsc::SyncSender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+pub struct Writeback(Helper<()>);
 
 impl Writeback {
     pub fn new(file: &File) -> std::io::Result<Writeback> {
         use std::os::unix::io::AsRawFd;
         let file = file.try_clone()?;
-        let (kick, rx) = std::sync::mpsc::sync_channel::<()>(1);
-        let thread = std::thread::Builder::new()
-            .name("ferry-writeback".into())
-            .spawn(move || {
-                while rx.recv().is_ok() {
-                    // SAFETY: plain syscall on a descriptor this thread owns.
-                    unsafe {
-                        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
-                    };
-                }
-            })?;
-        Ok(Writeback {
-            kick: Some(kick),
-            thread: Some(thread),
+        Helper::start("ferry-writeback", 1, move |()| {
+            // SAFETY: plain syscall on a descriptor this thread owns.
+            unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+            true
         })
+        .map(Writeback)
     }
 
     /// Asks for writeback of everything written so far; never blocks.
     pub fn kick(&self) {
-        if let Some(k) = &self.kick {
-            let _ = k.try_send(());
-        }
-    }
-}
-
-impl Drop for Writeback {
-    fn drop(&mut self) {
-        drop(self.kick.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.0.ask(());
     }
 }
 
@@ -314,58 +337,37 @@ impl Drop for Writeback {
 /// to a budget of bytes. A delta asks for the target ranges its chunks will overwrite as
 /// they arrive: reading them takes nothing from the target, and at the commit the copy
 /// then overwrites pages that are there, instead of allocating each one under the file's
-/// lock after the transfer is over. Advisory: requests the thread is too busy for are
-/// dropped, and a failure only leaves the commit more to do.
-pub struct Prefetch {
-    ask: Option<std::sync::mpsc::SyncSender<Vec<(u64, u64)>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+/// lock after the transfer is over. Advisory: a failure only leaves the commit more to
+/// do.
+pub struct Prefetch(Helper<Vec<(u64, u64)>>);
 
 impl Prefetch {
     pub fn new(file: File, budget: u64) -> std::io::Result<Prefetch> {
         use std::os::unix::io::AsRawFd;
-        let (ask, rx) = std::sync::mpsc::sync_channel::<Vec<(u64, u64)>>(64);
-        let thread = std::thread::Builder::new()
-            .name("ferry-prefetch".into())
-            .spawn(move || {
-                let mut left = budget;
-                while let Ok(ranges) = rx.recv() {
-                    for (offset, len) in ranges {
-                        if left < len {
-                            return;
-                        }
-                        left -= len;
-                        // SAFETY: plain syscall on a descriptor this thread owns.
-                        unsafe {
-                            libc::posix_fadvise(
-                                file.as_raw_fd(),
-                                offset as libc::off_t,
-                                len as libc::off_t,
-                                libc::POSIX_FADV_WILLNEED,
-                            )
-                        };
-                    }
+        let mut left = budget;
+        Helper::start("ferry-prefetch", 64, move |ranges: Vec<(u64, u64)>| {
+            for (offset, len) in ranges {
+                if left < len {
+                    return false;
                 }
-            })?;
-        Ok(Prefetch {
-            ask: Some(ask),
-            thread: Some(thread),
+                left -= len;
+                // SAFETY: plain syscall on a descriptor this thread owns.
+                unsafe {
+                    libc::posix_fadvise(
+                        file.as_raw_fd(),
+                        offset as libc::off_t,
+                        len as libc::off_t,
+                        libc::POSIX_FADV_WILLNEED,
+                    )
+                };
+            }
+            true
         })
+        .map(Prefetch)
     }
 
     /// Asks for `(offset, len)` ranges; never blocks.
     pub fn ask(&self, ranges: Vec<(u64, u64)>) {
-        if let Some(a) = &self.ask {
-            let _ = a.try_send(ranges);
-        }
-    }
-}
-
-impl Drop for Prefetch {
-    fn drop(&mut self) {
-        drop(self.ask.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.0.ask(ranges);
     }
 }

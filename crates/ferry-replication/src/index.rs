@@ -179,12 +179,14 @@ impl IndexFile {
         Ok(*hasher.finalize().as_bytes())
     }
 
-    /// Calls `f(first_chunk, raw_entries)` over the whole index in 1 MiB windows.
+    /// Calls `f(first_chunk, raw_entries)` over the whole index in 64 KiB windows: small
+    /// enough that the allocator hands the same memory back call after call (a
+    /// megabyte-sized buffer is mapped afresh each time, a page fault per 4 KiB).
     pub fn for_each_window(
         &self,
         mut f: impl FnMut(u64, &[u8]) -> Result<(), IndexError>,
     ) -> Result<(), IndexError> {
-        const WINDOW: u64 = 32 * 1024;
+        const WINDOW: u64 = 2 * 1024;
         let mut buf = vec![0u8; (WINDOW * ENTRY) as usize];
         let mut first = 0;
         while first < self.chunk_count() {

@@ -606,6 +606,12 @@ impl<D: Disk> Stream<D> {
         let runs = unit.runs;
         let (frames, changed, zeroed, bufs) = tokio::task::spawn_blocking(move || {
             frames.clear();
+            // At most the unit's bytes and a header per chunk, reserved at once: grown by
+            // doubling, the buffer would be mapped afresh (and faulted in) several times
+            // over before it reached a unit's size.
+            if data.is_some() {
+                frames.reserve((total + total / 512) as usize + 4096);
+            }
             let mut changed = Vec::new();
             let mut zeroed = 0u64;
             let mut packed = Vec::new();

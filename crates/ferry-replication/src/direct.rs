@@ -49,9 +49,9 @@ impl DirectWriter {
         })
     }
 
-    /// Writes `bufs`, back to back, at `offset` directly. Returns `false` (having written
-    /// nothing) when the run cannot be written directly: the caller writes it through the
-    /// page cache.
+    /// Writes `bufs`, back to back, at `offset` directly. Returns `false` when the run is
+    /// to go through the page cache instead, all of it (a direct write refused part-way
+    /// through is simply written again by the caller).
     pub(crate) fn write(&self, bufs: &[IoSlice<'_>], offset: u64) -> std::io::Result<bool> {
         let len: usize = bufs.iter().map(|b| b.len()).sum();
         if !self.usable.load(Ordering::Relaxed)

@@ -19,7 +19,7 @@ pub enum TestbedError {
 }
 
 /// The recipe: `$FERRY_TESTBED_SCRIPT`, else the one in this source tree.
-pub fn recipe() -> PathBuf {
+fn recipe() -> PathBuf {
     std::env::var_os("FERRY_TESTBED_SCRIPT")
         .map(PathBuf::from)
         .unwrap_or_else(|| {

@@ -309,6 +309,22 @@ impl<T: Send + 'static> Drop for Helper<T> {
     }
 }
 
+/// Asks the kernel to read a range of `file` into the page cache (`WILLNEED`), without
+/// waiting for it. Advisory: a failure only leaves whoever writes there to allocate the
+/// pages itself.
+pub(crate) fn will_need(file: &File, offset: u64, len: u64) {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: plain syscall on an open descriptor.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        )
+    };
+}
+
 /// Starts writeback of a file from a thread of its own, so whoever writes the data never
 /// waits for the device to take requests: the disk works while data keeps coming, and
 /// the final flush finds little left to do. Kicks made while one runs are merged.
@@ -343,7 +359,6 @@ pub struct Prefetch(Helper<Vec<(u64, u64)>>);
 
 impl Prefetch {
     pub fn new(file: File, budget: u64) -> std::io::Result<Prefetch> {
-        use std::os::unix::io::AsRawFd;
         let mut left = budget;
         Helper::start("ferry-prefetch", 64, move |ranges: Vec<(u64, u64)>| {
             for (offset, len) in ranges {
@@ -351,15 +366,7 @@ impl Prefetch {
                     return false;
                 }
                 left -= len;
-                // SAFETY: plain syscall on a descriptor this thread owns.
-                unsafe {
-                    libc::posix_fadvise(
-                        file.as_raw_fd(),
-                        offset as libc::off_t,
-                        len as libc::off_t,
-                        libc::POSIX_FADV_WILLNEED,
-                    )
-                };
+                will_need(&file, offset, len);
             }
             true
         })

@@ -647,34 +647,23 @@ fn copy_chunks(
     copies: &[Copy],
     buf: &mut Vec<u8>,
 ) -> std::io::Result<()> {
-    use std::os::unix::io::AsRawFd;
     let writeback = target.writeback();
     let done = AtomicU64::new(0);
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         if let Sink::File(file) = target {
-            let (fd, done, stop) = (file.as_raw_fd(), &done, &stop);
+            let (done, stop) = (&done, &stop);
             scope.spawn(move || {
                 for (i, c) in copies.iter().enumerate() {
-                    while i > done.load(Ordering::Relaxed) as usize + PREFETCH_AHEAD {
-                        if stop.load(Ordering::Relaxed) {
-                            return;
-                        }
+                    while i > done.load(Ordering::Relaxed) as usize + PREFETCH_AHEAD
+                        && !stop.load(Ordering::Relaxed)
+                    {
                         std::thread::sleep(std::time::Duration::from_micros(200));
                     }
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    // SAFETY: plain syscall on a descriptor that outlives this scope.
-                    // Advisory: a failure only leaves the copy to allocate the pages.
-                    unsafe {
-                        libc::posix_fadvise(
-                            fd,
-                            c.to as libc::off_t,
-                            c.len as libc::off_t,
-                            libc::POSIX_FADV_WILLNEED,
-                        )
-                    };
+                    sink::will_need(file, c.to, c.len as u64);
                 }
             });
         }

@@ -8,6 +8,14 @@
 //!
 //! A record is only trusted if its header is intact and its bytes hash to its digest, so
 //! a torn or never-written record (a crash mid-write) is simply skipped.
+//!
+//! A committed delta's journal is kept and the next delta writes over it from the start
+//! ([`Journal::reuse`]): overwriting blocks that exist, whose pages are usually still in
+//! the cache, costs a copy, where appending to a new file costs allocating pages, blocks
+//! and extents for every record. The earlier records still past the end of what a
+//! session wrote are harmless: a record is trusted only if its bytes hash to its digest,
+//! and a commit takes only records whose chunk and digest the new index wants, so any
+//! record it takes holds exactly the bytes that index asks for.
 
 use std::fs::{File, OpenOptions};
 use std::io::IoSlice;
@@ -38,12 +46,7 @@ pub struct Record {
 impl Journal {
     /// Opens (or creates) the journal, continuing after its last whole record.
     pub fn open(path: &Path, chunk_size: u32) -> std::io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file = Self::open_file(path)?;
         let record = HEADER + chunk_size as u64;
         let len = file.metadata()?.len();
         Ok(Self {
@@ -53,6 +56,26 @@ impl Journal {
             // A partial last record is left behind, never overwritten.
             next: AtomicU64::new(len.div_ceil(record)),
         })
+    }
+
+    /// Opens an earlier session's journal (or creates one) to write over it from the
+    /// first record on.
+    pub fn reuse(path: &Path, chunk_size: u32) -> std::io::Result<Self> {
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: Self::open_file(path)?,
+            record: HEADER + chunk_size as u64,
+            next: AtomicU64::new(0),
+        })
+    }
+
+    fn open_file(path: &Path) -> std::io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
     }
 
     pub fn path(&self) -> &Path {
@@ -110,16 +133,6 @@ impl Journal {
 
     pub fn file(&self) -> &File {
         &self.file
-    }
-
-    pub fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
-        std::os::unix::io::AsRawFd::as_raw_fd(&self.file)
-    }
-
-    /// Asks the kernel to drop the journal's cached pages. Advisory: only clean pages
-    /// go, and a failure costs nothing but the memory.
-    pub fn drop_cached(&self) {
-        unsafe { libc::posix_fadvise(self.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
 
     pub fn sync(&self) -> std::io::Result<()> {
@@ -221,5 +234,27 @@ mod tests {
             .read_exact_at(&mut back, j.data_offset(slot))
             .unwrap();
         assert_eq!(back, b);
+    }
+
+    #[test]
+    fn a_reused_journal_is_written_over_from_its_first_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let j = Journal::open(&p, 4096).unwrap();
+        let (a, b, c) = (vec![1u8; 4096], vec![2u8; 4096], vec![3u8; 4096]);
+        j.append(3, &chunk::digest(&a), &a).unwrap();
+        j.append(9, &chunk::digest(&b), &b).unwrap();
+        drop(j);
+        let j = Journal::reuse(&p, 4096).unwrap();
+        assert_eq!(j.append(4, &chunk::digest(&c), &c).unwrap(), 0);
+        let mut seen = Vec::new();
+        j.scan(|r| {
+            seen.push((r.chunk, r.bytes[0]));
+            Ok(())
+        })
+        .unwrap();
+        // The earlier session's second record is still there, intact: the commit only
+        // takes it if the new index wants exactly those bytes for chunk 9.
+        assert_eq!(seen, vec![(4, 3), (9, 2)]);
     }
 }

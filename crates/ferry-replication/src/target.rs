@@ -15,6 +15,8 @@
 //!     COMMIT                present once the sync is whole and verified: from then on
 //!                           the commit is finished by whoever opens the target next
 //! DST.ferry/applying        DST while a commit copies chunks into it
+//! DST.ferry/journal.spare   the last committed delta's journal (at most 1 GiB of it),
+//!                           which the next delta writes over (see `journal`)
 //! ```
 //!
 //! A received chunk's index entry is written only after its data is on stable storage,
@@ -166,6 +168,27 @@ impl Target {
 
     fn applying(&self) -> PathBuf {
         self.sidecar.join("applying")
+    }
+
+    fn spare_journal(&self) -> PathBuf {
+        self.sidecar.join("journal.spare")
+    }
+
+    /// Keeps a committed delta's journal for the next delta to write over (see
+    /// `journal`), cut to [`SPARE_JOURNAL_MAX`] so a large delta does not hold its space
+    /// for good. Best effort: without it, the next delta starts a new journal.
+    fn keep_journal(&self, journal: &Path) {
+        let kept = File::options().write(true).open(journal).and_then(|f| {
+            if f.metadata()?.len() > SPARE_JOURNAL_MAX {
+                f.set_len(SPARE_JOURNAL_MAX)?;
+            }
+            std::fs::rename(journal, self.spare_journal())
+        });
+        if let Err(e) = kept {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::debug!("journal not kept for the next delta: {e}");
+            }
+        }
     }
 
     fn index_path(&self, generation: u64) -> PathBuf {
@@ -363,7 +386,14 @@ impl Target {
             }
         } else if committed.is_some() {
             let path = pending.join("journal");
-            Store::Journal(Journal::open(&path, geometry.chunk_size).map_err(io(&path))?)
+            // A resumed session continues its own journal; a new one takes over the last
+            // commit's.
+            let journal = if !resumed && std::fs::rename(self.spare_journal(), &path).is_ok() {
+                Journal::reuse(&path, geometry.chunk_size)
+            } else {
+                Journal::open(&path, geometry.chunk_size)
+            };
+            Store::Journal(journal.map_err(io(&path))?)
         } else {
             let path = pending.join("data");
             let file = OpenOptions::new()
@@ -476,14 +506,8 @@ impl Target {
                 // here costs little and does not depend on what qemu-nbd flushes.
                 synced = matches!(sink, Sink::File(_));
                 // Flushes what the copy left dirty (most of it is already on its way).
-                // Meanwhile the CPU would idle: it drops the journal's pages from the
-                // cache instead (they are clean, flushed before the commit was decided),
-                // work that deleting the journal would otherwise do afterwards.
-                std::thread::scope(|scope| {
-                    scope.spawn(|| journal.drop_cached());
-                    sink.finish()
-                })
-                .map_err(io(&applying))?;
+                // The journal's pages stay cached: the next delta writes over them.
+                sink.finish().map_err(io(&applying))?;
                 tracing::debug!(elapsed = ?t.elapsed(), "commit: target flushed");
             }
             if applying.exists() {
@@ -501,6 +525,7 @@ impl Target {
             std::fs::rename(&new_index_path, &committed_path).map_err(io(&committed_path))?;
         }
         self.write_state(generation, geometry, &info.source)?;
+        self.keep_journal(&pending.join("journal"));
         std::fs::remove_dir_all(&pending).map_err(io(&pending))?;
         if info.has_base && info.base_generation != generation {
             let _ = std::fs::remove_file(self.index_path(info.base_generation));
@@ -753,6 +778,9 @@ pub struct Session {
 /// Most bytes of the target read in ahead of a commit while chunks arrive: the commit
 /// reads in the rest as it copies.
 const PREFETCH_BUDGET: u64 = 256 << 20;
+
+/// Most of a committed delta's journal kept for the next delta (see `keep_journal`).
+const SPARE_JOURNAL_MAX: u64 = 1 << 30;
 
 /// Most journal records a session remembers the place of (48 bytes each: 16 MiB, about
 /// 20 GiB of 64 KiB chunks). Beyond that the commit finds the rest by scanning the
@@ -1046,5 +1074,33 @@ mod tests {
         }
         let idx = IndexFile::open(&target.index_path(2)).unwrap();
         assert_eq!(idx.get(9).unwrap(), chunk::digest(&chunk_of(8)));
+    }
+
+    #[test]
+    fn a_delta_writes_over_the_last_deltas_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("disk.raw");
+        let spare = dir.path().join("disk.raw.ferry/journal.spare");
+        sync(&dst, &[(0, 1), (3, 2), (15, 3)], false);
+        assert!(!spare.exists(), "a first generation has no journal");
+        sync(&dst, &[(3, 7), (9, 8), (10, 9)], false);
+        let three_records = std::fs::metadata(&spare).unwrap().len();
+        // One record, over the first of the three kept; the other two are stale and
+        // must not be applied, even by a commit that has to scan the journal (a crash).
+        sync(&dst, &[(9, 4)], true);
+        assert!(!spare.exists(), "taken over by the pending sync");
+        let journal = dst.with_file_name("disk.raw.ferry/pending/journal");
+        assert_eq!(std::fs::metadata(&journal).unwrap().len(), three_records);
+        let target = Target::open(&dst).unwrap();
+        assert_eq!(target.load_state().unwrap().generation, 3);
+        assert!(spare.exists(), "kept again for the next delta");
+        let disk = std::fs::read(&dst).unwrap();
+        for (c, want) in [(0, 1u8), (3, 7), (9, 4), (10, 9), (15, 3), (5, 0)] {
+            let at = c * 4096;
+            assert!(
+                disk[at..at + 4096].iter().all(|&b| b == want),
+                "chunk {c} should be all {want}"
+            );
+        }
     }
 }

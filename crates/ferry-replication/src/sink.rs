@@ -105,9 +105,13 @@ impl Sink {
         }
     }
 
-    /// Writes `len` bytes of `src` at `src_offset` to `offset`. Between files, the kernel
-    /// copies (`copy_file_range`: no round trip through user memory); otherwise through
-    /// `buf` (reused from call to call: memory already mapped costs nothing).
+    /// Writes `len` bytes of `src` at `src_offset` to `offset`, through `buf` (reused
+    /// from call to call: memory already mapped costs nothing).
+    ///
+    /// Not `copy_file_range`: a journal record's bytes start 64 bytes into a page, and
+    /// the kernel splices them across in page pieces, so every target page is written
+    /// in two parts and must first be read from the disk unless cached. A chunk written
+    /// whole from memory covers its pages, which are then never read.
     pub fn copy_from(
         &self,
         src: &File,
@@ -116,11 +120,6 @@ impl Sink {
         len: usize,
         buf: &mut Vec<u8>,
     ) -> std::io::Result<()> {
-        if let Sink::File(dst) = self {
-            if copy_range(src, src_offset, dst, offset, len)? {
-                return Ok(());
-            }
-        }
         buf.resize(len, 0);
         src.read_exact_at(&mut buf[..len], src_offset)?;
         self.write(offset, &buf[..len])
@@ -217,52 +216,6 @@ pub fn open_for_reading(path: &Path, format: Format) -> Result<ferry_disk::AnyDi
         .map_err(|e| e.to_string())
 }
 
-/// Copies with `copy_file_range`; `false` when the kernel or filesystem cannot (nothing
-/// was copied then, and the caller copies through memory).
-fn copy_range(
-    src: &File,
-    src_offset: u64,
-    dst: &File,
-    offset: u64,
-    len: usize,
-) -> std::io::Result<bool> {
-    use std::os::unix::io::AsRawFd;
-    let (mut off_in, mut off_out) = (src_offset as i64, offset as i64);
-    let mut left = len;
-    while left > 0 {
-        // SAFETY: plain syscall on two open descriptors with offsets we own.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                dst.as_raw_fd(),
-                &mut off_out,
-                left,
-                0,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
-                    if left == len =>
-                {
-                    Ok(false)
-                }
-                _ => Err(e),
-            };
-        }
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the source ended inside a chunk",
-            ));
-        }
-        left -= n as usize;
-    }
-    Ok(true)
-}
-
 /// A thread of its own that takes advisory requests: whoever asks never waits, and
 /// requests it is too busy for are dropped.
 struct Helper<T: Send + 'static> {
@@ -309,22 +262,6 @@ impl<T: Send + 'static> Drop for Helper<T> {
     }
 }
 
-/// Asks the kernel to read a range of `file` into the page cache (`WILLNEED`), without
-/// waiting for it. Advisory: a failure only leaves whoever writes there to allocate the
-/// pages itself.
-pub(crate) fn will_need(file: &File, offset: u64, len: u64) {
-    use std::os::unix::io::AsRawFd;
-    // SAFETY: plain syscall on an open descriptor.
-    unsafe {
-        libc::posix_fadvise(
-            file.as_raw_fd(),
-            offset as libc::off_t,
-            len as libc::off_t,
-            libc::POSIX_FADV_WILLNEED,
-        )
-    };
-}
-
 /// Starts writeback of a file from a thread of its own, so whoever writes the data never
 /// waits for the device to take requests: the disk works while data keeps coming, and
 /// the final flush finds little left to do. Kicks made while one runs are merged.
@@ -346,35 +283,5 @@ impl Writeback {
     /// Asks for writeback of everything written so far; never blocks.
     pub fn kick(&self) {
         self.0.ask(());
-    }
-}
-
-/// Brings ranges of a file into the page cache (`WILLNEED`) from a thread of its own, up
-/// to a budget of bytes. A delta asks for the target ranges its chunks will overwrite as
-/// they arrive: reading them takes nothing from the target, and at the commit the copy
-/// then overwrites pages that are there, instead of allocating each one under the file's
-/// lock after the transfer is over. Advisory: a failure only leaves the commit more to
-/// do.
-pub struct Prefetch(Helper<Vec<(u64, u64)>>);
-
-impl Prefetch {
-    pub fn new(file: File, budget: u64) -> std::io::Result<Prefetch> {
-        let mut left = budget;
-        Helper::start("ferry-prefetch", 64, move |ranges: Vec<(u64, u64)>| {
-            for (offset, len) in ranges {
-                if left < len {
-                    return false;
-                }
-                left -= len;
-                will_need(&file, offset, len);
-            }
-            true
-        })
-        .map(Prefetch)
-    }
-
-    /// Asks for `(offset, len)` ranges; never blocks.
-    pub fn ask(&self, ranges: Vec<(u64, u64)>) {
-        self.0.ask(ranges);
     }
 }

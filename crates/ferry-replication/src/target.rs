@@ -416,14 +416,6 @@ impl Target {
             Store::Image { file, .. } => crate::sink::Writeback::new(file).ok(),
             Store::Journal(j) => crate::sink::Writeback::new(j.file()).ok(),
         };
-        // A raw target a delta will be copied into: its pages to be overwritten are read
-        // in while the chunks arrive (see `Prefetch`).
-        let prefetch = match (&store, Format::of(&self.dst)) {
-            (Store::Journal(_), Ok(Format::Raw)) => File::open(&self.dst)
-                .ok()
-                .and_then(|f| crate::sink::Prefetch::new(f, PREFETCH_BUDGET).ok()),
-            _ => None,
-        };
         Ok(Session {
             target: Target {
                 dst: self.dst.clone(),
@@ -442,7 +434,6 @@ impl Target {
             bytes_written: AtomicU64::new(0),
             written: Written::default(),
             writeback,
-            prefetch,
         })
     }
 
@@ -656,16 +647,10 @@ struct Copy {
     len: usize,
 }
 
-/// How far ahead of the copy its target pages are brought into the cache.
-const PREFETCH_AHEAD: usize = 512;
-
-/// Copies chunks from the journal into the target, in target order. For a raw file, a
-/// helper thread brings the target's pages into the page cache ahead of the copy, so the
-/// copy overwrites pages that are there instead of allocating each under the file's
-/// lock: the two share the work on two processors, where the copy alone used one. (A
+/// Copies chunks from the journal into the target, in target order. Writeback is
+/// started as the copy goes on, so the final flush finds little left to write. (A
 /// chunk-sized direct write would skip the page cache, but into holes those go one at a
-/// time and take longer.) Writeback is started as the copy goes on, so the final flush
-/// finds little left to write.
+/// time and take longer.)
 fn copy_chunks(
     journal: &File,
     target: &Sink,
@@ -673,40 +658,17 @@ fn copy_chunks(
     buf: &mut Vec<u8>,
 ) -> std::io::Result<()> {
     let writeback = target.writeback();
-    let done = AtomicU64::new(0);
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        if let Sink::File(file) = target {
-            let (done, stop) = (&done, &stop);
-            scope.spawn(move || {
-                for (i, c) in copies.iter().enumerate() {
-                    while i > done.load(Ordering::Relaxed) as usize + PREFETCH_AHEAD
-                        && !stop.load(Ordering::Relaxed)
-                    {
-                        std::thread::sleep(std::time::Duration::from_micros(200));
-                    }
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    sink::will_need(file, c.to, c.len as u64);
-                }
-            });
-        }
-        let mut copied = 0u64;
-        let result = copies.iter().try_for_each(|c| {
-            target.copy_from(journal, c.from, c.to, c.len, buf)?;
-            done.fetch_add(1, Ordering::Relaxed);
-            copied += c.len as u64;
-            if copied >= WRITEBACK_BYTES {
-                copied = 0;
-                if let Some(w) = &writeback {
-                    w.kick();
-                }
+    let mut copied = 0u64;
+    copies.iter().try_for_each(|c| {
+        target.copy_from(journal, c.from, c.to, c.len, buf)?;
+        copied += c.len as u64;
+        if copied >= WRITEBACK_BYTES {
+            copied = 0;
+            if let Some(w) = &writeback {
+                w.kick();
             }
-            Ok(())
-        });
-        stop.store(true, Ordering::Relaxed);
-        result
+        }
+        Ok(())
     })
 }
 
@@ -771,13 +733,7 @@ pub struct Session {
     written: Written,
     /// Writes back what was stored, from a thread of its own.
     writeback: Option<crate::sink::Writeback>,
-    /// Reads in the target's pages the commit will overwrite.
-    prefetch: Option<crate::sink::Prefetch>,
 }
-
-/// Most bytes of the target read in ahead of a commit while chunks arrive: the commit
-/// reads in the rest as it copies.
-const PREFETCH_BUDGET: u64 = 256 << 20;
 
 /// Most of a committed delta's journal kept for the next delta (see `keep_journal`).
 const SPARE_JOURNAL_MAX: u64 = 1 << 30;
@@ -890,14 +846,6 @@ impl Session {
                     .collect();
                 if !records.is_empty() {
                     let first = j.append_many(&records).map_err(io(j.path()))?;
-                    if let Some(p) = &self.prefetch {
-                        p.ask(
-                            records
-                                .iter()
-                                .map(|&(c, _, b)| (self.geometry.chunk(c).0, b.len() as u64))
-                                .collect(),
-                        );
-                    }
                     let mut written = self.written.records.lock().unwrap();
                     for (slot, &(chunk, digest, _)) in (first..).zip(&records) {
                         if written.len() < MAX_WRITTEN || written.contains_key(&chunk) {

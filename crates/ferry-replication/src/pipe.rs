@@ -122,7 +122,12 @@ impl AsyncWrite for PipeEnd {
             return Poll::Pending;
         }
         let n = buf.len().min(self.capacity);
-        let mut seg = d.spare.pop().unwrap_or_default();
+        // A spare that is large enough, or else a new segment of the exact size: growing
+        // a small spare (a control message's) would copy it into fresh memory first.
+        let mut seg = match d.spare.iter().position(|s| s.capacity() >= n) {
+            Some(i) => d.spare.swap_remove(i),
+            None => Vec::with_capacity(n),
+        };
         seg.clear();
         seg.extend_from_slice(&buf[..n]);
         d.queue.push_back(seg);

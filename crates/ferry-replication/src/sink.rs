@@ -105,26 +105,6 @@ impl Sink {
         }
     }
 
-    /// Writes `len` bytes of `src` at `src_offset` to `offset`, through `buf` (reused
-    /// from call to call: memory already mapped costs nothing).
-    ///
-    /// Not `copy_file_range`: a journal record's bytes start 64 bytes into a page, and
-    /// the kernel splices them across in page pieces, so every target page is written
-    /// in two parts and must first be read from the disk unless cached. A chunk written
-    /// whole from memory covers its pages, which are then never read.
-    pub fn copy_from(
-        &self,
-        src: &File,
-        src_offset: u64,
-        offset: u64,
-        len: usize,
-        buf: &mut Vec<u8>,
-    ) -> std::io::Result<()> {
-        buf.resize(len, 0);
-        src.read_exact_at(&mut buf[..len], src_offset)?;
-        self.write(offset, &buf[..len])
-    }
-
     /// Makes a range read as zeros, freeing its space where the format can.
     pub fn zero(&self, offset: u64, len: u64) -> std::io::Result<()> {
         match self {

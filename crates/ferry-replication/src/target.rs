@@ -554,7 +554,6 @@ fn apply(
     let mut needed = vec![0u64; count.div_ceil(64) as usize];
     let mut missing = 0u64;
     let mut applied = 0u64;
-    let mut buf = Vec::new();
     let mut copies = Vec::new();
     let written = written.map(|w| w.records.lock().unwrap());
     new.for_each_window(|first, raw| {
@@ -597,7 +596,7 @@ fn apply(
     })?;
     drop(written);
     let t = std::time::Instant::now();
-    copy_chunks(journal.file(), target, &copies, &mut buf).map_err(target_err)?;
+    copy_chunks(journal.file(), target, &copies).map_err(target_err)?;
     tracing::debug!(elapsed = ?t.elapsed(), chunks = copies.len(), "commit: chunks copied");
     if missing > 0 {
         let is_needed = |c: u64| c < count && needed[(c / 64) as usize] & (1 << (c % 64)) != 0;
@@ -647,28 +646,63 @@ struct Copy {
     len: usize,
 }
 
-/// Copies chunks from the journal into the target, in target order. Writeback is
-/// started as the copy goes on, so the final flush finds little left to write. (A
+/// Bytes read ahead of the commit copy's writes.
+const COPY_AHEAD_BYTES: usize = 1 << 20;
+
+/// Copies chunks from the journal into the target, in target order: a thread reads the
+/// records into buffers while this one writes them, so the reads (copies out of the
+/// page cache) cost no time of their own. Writeback is started as the copy goes on, so
+/// the final flush finds little left to write.
+///
+/// Each chunk is written whole from memory. `copy_file_range` would splice a record's
+/// bytes, which start 64 bytes into a journal page, across in page pieces: every target
+/// page written in two parts must first be read from the disk unless it is cached. (A
 /// chunk-sized direct write would skip the page cache, but into holes those go one at a
 /// time and take longer.)
-fn copy_chunks(
-    journal: &File,
-    target: &Sink,
-    copies: &[Copy],
-    buf: &mut Vec<u8>,
-) -> std::io::Result<()> {
+fn copy_chunks(journal: &File, target: &Sink, copies: &[Copy]) -> std::io::Result<()> {
+    use std::sync::mpsc::sync_channel;
     let writeback = target.writeback();
-    let mut copied = 0u64;
-    copies.iter().try_for_each(|c| {
-        target.copy_from(journal, c.from, c.to, c.len, buf)?;
-        copied += c.len as u64;
-        if copied >= WRITEBACK_BYTES {
-            copied = 0;
-            if let Some(w) = &writeback {
-                w.kick();
-            }
+    let ahead = (COPY_AHEAD_BYTES / copies.first().map_or(1, |c| c.len.max(1))).clamp(2, 64);
+    std::thread::scope(|scope| {
+        let (full, filled) = sync_channel::<(&Copy, Vec<u8>)>(ahead);
+        let (empty, emptied) = sync_channel::<Vec<u8>>(ahead + 1);
+        for _ in 0..=ahead {
+            let _ = empty.send(Vec::new());
         }
-        Ok(())
+        let reader = scope.spawn(move || -> std::io::Result<()> {
+            for c in copies {
+                // The writer stopped (it failed): its error is the one to report.
+                let Ok(mut buf) = emptied.recv() else {
+                    return Ok(());
+                };
+                buf.resize(c.len, 0);
+                journal.read_exact_at(&mut buf, c.from)?;
+                if full.send((c, buf)).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        });
+        let mut copied = 0u64;
+        let written = filled.iter().try_for_each(|(c, buf)| {
+            target.write(c.to, &buf)?;
+            let _ = empty.send(buf);
+            copied += c.len as u64;
+            if copied >= WRITEBACK_BYTES {
+                copied = 0;
+                if let Some(w) = &writeback {
+                    w.kick();
+                }
+            }
+            Ok(())
+        });
+        // Unblocks the reader if the writes stopped early.
+        drop(filled);
+        drop(empty);
+        let read = reader
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the journal reader panicked")));
+        written.and(read)
     })
 }
 

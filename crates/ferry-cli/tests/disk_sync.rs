@@ -374,5 +374,10 @@ fn a_full_target_file_system_fails_clearly_and_the_next_sync_resumes() {
     fs.grow("64M");
     let out = json(&ok(&["disk", "sync", "--json", s, d]));
     assert_eq!(out["resumed"], true, "{out}");
+    // What was stored before the disk filled up is not sent again.
+    assert!(
+        out["chunks_changed"].as_u64() < out["chunks_total"].as_u64(),
+        "{out}"
+    );
     assert!(same_file(&src, &dst));
 }

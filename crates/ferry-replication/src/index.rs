@@ -164,6 +164,32 @@ impl IndexFile {
         Ok(())
     }
 
+    /// Gives every entry its space on the disk now (still reading as zero where not
+    /// written), so recording what a sync received never fails for want of space, even
+    /// after the sync filled the file system. A file system without `fallocate` is left
+    /// as it is.
+    pub fn reserve(&self) -> Result<(), IndexError> {
+        use std::os::unix::io::AsRawFd;
+        let len = self.chunk_count() * ENTRY;
+        // SAFETY: plain syscall on an open descriptor.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                HEADER_LEN as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Ok(()),
+            _ => Err(io_err(&self.path)(e)),
+        }
+    }
+
     pub fn sync(&self) -> Result<(), IndexError> {
         self.file.sync_all().map_err(io_err(&self.path))
     }

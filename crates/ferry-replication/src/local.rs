@@ -14,9 +14,13 @@ use crate::sender::{send, SendOptions};
 use crate::transport::Endpoint;
 use crate::SyncError;
 
+/// Longest wait, after a failed sync, for the receiver to record what it stored.
+const IDLE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A receiver for one target in this process.
 pub struct LocalTarget {
     dst: PathBuf,
+    receiver: Arc<Receiver>,
     endpoint: Endpoint,
 }
 
@@ -24,9 +28,10 @@ impl LocalTarget {
     /// Makes the in-process endpoint. Touches nothing on disk.
     pub async fn prepare(dst: &Path) -> Result<Self, SyncError> {
         let receiver = Receiver::new(dst.to_path_buf());
-        let endpoint = Endpoint::in_process(receiver);
+        let endpoint = Endpoint::in_process(Arc::clone(&receiver));
         Ok(Self {
             dst: dst.to_path_buf(),
+            receiver,
             endpoint,
         })
     }
@@ -42,7 +47,15 @@ impl LocalTarget {
         // crash interrupted, so the sync starts from a clean state).
         let dst_path = self.dst.clone();
         tokio::task::spawn_blocking(move || crate::target::Target::open(&dst_path)).await??;
-        let mut report = send(disk, &self.endpoint, opts, progress).await?;
+        let mut report = match send(disk, &self.endpoint, opts, progress).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The receiver records what it stored once it sees the sender go: wait
+                // for that, or the process could end first and the next sync start over.
+                let _ = tokio::time::timeout(IDLE_WAIT, self.receiver.idle()).await;
+                return Err(e);
+            }
+        };
         report.target = self.dst.display().to_string();
         Ok(report)
     }

@@ -46,6 +46,8 @@ pub struct Receiver {
     device_state: Option<PathBuf>,
     active: Mutex<Option<Arc<Active>>>,
     committed: watch::Sender<Option<Received>>,
+    /// Sync sessions still running, their last checkpoint included.
+    sessions: watch::Sender<usize>,
 }
 
 impl Receiver {
@@ -55,6 +57,7 @@ impl Receiver {
             device_state: None,
             active: Mutex::new(None),
             committed: watch::Sender::new(None),
+            sessions: watch::Sender::new(0),
         })
     }
 
@@ -66,12 +69,19 @@ impl Receiver {
             device_state: Some(state_dir),
             active: Mutex::new(None),
             committed: watch::Sender::new(None),
+            sessions: watch::Sender::new(0),
         })
     }
 
     /// Notified after each commit.
     pub fn commits(&self) -> watch::Receiver<Option<Received>> {
         self.committed.subscribe()
+    }
+
+    /// Returns once no sync session runs here any more: what a failed one received is
+    /// then recorded for the next attempt to resume from.
+    pub async fn idle(&self) {
+        let _ = self.sessions.subscribe().wait_for(|n| *n == 0).await;
     }
 
     /// Accepts connections forever.
@@ -168,6 +178,14 @@ impl Receiver {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        self.sessions.send_modify(|n| *n += 1);
+        struct Running<'a>(&'a watch::Sender<usize>);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.send_modify(|n| *n -= 1);
+            }
+        }
+        let _running = Running(&self.sessions);
         // A new sync supersedes one whose sender went away.
         let previous = self.active.lock().unwrap().take();
         if let Some(old) = previous {

@@ -7,7 +7,9 @@
 //! DST.ferry/state.json      last committed generation, geometry, DST's size and mtime
 //! DST.ferry/gen-N.idx       chunk index of generation N (what DST holds)
 //! DST.ferry/pending/        the sync in progress (resumable after any crash):
-//!     session.json          its base generation and geometry
+//!     session.json          its base generation and geometry; written at the start
+//!                           (as session.json.new) and put in place by the first
+//!                           checkpoint, so a sync that never reached one is not resumed
 //!     data                  first generation: the new disk itself, chunks at their
 //!                           own offsets (sparse); it becomes DST at the commit
 //!     journal               later generations: received chunks, appended
@@ -348,7 +350,9 @@ impl Target {
         }) && IndexFile::open(&pending.join("index.idx")).is_ok();
         if !resumed {
             if pending.exists() {
-                tracing::info!("discarding an interrupted sync of another base or size");
+                if previous.is_some() {
+                    tracing::info!("discarding an interrupted sync of another base or size");
+                }
                 std::fs::remove_dir_all(&pending).map_err(io(&pending))?;
             }
             std::fs::create_dir_all(&pending).map_err(io(&pending))?;
@@ -364,14 +368,19 @@ impl Target {
                 let data = File::create(pending.join("data")).map_err(io(&pending))?;
                 data.set_len(geometry.disk_size).map_err(io(&pending))?;
             }
+            // Neither is flushed here: the first checkpoint flushes the index, then puts
+            // session.json in place, which makes the session resumable. Until then a
+            // crash only discards it. Written now, session.json takes its space while
+            // there is some (a sync that fills the disk still leaves a resumable one).
             let idx_path = pending.join("index.idx");
             match &committed {
                 Some(c) => c.copy_to(&idx_path, geometry, base_generation + 1)?,
                 None => IndexFile::create(&idx_path, geometry, base_generation + 1)?,
             }
-            .sync()?;
-            write_atomic(&info_path, &serde_json::to_vec_pretty(&info).unwrap())
-                .map_err(io(&info_path))?;
+            .reserve()?;
+            let draft = pending.join("session.json.new");
+            std::fs::write(&draft, serde_json::to_vec_pretty(&info).unwrap())
+                .map_err(io(&draft))?;
         }
         let store = if self.device {
             let file = OpenOptions::new()
@@ -434,6 +443,7 @@ impl Target {
             bytes_written: AtomicU64::new(0),
             written: Written::default(),
             writeback,
+            unrecorded_session: Mutex::new(!resumed),
         })
     }
 
@@ -767,6 +777,8 @@ pub struct Session {
     written: Written,
     /// Writes back what was stored, from a thread of its own.
     writeback: Option<crate::sink::Writeback>,
+    /// `pending/session.json` is still `session.json.new`, until the first checkpoint.
+    unrecorded_session: Mutex<bool>,
 }
 
 /// Most of a committed delta's journal kept for the next delta (see `keep_journal`).
@@ -953,7 +965,7 @@ impl Session {
         let mut entries = std::mem::take(&mut *self.unrecorded.lock().unwrap());
         self.unrecorded_bytes.store(0, Ordering::Relaxed);
         if entries.is_empty() {
-            return Ok(());
+            return self.record_session();
         }
         let t = std::time::Instant::now();
         // Data first, then the entries that claim it.
@@ -964,7 +976,27 @@ impl Session {
         let flushed = t.elapsed();
         self.index.set_many(&mut entries)?;
         self.index.sync()?;
+        self.record_session()?;
         tracing::debug!(chunks = entries.len(), ?flushed, elapsed = ?t.elapsed(), "checkpoint");
+        Ok(())
+    }
+
+    /// Puts `pending/session.json` in place once, the index flushed first: from then on
+    /// the session is resumed after a crash (and a decided commit finished from it).
+    fn record_session(&self) -> Result<(), TargetError> {
+        let mut unrecorded = self.unrecorded_session.lock().unwrap();
+        if !*unrecorded {
+            return Ok(());
+        }
+        self.index.sync()?;
+        let pending = self.target.pending_dir();
+        let draft = pending.join("session.json.new");
+        File::open(&draft)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&draft, pending.join("session.json")))
+            .and_then(|()| sync_dir(&pending))
+            .map_err(io(&draft))?;
+        *unrecorded = false;
         Ok(())
     }
 

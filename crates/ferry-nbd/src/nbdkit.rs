@@ -68,7 +68,7 @@ impl Nbdkit {
             Some(secret) => Some(secret_pipe(&mut cmd, secret)?),
             None => None,
         };
-        let process = ServerProcess::spawn("nbdkit", cmd, dir, what)
+        let process = ServerProcess::spawn("nbdkit", cmd, dir, what, opts.read_only)
             .await
             .map_err(|e| match e {
                 NbdError::Launch(m) if m.contains("cannot run nbdkit") => {

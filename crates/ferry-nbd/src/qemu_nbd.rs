@@ -110,6 +110,7 @@ impl QemuNbd {
             cmd,
             dir,
             &format!("{} ({format})", image.display()),
+            opts.read_only,
         )
         .await?;
         Ok(QemuNbd { process })

@@ -61,14 +61,14 @@ type SpawnJob = (
     tokio::sync::oneshot::Sender<std::io::Result<Child>>,
 );
 
-/// Starts `cmd` so that it is sent SIGTERM if Ferry dies (SIGKILL, a crash) before it
+/// Starts `cmd` so that it is sent `signal` if Ferry dies (SIGKILL, a crash) before it
 /// stops the server itself: an orphaned qemu-nbd would keep its image locked, and the
 /// next sync of that disk would fail on the lock.
 ///
 /// The parent-death signal fires when the *thread* that started the child ends, not the
 /// process; tokio's blocking threads come and go, so children are started from one thread
 /// that lives as long as the process.
-async fn spawn_dying_with_us(mut cmd: Command) -> std::io::Result<Child> {
+async fn spawn_dying_with_us(mut cmd: Command, signal: libc::c_int) -> std::io::Result<Child> {
     type Spawner = Result<std::sync::mpsc::Sender<SpawnJob>, String>;
     static SPAWNER: std::sync::OnceLock<Spawner> = std::sync::OnceLock::new();
     // SAFETY: getpid is async-signal-safe and has no preconditions.
@@ -76,7 +76,7 @@ async fn spawn_dying_with_us(mut cmd: Command) -> std::io::Result<Child> {
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // Ferry died between the fork and the prctl: the signal will never come.
@@ -115,11 +115,16 @@ async fn spawn_dying_with_us(mut cmd: Command) -> std::io::Result<Child> {
 impl ServerProcess {
     /// Runs `cmd` (already told to listen on `socket`) with its stderr in `log`, and
     /// waits until it serves. `what` names the export in messages.
+    ///
+    /// Should Ferry die, a server that exports for writing gets SIGTERM, to flush what it
+    /// holds; one that only reads gets SIGKILL, since it has nothing to lose: qemu-nbd
+    /// forgets a SIGTERM that comes while it starts up, and would be left running.
     pub(crate) async fn spawn(
         program: &'static str,
         mut cmd: Command,
         (dir, socket, log): (tempfile::TempDir, PathBuf, PathBuf),
         what: &str,
+        read_only: bool,
     ) -> Result<ServerProcess, NbdError> {
         let log_file = std::fs::File::create(&log)
             .map_err(|e| NbdError::Launch(format!("cannot create {}: {e}", log.display())))?;
@@ -129,7 +134,12 @@ impl ServerProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file));
         debug!(program, what, "starting an NBD server");
-        let child = spawn_dying_with_us(cmd)
+        let signal = if read_only {
+            libc::SIGKILL
+        } else {
+            libc::SIGTERM
+        };
+        let child = spawn_dying_with_us(cmd, signal)
             .await
             .map_err(|e| NbdError::Launch(format!("cannot run {program}: {e}")))?;
         let mut p = ServerProcess {

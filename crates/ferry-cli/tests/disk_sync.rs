@@ -165,6 +165,36 @@ fn dirty_bitmap_deltas_over_five_generations() {
 }
 
 #[test]
+fn a_disk_that_grew_or_shrank_between_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+    fill_random(&src, 0, 8 * MIB, 21);
+    let (s, d) = (src.to_str().unwrap(), dst.to_str().unwrap());
+    ok(&["disk", "sync", s, d]);
+    // The target's session is begun for 8 MiB before the source is looked at: a disk
+    // of another size sets it aside.
+    fill_random(&src, 8 * MIB, 4 * MIB + 4096, 22);
+    let grown = json(&ok(&["disk", "sync", "--json", s, d]));
+    assert!(same_file(&src, &dst));
+    assert_eq!(grown["resumed"], false, "{grown}");
+    assert_eq!(grown["chunks_changed"], 65, "{grown}");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_len(6 * MIB)
+        .unwrap();
+    ok(&["disk", "sync", s, d]);
+    assert!(same_file(&src, &dst));
+    // The same size again: the session begun early is the one used.
+    fill_random(&src, MIB, 64 * 1024, 23);
+    let same = json(&ok(&["disk", "sync", "--json", s, d]));
+    assert!(same_file(&src, &dst));
+    assert_eq!(same["resumed"], false, "{same}");
+    assert_eq!(same["chunks_changed"], 1, "{same}");
+}
+
+#[test]
 fn bad_input_gets_clear_errors_and_no_target() {
     let dir = tempfile::tempdir().unwrap();
     let dst = dir.path().join("dst.raw");

@@ -36,6 +36,12 @@ impl LocalTarget {
         })
     }
 
+    /// Begins the sync's session on the target while the source is still being opened
+    /// (see [`Receiver::begin_early`]).
+    pub async fn begin_early(&self, chunk_size: u32, source: &str) {
+        self.receiver.begin_early(chunk_size, source).await;
+    }
+
     /// Syncs `disk` into the target.
     pub async fn sync<D: Disk + Clone + 'static>(
         &self,

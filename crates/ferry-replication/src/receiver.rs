@@ -48,6 +48,8 @@ pub struct Receiver {
     committed: watch::Sender<Option<Received>>,
     /// Sync sessions still running, their last checkpoint included.
     sessions: watch::Sender<usize>,
+    /// A session begun ahead of its sender's hello (see [`Receiver::begin_early`]).
+    early: Mutex<Option<Session>>,
 }
 
 impl Receiver {
@@ -58,6 +60,7 @@ impl Receiver {
             active: Mutex::new(None),
             committed: watch::Sender::new(None),
             sessions: watch::Sender::new(0),
+            early: Mutex::new(None),
         })
     }
 
@@ -70,12 +73,42 @@ impl Receiver {
             active: Mutex::new(None),
             committed: watch::Sender::new(None),
             sessions: watch::Sender::new(0),
+            early: Mutex::new(None),
         })
     }
 
     /// Notified after each commit.
     pub fn commits(&self) -> watch::Receiver<Option<Received>> {
         self.committed.subscribe()
+    }
+
+    /// Begins the session that a sync of a disk the size of the target's last
+    /// generation will use, before its sender says hello: in one process, this work
+    /// overlaps the opening of the source (starting qemu-nbd, say). A sync of another
+    /// size or chunk size sets it aside and begins its own. Nothing is begun for a
+    /// target that holds no generation, and failures are left for the sync to meet.
+    pub async fn begin_early(self: &Arc<Self>, chunk_size: u32, source: &str) {
+        let (dst, state, source) = (
+            self.dst.clone(),
+            self.device_state.clone(),
+            source.to_string(),
+        );
+        let begun = tokio::task::spawn_blocking(move || {
+            let target = match &state {
+                Some(state) => Target::open_device(&dst, state)?,
+                None => Target::open(&dst)?,
+            };
+            match target.committed_geometry() {
+                Some(g) if g.chunk_size == chunk_size => target.begin(g, &source).map(Some),
+                _ => Ok(None),
+            }
+        })
+        .await;
+        match begun {
+            Ok(Ok(session)) => *self.early.lock().unwrap() = session,
+            Ok(Err(e)) => tracing::debug!("no session begun early: {e}"),
+            Err(e) => tracing::debug!("no session begun early: {e}"),
+        }
     }
 
     /// Returns once no sync session runs here any more: what a failed one received is
@@ -194,17 +227,25 @@ impl Receiver {
             let s = Arc::clone(&old.session);
             tokio::task::spawn_blocking(move || s.checkpoint()).await??;
         }
-        let dst = self.dst.clone();
-        let state = self.device_state.clone();
-        let src = source.clone();
-        let session = tokio::task::spawn_blocking(move || {
-            let target = match &state {
-                Some(state) => Target::open_device(&dst, state)?,
-                None => Target::open(&dst)?,
-            };
-            target.begin(geometry, &src)
-        })
-        .await??;
+        let early = self.early.lock().unwrap().take();
+        let session = match early {
+            Some(s) if s.geometry() == geometry => s,
+            early => {
+                // Set aside first: its files are what the new session replaces.
+                drop(early);
+                let dst = self.dst.clone();
+                let state = self.device_state.clone();
+                let src = source.clone();
+                tokio::task::spawn_blocking(move || {
+                    let target = match &state {
+                        Some(state) => Target::open_device(&dst, state)?,
+                        None => Target::open(&dst)?,
+                    };
+                    target.begin(geometry, &src)
+                })
+                .await??
+            }
+        };
         let active = Arc::new(Active {
             id: uuid::Uuid::new_v4().to_string(),
             session: Arc::new(session),

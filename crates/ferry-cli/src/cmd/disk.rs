@@ -131,11 +131,12 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
         match cmd {
             DiskCommand::Sync { src, dst, send } => {
                 let opts = send_options(&send, false)?;
-                // The receiver's certificates are made while qemu-nbd (if any) starts.
-                let (disk, local) = tokio::join!(
-                    open_source(&src, &send),
-                    ferry_replication::LocalTarget::prepare(&dst)
-                );
+                // The target's session begins while qemu-nbd (if any) starts.
+                let (disk, local) = tokio::join!(open_source(&src, &send), async {
+                    let local = ferry_replication::LocalTarget::prepare(&dst).await?;
+                    local.begin_early(opts.chunk_size, &src).await;
+                    Ok::<_, ferry_replication::SyncError>(local)
+                });
                 let (disk, local) = (disk?, local?);
                 let report = with_progress(send.json, disk.size(), |p| async move {
                     local.sync(&disk, &opts, p).await

@@ -126,14 +126,26 @@ impl IndexFile {
     /// Entries `first .. first + count` (clamped to the index).
     pub fn read(&self, first: u64, count: u64) -> Result<Vec<Digest>, IndexError> {
         let count = count.min(self.chunk_count().saturating_sub(first));
-        let mut raw = vec![0u8; (count * ENTRY) as usize];
+        let mut entries = vec![[0u8; ENTRY as usize]; count as usize];
         self.file
-            .read_exact_at(&mut raw, HEADER_LEN + first * ENTRY)
+            .read_exact_at(entries.as_flattened_mut(), HEADER_LEN + first * ENTRY)
             .map_err(io_err(&self.path))?;
-        Ok(raw
-            .chunks_exact(ENTRY as usize)
-            .map(|c| c.try_into().unwrap())
-            .collect())
+        Ok(entries)
+    }
+
+    /// The raw entries from `first` on (at most `count`), into `buf` (whatever it held
+    /// is replaced): a caller that passes the buffer back in reuses its memory.
+    pub fn read_raw_into(
+        &self,
+        first: u64,
+        count: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), IndexError> {
+        let count = count.min(self.chunk_count().saturating_sub(first));
+        buf.resize((count * ENTRY) as usize, 0);
+        self.file
+            .read_exact_at(buf, HEADER_LEN + first * ENTRY)
+            .map_err(io_err(&self.path))
     }
 
     pub fn get(&self, n: u64) -> Result<Digest, IndexError> {

@@ -357,12 +357,16 @@ impl Receiver {
         const WINDOW: u64 = 32 * 1024; // entries: 1 MiB frames
         let count = session.index().chunk_count();
         let mut first = 0;
+        // One buffer for all windows: each process starts with no memory mapped, and
+        // fresh memory costs a page fault per 4 KiB.
+        let mut raw = Vec::new();
         while first < count {
             let n = WINDOW.min(count - first);
             let s = Arc::clone(session);
-            let raw: Vec<u8> =
-                tokio::task::spawn_blocking(move || s.index().read(first, n).map(|v| v.concat()))
-                    .await??;
+            raw = tokio::task::spawn_blocking(move || {
+                s.index().read_raw_into(first, n, &mut raw).map(|()| raw)
+            })
+            .await??;
             proto::write_index(w, &raw, compress).await?;
             first += n;
         }

@@ -304,8 +304,10 @@ async fn receive_index<R: AsyncRead + Unpin>(
     local: &Arc<IndexFile>,
 ) -> Result<u64, SyncError> {
     let mut next = 0u64;
+    // Frame buffers go round (fresh memory costs a page fault per 4 KiB).
+    let mut spare = Vec::new();
     loop {
-        let frame = proto::read_frame(r).await?;
+        let frame = proto::read_frame_into(r, std::mem::take(&mut spare)).await?;
         match frame.kind {
             KIND_INDEX => {
                 let entries = frame.index_entries()?;
@@ -314,11 +316,15 @@ async fn receive_index<R: AsyncRead + Unpin>(
                 // keeps a first sync of a huge, mostly empty disk from writing its index.
                 if chunk::is_zero(&entries) {
                     next += n;
+                    spare = entries;
                     continue;
                 }
                 let l = Arc::clone(local);
                 let first = next;
-                tokio::task::spawn_blocking(move || l.write_raw(first, &entries)).await??;
+                spare = tokio::task::spawn_blocking(move || {
+                    l.write_raw(first, &entries).map(|()| entries)
+                })
+                .await??;
                 next += n;
             }
             KIND_CONTROL => match frame.control()? {

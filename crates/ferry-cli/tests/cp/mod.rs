@@ -179,8 +179,9 @@ impl Api {
             }
             if t0.elapsed() > timeout {
                 let stats = self.ok("/api/stats", None).await;
+                let failed = self.ok("/api/migrations?state=failed", None).await;
                 panic!(
-                    "waited {timeout:?} for {n} migrations in {state}, have {c}; by state: {stats}"
+                    "waited {timeout:?} for {n} migrations in {state}, have {c}; by state: {stats}; failed: {failed}"
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -2,7 +2,7 @@
 //! chunk against its digest before writing it, checkpoints, and commits.
 
 use std::borrow::Cow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -94,10 +94,7 @@ impl Receiver {
             source.to_string(),
         );
         let begun = tokio::task::spawn_blocking(move || {
-            let target = match &state {
-                Some(state) => Target::open_device(&dst, state)?,
-                None => Target::open(&dst)?,
-            };
+            let target = open_target(&dst, state.as_deref())?;
             match target.committed_geometry() {
                 Some(g) if g.chunk_size == chunk_size => target.begin(g, &source).map(Some),
                 _ => Ok(None),
@@ -237,11 +234,7 @@ impl Receiver {
                 let state = self.device_state.clone();
                 let src = source.clone();
                 tokio::task::spawn_blocking(move || {
-                    let target = match &state {
-                        Some(state) => Target::open_device(&dst, state)?,
-                        None => Target::open(&dst)?,
-                    };
-                    target.begin(geometry, &src)
+                    open_target(&dst, state.as_deref())?.begin(geometry, &src)
                 })
                 .await??
             }
@@ -444,6 +437,14 @@ impl Receiver {
                 k => return Err(ProtoError::Violation(format!("unknown frame kind {k}")).into()),
             }
         }
+    }
+}
+
+/// The target a receiver writes: a raw image, or a volume with its sidecar in `state`.
+fn open_target(dst: &Path, state: Option<&Path>) -> Result<Target, crate::target::TargetError> {
+    match state {
+        Some(state) => Target::open_device(dst, state),
+        None => Target::open(dst),
     }
 }
 

@@ -202,15 +202,15 @@ impl Target {
         serde_json::from_slice(&text).ok()
     }
 
-    /// The committed index that truly describes DST, or `None` when DST does not exist.
-    /// A DST changed behind Ferry's back (other size or mtime), or one Ferry never wrote,
-    /// is read and indexed again: correct first, fast when possible.
     /// The geometry of the last committed generation, if there is one.
     pub fn committed_geometry(&self) -> Option<Geometry> {
         self.load_state()
             .map(|s| Geometry::new(s.disk_size, s.chunk_size))
     }
 
+    /// The committed index that truly describes DST, or `None` when DST does not exist.
+    /// A DST changed behind Ferry's back (other size or mtime), or one Ferry never wrote,
+    /// is read and indexed again: correct first, fast when possible.
     fn committed_index(&self, chunk_size: u32) -> Result<Option<IndexFile>, TargetError> {
         let state = self.load_state();
         let same_file = if self.device {

@@ -208,14 +208,7 @@ impl Receiver {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        self.sessions.send_modify(|n| *n += 1);
-        struct Running<'a>(&'a watch::Sender<usize>);
-        impl Drop for Running<'_> {
-            fn drop(&mut self) {
-                self.0.send_modify(|n| *n -= 1);
-            }
-        }
-        let _running = Running(&self.sessions);
+        let _running = Counted::new(&self.sessions);
         // A new sync supersedes one whose sender went away.
         let previous = self.active.lock().unwrap().take();
         if let Some(old) = previous {
@@ -383,14 +376,7 @@ impl Receiver {
                     "no sync session {id} here (it ended or was superseded): start the sync again"
                 ))
             })?;
-        active.conns.send_modify(|n| *n += 1);
-        struct Leave<'a>(&'a watch::Sender<usize>);
-        impl Drop for Leave<'_> {
-            fn drop(&mut self) {
-                self.0.send_modify(|n| *n -= 1);
-            }
-        }
-        let _leave = Leave(&active.conns);
+        let _joined = Counted::new(&active.conns);
         proto::write_control(w, &Control::JoinOk).await?;
 
         let mut cancelled = active.cancel.subscribe();
@@ -437,6 +423,22 @@ impl Receiver {
                 k => return Err(ProtoError::Violation(format!("unknown frame kind {k}")).into()),
             }
         }
+    }
+}
+
+/// Counts itself in a counter others wait on, for as long as it lives.
+struct Counted<'a>(&'a watch::Sender<usize>);
+
+impl<'a> Counted<'a> {
+    fn new(counter: &'a watch::Sender<usize>) -> Self {
+        counter.send_modify(|n| *n += 1);
+        Self(counter)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
     }
 }
 

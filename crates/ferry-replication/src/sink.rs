@@ -196,72 +196,49 @@ pub fn open_for_reading(path: &Path, format: Format) -> Result<ferry_disk::AnyDi
         .map_err(|e| e.to_string())
 }
 
-/// A thread of its own that takes advisory requests: whoever asks never waits, and
-/// requests it is too busy for are dropped.
-struct Helper<T: Send + 'static> {
-    ask: Option<std::sync::mpsc::SyncSender<T>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl<T: Send + 'static> Helper<T> {
-    /// `serve` takes each request; returning `false` ends the thread.
-    fn start(
-        name: &str,
-        queue: usize,
-        mut serve: impl FnMut(T) -> bool + Send + 'static,
-    ) -> std::io::Result<Self> {
-        let (ask, rx) = std::sync::mpsc::sync_channel::<T>(queue);
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                while let Ok(request) = rx.recv() {
-                    if !serve(request) {
-                        return;
-                    }
-                }
-            })?;
-        Ok(Helper {
-            ask: Some(ask),
-            thread: Some(thread),
-        })
-    }
-
-    fn ask(&self, request: T) {
-        if let Some(a) = &self.ask {
-            let _ = a.try_send(request);
-        }
-    }
-}
-
-impl<T: Send + 'static> Drop for Helper<T> {
-    fn drop(&mut self) {
-        drop(self.ask.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Starts writeback of a file from a thread of its own, so whoever writes the data never
 /// waits for the device to take requests: the disk works while data keeps coming, and
 /// the final flush finds little left to do. Kicks made while one runs are merged.
 /// Advisory: a failure only makes the final flush longer.
-pub struct Writeback(Helper<()>);
+pub struct Writeback {
+    kick: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
 
 impl Writeback {
     pub fn new(file: &File) -> std::io::Result<Writeback> {
         use std::os::unix::io::AsRawFd;
         let file = file.try_clone()?;
-        Helper::start("ferry-writeback", 1, move |()| {
-            // SAFETY: plain syscall on a descriptor this thread owns.
-            unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-            true
+        let (kick, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("ferry-writeback".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    // SAFETY: plain syscall on a descriptor this thread owns.
+                    unsafe {
+                        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+                    };
+                }
+            })?;
+        Ok(Writeback {
+            kick: Some(kick),
+            thread: Some(thread),
         })
-        .map(Writeback)
     }
 
     /// Asks for writeback of everything written so far; never blocks.
     pub fn kick(&self) {
-        self.0.ask(());
+        if let Some(k) = &self.kick {
+            let _ = k.try_send(());
+        }
+    }
+}
+
+impl Drop for Writeback {
+    fn drop(&mut self) {
+        drop(self.kick.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

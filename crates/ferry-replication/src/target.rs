@@ -37,7 +37,7 @@ use std::fs::{File, OpenOptions};
 use std::io::IoSlice;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -449,7 +449,7 @@ impl Target {
             bytes_written: AtomicU64::new(0),
             written: Written::default(),
             writeback,
-            unrecorded_session: Mutex::new(!resumed),
+            unrecorded_session: AtomicBool::new(!resumed),
         })
     }
 
@@ -783,8 +783,9 @@ pub struct Session {
     written: Written,
     /// Writes back what was stored, from a thread of its own.
     writeback: Option<crate::sink::Writeback>,
-    /// `pending/session.json` is still `session.json.new`, until the first checkpoint.
-    unrecorded_session: Mutex<bool>,
+    /// `pending/session.json` is still `session.json.new`, until the first checkpoint
+    /// (read and written under `checkpoint_lock`).
+    unrecorded_session: AtomicBool,
 }
 
 /// Most of a committed delta's journal kept for the next delta (see `keep_journal`).
@@ -965,44 +966,40 @@ impl Session {
         Ok(())
     }
 
-    /// Makes every chunk stored so far durable and records it in the pending index.
+    /// Makes every chunk stored so far durable and records it in the pending index. The
+    /// first one also makes the session resumable: with the index flushed, it puts
+    /// `pending/session.json` in place.
     pub fn checkpoint(&self) -> Result<(), TargetError> {
         let _one_at_a_time = self.checkpoint_lock.lock().unwrap();
         let mut entries = std::mem::take(&mut *self.unrecorded.lock().unwrap());
         self.unrecorded_bytes.store(0, Ordering::Relaxed);
-        if entries.is_empty() {
-            return self.record_session();
-        }
-        let t = std::time::Instant::now();
-        // Data first, then the entries that claim it.
-        match &self.store {
-            Store::Image { file, path, .. } => file.sync_data().map_err(io(path))?,
-            Store::Journal(j) => j.sync().map_err(io(j.path()))?,
-        }
-        let flushed = t.elapsed();
-        self.index.set_many(&mut entries)?;
-        self.index.sync()?;
-        self.record_session()?;
-        tracing::debug!(chunks = entries.len(), ?flushed, elapsed = ?t.elapsed(), "checkpoint");
-        Ok(())
-    }
-
-    /// Puts `pending/session.json` in place once, the index flushed first: from then on
-    /// the session is resumed after a crash (and a decided commit finished from it).
-    fn record_session(&self) -> Result<(), TargetError> {
-        let mut unrecorded = self.unrecorded_session.lock().unwrap();
-        if !*unrecorded {
+        let unrecorded_session = self.unrecorded_session.load(Ordering::Relaxed);
+        if entries.is_empty() && !unrecorded_session {
             return Ok(());
         }
+        let t = std::time::Instant::now();
+        let mut flushed = std::time::Duration::ZERO;
+        if !entries.is_empty() {
+            // Data first, then the entries that claim it.
+            match &self.store {
+                Store::Image { file, path, .. } => file.sync_data().map_err(io(path))?,
+                Store::Journal(j) => j.sync().map_err(io(j.path()))?,
+            }
+            flushed = t.elapsed();
+            self.index.set_many(&mut entries)?;
+        }
         self.index.sync()?;
-        let pending = self.target.pending_dir();
-        let draft = pending.join("session.json.new");
-        File::open(&draft)
-            .and_then(|f| f.sync_all())
-            .and_then(|()| std::fs::rename(&draft, pending.join("session.json")))
-            .and_then(|()| sync_dir(&pending))
-            .map_err(io(&draft))?;
-        *unrecorded = false;
+        if unrecorded_session {
+            let pending = self.target.pending_dir();
+            let draft = pending.join("session.json.new");
+            File::open(&draft)
+                .and_then(|f| f.sync_all())
+                .and_then(|()| std::fs::rename(&draft, pending.join("session.json")))
+                .and_then(|()| sync_dir(&pending))
+                .map_err(io(&draft))?;
+            self.unrecorded_session.store(false, Ordering::Relaxed);
+        }
+        tracing::debug!(chunks = entries.len(), ?flushed, elapsed = ?t.elapsed(), "checkpoint");
         Ok(())
     }
 

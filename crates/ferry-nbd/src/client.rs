@@ -331,6 +331,18 @@ impl NbdClient {
         flags & TFLAG_HAS_FLAGS != 0 && flags & f != 0
     }
 
+    /// Reads ask for one unfragmented reply where the server allows it: qemu-nbd
+    /// otherwise looks up the allocation of every range it reads, to send holes as
+    /// such, which costs it more than the zeros it saves on the socket (Ferry reads
+    /// only what the allocation map calls data, and hashes zeros cheaply).
+    fn read_flags(&self) -> u16 {
+        if self.inner.info.structured && self.flag(TFLAG_SEND_DF) {
+            CMD_FLAG_DF
+        } else {
+            0
+        }
+    }
+
     fn piece_size(&self) -> u32 {
         self.inner.info.max_block.min(MAX_PIECE)
     }
@@ -359,7 +371,9 @@ impl NbdClient {
                 data: vec![0; chunk.len()],
                 covered: 0,
             };
-            let rx = self.submit(CMD_READ, 0, pos, len, &[], accum).await?;
+            let rx = self
+                .submit(CMD_READ, self.read_flags(), pos, len, &[], accum)
+                .await?;
             in_flight.push_back((chunk, rx));
             pos += u64::from(len);
         }
@@ -380,8 +394,13 @@ impl NbdClient {
         mut buf: Vec<u8>,
     ) -> Result<Vec<u8>, NbdError> {
         self.check_range(offset, len as u64)?;
-        buf.clear();
-        buf.resize(len, 0);
+        // A reused buffer is not cleared first: the reply must cover every byte (the
+        // reader checks), so zeroing it would only cost a pass over the memory.
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0);
+        }
         if len > self.piece_size() as usize || len == 0 {
             self.read(offset, &mut buf).await?;
             return Ok(buf);
@@ -391,7 +410,7 @@ impl NbdClient {
             covered: 0,
         };
         let rx = self
-            .submit(CMD_READ, 0, offset, len as u32, &[], accum)
+            .submit(CMD_READ, self.read_flags(), offset, len as u32, &[], accum)
             .await?;
         match await_reply(rx).await? {
             ReplyValue::Data(data) => Ok(data),

@@ -77,6 +77,7 @@ async fn handshake_with_flags(s: &mut DuplexStream, contexts: &[(&str, u32)], tf
 
 #[derive(Debug)]
 struct Request {
+    flags: u16,
     command: u16,
     cookie: u64,
     offset: u64,
@@ -85,7 +86,7 @@ struct Request {
 
 async fn read_request(s: &mut DuplexStream) -> Request {
     assert_eq!(s.read_u32().await.unwrap(), 0x25609513);
-    let _flags = s.read_u16().await.unwrap();
+    let flags = s.read_u16().await.unwrap();
     let command = s.read_u16().await.unwrap();
     let cookie = s.read_u64().await.unwrap();
     let offset = s.read_u64().await.unwrap();
@@ -95,6 +96,7 @@ async fn read_request(s: &mut DuplexStream) -> Request {
         s.read_exact(&mut payload).await.unwrap();
     }
     Request {
+        flags,
         command,
         cookie,
         offset,
@@ -744,4 +746,56 @@ async fn commands_the_server_does_not_advertise() {
     client.flush().await.unwrap();
     client.disconnect().await.unwrap();
     assert_eq!(server.await.unwrap(), 100_000);
+}
+
+#[tokio::test]
+async fn reads_ask_for_one_unfragmented_reply_only_where_the_server_offers_it() {
+    const CMD_FLAG_DF: u16 = 1 << 2;
+    for (tflags, want) in [(TFLAGS, 0), (TFLAGS | 1 << 7, CMD_FLAG_DF)] {
+        let (client_end, mut server_end) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(async move {
+            handshake_with_flags(&mut server_end, &[], tflags).await;
+            let mut seen = Vec::new();
+            for _ in 0..2 {
+                let req = read_request(&mut server_end).await;
+                seen.push(req.flags);
+                server_end
+                    .write_all(&data_chunk(
+                        DONE,
+                        req.cookie,
+                        req.offset,
+                        &vec![7u8; req.len as usize],
+                    ))
+                    .await
+                    .unwrap();
+            }
+            seen
+        });
+        let client = NbdClient::connect_stream(client_end, "", ConnectOptions::default())
+            .await
+            .unwrap();
+        client.read(0, &mut [0u8; 512]).await.unwrap();
+        client.read_into(4096, 512, Vec::new()).await.unwrap();
+        assert_eq!(server.await.unwrap(), vec![want, want], "flags {tflags:#x}");
+    }
+}
+
+#[tokio::test]
+async fn a_reused_buffer_keeps_nothing_of_its_last_contents() {
+    let client = with_server(&[], |mut s| async move {
+        let req = read_request(&mut s).await;
+        s.write_all(&hole_chunk(0, req.cookie, req.offset, 1000))
+            .await
+            .unwrap();
+        s.write_all(&data_chunk(DONE, req.cookie, req.offset + 1000, &[5u8; 24]))
+            .await
+            .unwrap();
+        park(s).await;
+    })
+    .await;
+    // Longer than the read, full of old bytes: the reply replaces exactly what it covers.
+    let got = client.read_into(0, 1024, vec![0xee; 4096]).await.unwrap();
+    assert_eq!(got.len(), 1024);
+    assert!(got[..1000].iter().all(|&b| b == 0), "a hole reads as zeros");
+    assert!(got[1000..].iter().all(|&b| b == 5));
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ferry_disk::{Disk, ExtentKind};
 use tokio::io::{AsyncRead, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::chunk::{self, Geometry, ZERO};
 use crate::index::IndexFile;
@@ -187,9 +187,9 @@ async fn send_once<D: Disk + Clone + 'static>(
         tokio::spawn(async move { plan(&disk, geometry, mode, tx, &progress).await })
     };
     let mut planner = AbortOnDrop(planner);
-    proto::write_control(&mut w, &Control::GetIndex).await?;
-    let index_bytes = receive_index(&mut r, &local).await?;
-    tracing::debug!(elapsed = ?started.elapsed(), index_bytes, "target index received");
+    // The streams start reading at once too; each waits for the index only before it
+    // compares what it read (reading is the slow part when the source is not cached).
+    let (index_ready, index_wait) = watch::channel(false);
     let limiter = opts.max_rate.map(|r| Arc::new(RateLimit::new(r)));
     let mut streams = tokio::task::JoinSet::new();
     for _ in 0..opts.streams.max(1) {
@@ -197,6 +197,7 @@ async fn send_once<D: Disk + Clone + 'static>(
             disk: disk.clone(),
             geometry,
             local: Arc::clone(&local),
+            index_ready: index_wait.clone(),
             progress: Arc::clone(&progress),
             compress: opts.compress,
             limiter: limiter.clone(),
@@ -210,6 +211,10 @@ async fn send_once<D: Disk + Clone + 'static>(
             s.run(conn, &session, rx).await
         });
     }
+    proto::write_control(&mut w, &Control::GetIndex).await?;
+    let index_bytes = receive_index(&mut r, &local).await?;
+    let _ = index_ready.send(true);
+    tracing::debug!(elapsed = ?started.elapsed(), index_bytes, "target index received");
     let mut first_error = None;
     while let Some(res) = streams.join_next().await {
         let res = res.map_err(SyncError::from).and_then(|r| r);
@@ -467,6 +472,8 @@ struct Stream<D> {
     disk: D,
     geometry: Geometry,
     local: Arc<IndexFile>,
+    /// Turns true once `local` holds the target's index.
+    index_ready: watch::Receiver<bool>,
     progress: Arc<Progress>,
     compress: bool,
     limiter: Option<Arc<RateLimit>>,
@@ -607,6 +614,17 @@ impl<D: Disk> Stream<D> {
         } else {
             None
         };
+        if self
+            .index_ready
+            .clone()
+            .wait_for(|ready| *ready)
+            .await
+            .is_err()
+        {
+            return Err(SyncError::Interrupted(
+                "the target's index did not arrive".into(),
+            ));
+        }
         let local = Arc::clone(&self.local);
         let compress = self.compress;
         let runs = unit.runs;

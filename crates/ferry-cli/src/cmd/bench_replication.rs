@@ -205,6 +205,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     same(&src, &d("direct.raw"))?;
     remove(&d("direct.raw"));
     same(&src, &d("qemu.raw"))?;
+    // Gone before the deltas: a 4 GiB file nobody reads again would only take disk
+    // space and crowd the page cache the delta tools work from.
+    remove(&d("qemu.raw"));
     same(&src, &d("ferry.raw"))?;
     r.full_qemu_img_s = median(&t_qemu);
     r.full_qemu_img_flushed_s = median(&t_qemu_wb);
@@ -323,7 +326,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
 
     if !args.keep {
-        for f in ["qemu.raw", "rsync.raw", "source.qcow2"] {
+        for f in ["rsync.raw", "source.qcow2"] {
             remove(&d(f));
         }
         for f in ["ferry.raw", "bitmap.raw"] {

@@ -72,6 +72,23 @@ pub trait Disk: Send + Sync {
         self.read_at(offset, len)
     }
 
+    /// Whether [`Disk::read_blocking`] works: reads are plain blocking system calls
+    /// (raw files and devices), not requests over a connection.
+    fn reads_block(&self) -> bool {
+        false
+    }
+
+    /// [`Disk::read_into`] on the calling thread, where [`Disk::reads_block`]. A caller
+    /// that is on a blocking thread anyway (to hash what it reads) skips a hop to another
+    /// thread and back for every read: on a scan of a whole disk, thousands of them.
+    fn read_blocking(&self, offset: u64, len: usize, buf: Vec<u8>) -> Result<Vec<u8>, DiskError> {
+        let _ = (offset, len, buf);
+        Err(DiskError::Unsupported(format!(
+            "{}: no blocking reads",
+            self.name()
+        )))
+    }
+
     /// Which parts of [offset, offset+len) hold data and which are known to read as
     /// zeros. Contiguous and in order; may end before offset+len (ask again from there).
     fn extents(

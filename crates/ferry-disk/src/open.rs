@@ -143,6 +143,20 @@ impl Disk for AnyDisk {
         }
     }
 
+    fn reads_block(&self) -> bool {
+        match self {
+            AnyDisk::Raw(d) => d.reads_block(),
+            AnyDisk::Nbd(d) => d.reads_block(),
+        }
+    }
+
+    fn read_blocking(&self, offset: u64, len: usize, buf: Vec<u8>) -> Result<Vec<u8>, DiskError> {
+        match self {
+            AnyDisk::Raw(d) => d.read_blocking(offset, len, buf),
+            AnyDisk::Nbd(d) => d.read_blocking(offset, len, buf),
+        }
+    }
+
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
         match self {
             AnyDisk::Raw(d) => d.extents(offset, len).await,

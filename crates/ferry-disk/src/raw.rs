@@ -180,6 +180,14 @@ impl Disk for RawDisk {
             .map_err(|e| self.io(std::io::Error::other(e)))?
     }
 
+    fn reads_block(&self) -> bool {
+        true
+    }
+
+    fn read_blocking(&self, offset: u64, len: usize, buf: Vec<u8>) -> Result<Vec<u8>, DiskError> {
+        self.read_into_blocking(offset, len, buf)
+    }
+
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.extents_blocking(offset, len))

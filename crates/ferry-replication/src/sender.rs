@@ -519,7 +519,7 @@ impl RateLimit {
     }
 }
 
-impl<D: Disk> Stream<D> {
+impl<D: Disk + Clone + 'static> Stream<D> {
     async fn run(
         &self,
         conn: Conn,
@@ -602,7 +602,10 @@ impl<D: Disk> Stream<D> {
                 std::mem::take(&mut spare.frames),
             )
         };
-        let data: Option<Vec<Vec<u8>>> = if unit.read {
+        // A disk read with blocking calls is read on the thread that hashes: one hop per
+        // unit instead of two (a scan of a whole disk makes thousands).
+        let read_there = unit.read && self.disk.reads_block();
+        let data: Option<Vec<Vec<u8>>> = if unit.read && !read_there {
             // All runs at once: over NBD the requests are pipelined on the connection.
             let bufs = futures::future::try_join_all(spans.iter().map(|&(start, len)| {
                 let buf = pool.pop().unwrap_or_default();
@@ -628,7 +631,22 @@ impl<D: Disk> Stream<D> {
         let local = Arc::clone(&self.local);
         let compress = self.compress;
         let runs = unit.runs;
-        let (frames, changed, zeroed, bufs) = tokio::task::spawn_blocking(move || {
+        let disk = read_there.then(|| self.disk.clone());
+        let progress = Arc::clone(&self.progress);
+        let (frames, changed, zeroed, bufs, pool) = tokio::task::spawn_blocking(move || {
+            let data = match (data, disk) {
+                (None, Some(disk)) => {
+                    let bufs = spans
+                        .iter()
+                        .map(|&(start, len)| {
+                            disk.read_blocking(start, len as usize, pool.pop().unwrap_or_default())
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Progress::add(&progress.bytes_read, total);
+                    Some(bufs)
+                }
+                (data, _) => data,
+            };
             frames.clear();
             // At most the unit's bytes and a header per chunk, reserved at once: grown by
             // doubling, the buffer would be mapped afresh (and faulted in) several times
@@ -675,9 +693,10 @@ impl<D: Disk> Stream<D> {
             }
             let n = changed.len() as u64;
             local.set_many(&mut changed)?;
-            Ok::<_, SyncError>((frames, n, zeroed, data))
+            Ok::<_, SyncError>((frames, n, zeroed, data, pool))
         })
         .await??;
+        let mut pool = pool;
         if let Some(bufs) = bufs {
             pool.extend(bufs);
         }

@@ -50,6 +50,10 @@ impl Default for SendOptions {
 /// Disk bytes per unit of work: big enough to amortise a read and a thread hop, small
 /// enough to spread over the streams and bound memory (streams x 2 units in flight).
 const UNIT_BYTES: u64 = 1 << 20;
+/// Longest run of chunks read as one unit: short enough that what a unit read is still
+/// in the core's cache when it is hashed. A hash-compare delta reads gigabytes to find a
+/// few changed chunks; with 1 MiB runs it took a tenth longer, with 4 MiB a quarter.
+const RUN_BYTES: u64 = 256 << 10;
 /// Disk bytes whose extents are asked for at once.
 const PLAN_WINDOW: u64 = 1 << 30;
 
@@ -360,6 +364,7 @@ async fn plan<D: Disk>(
 ) -> Result<(), SyncError> {
     let cs = geometry.chunk_size as u64;
     let unit_chunks = (UNIT_BYTES / cs).max(1);
+    let run_chunks = (RUN_BYTES / cs).max(1);
     let mut window = 0u64;
     while window < geometry.disk_size {
         let end = (window + PLAN_WINDOW).min(geometry.disk_size);
@@ -413,7 +418,7 @@ async fn plan<D: Disk>(
             let k = class[i];
             let mut j = i + 1;
             let max = if k == 2 {
-                unit_chunks as usize
+                run_chunks as usize
             } else {
                 64 * unit_chunks as usize
             };

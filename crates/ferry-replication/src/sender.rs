@@ -50,10 +50,11 @@ impl Default for SendOptions {
 /// Disk bytes per unit of work: big enough to amortise a read and a thread hop, small
 /// enough to spread over the streams and bound memory (streams x 2 units in flight).
 const UNIT_BYTES: u64 = 1 << 20;
-/// Longest run of chunks read as one unit: short enough that what a unit read is still
-/// in the core's cache when it is hashed. A hash-compare delta reads gigabytes to find a
-/// few changed chunks; with 1 MiB runs it took a tenth longer, with 4 MiB a quarter.
-const RUN_BYTES: u64 = 256 << 10;
+/// Bytes a disk that [`Disk::reads_block`] is read at a time, on the thread that hashes
+/// them: few enough that they are still in the core's cache when they are hashed. A
+/// hash-compare delta reads gigabytes to find a few changed chunks; with a MiB at a time
+/// it took a tenth longer, with 4 MiB a quarter.
+const PIECE_BYTES: u64 = 256 << 10;
 /// Disk bytes whose extents are asked for at once.
 const PLAN_WINDOW: u64 = 1 << 30;
 
@@ -364,7 +365,6 @@ async fn plan<D: Disk>(
 ) -> Result<(), SyncError> {
     let cs = geometry.chunk_size as u64;
     let unit_chunks = (UNIT_BYTES / cs).max(1);
-    let run_chunks = (RUN_BYTES / cs).max(1);
     let mut window = 0u64;
     while window < geometry.disk_size {
         let end = (window + PLAN_WINDOW).min(geometry.disk_size);
@@ -418,7 +418,7 @@ async fn plan<D: Disk>(
             let k = class[i];
             let mut j = i + 1;
             let max = if k == 2 {
-                run_chunks as usize
+                unit_chunks as usize
             } else {
                 64 * unit_chunks as usize
             };
@@ -639,25 +639,19 @@ impl<D: Disk + Clone + 'static> Stream<D> {
         let disk = read_there.then(|| self.disk.clone());
         let progress = Arc::clone(&self.progress);
         let (frames, changed, zeroed, bufs, pool) = tokio::task::spawn_blocking(move || {
-            let data = match (data, disk) {
-                (None, Some(disk)) => {
-                    let bufs = spans
-                        .iter()
-                        .map(|&(start, len)| {
-                            disk.read_blocking(start, len as usize, pool.pop().unwrap_or_default())
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
-                    Progress::add(&progress.bytes_read, total);
-                    Some(bufs)
-                }
-                (data, _) => data,
-            };
             frames.clear();
             // At most the unit's bytes and a header per chunk, reserved at once: grown by
             // doubling, the buffer would be mapped afresh (and faulted in) several times
             // over before it reached a unit's size.
-            if data.is_some() {
+            if unit.read {
                 frames.reserve((total + total / 512) as usize + 4096);
+            }
+            let cs = u64::from(g.chunk_size);
+            // Read here, a piece at a time, each hashed while it is still in the cache.
+            let piece_chunks = (PIECE_BYTES / cs).max(1);
+            let mut piece_buf = Vec::new();
+            if disk.is_some() {
+                piece_buf = pool.pop().unwrap_or_default();
             }
             let mut changed = Vec::new();
             let mut zeroed = 0u64;
@@ -665,36 +659,61 @@ impl<D: Disk + Clone + 'static> Stream<D> {
             for (r, &(first, count)) in runs.iter().enumerate() {
                 let before = local.read(first, count)?;
                 let (start, _) = g.chunk(first);
-                for i in 0..count {
-                    let c = first + i;
-                    let (off, len) = g.chunk(c);
-                    let at = (off - start) as usize;
-                    let bytes = data.as_ref().map(|d| &d[r][at..at + len]);
-                    let digest = bytes.map(chunk::digest).unwrap_or(ZERO);
-                    if digest == before[i as usize] {
-                        continue;
-                    }
-                    changed.push((c, digest));
-                    match bytes {
-                        Some(b) if digest != ZERO => {
-                            let compressed =
-                                compress && crate::compress::compress_if_worth_it(b, &mut packed);
-                            let payload = if compressed { &packed[..] } else { b };
-                            proto::encode_data(
-                                &mut frames,
-                                c,
-                                &digest,
-                                len as u32,
-                                payload,
-                                compressed,
-                            );
+                let step = if disk.is_some() { piece_chunks } else { count };
+                let mut i = 0;
+                while i < count {
+                    let n = step.min(count - i);
+                    let (p_start, _) = g.chunk(first + i);
+                    let (p_last, p_last_len) = g.chunk(first + i + n - 1);
+                    let p_len = (p_last + p_last_len as u64 - p_start) as usize;
+                    let piece: Option<&[u8]> = match (&data, &disk) {
+                        (Some(d), _) => {
+                            let at = (p_start - start) as usize;
+                            Some(&d[r][at..at + p_len])
                         }
-                        _ => {
-                            proto::encode_zero(&mut frames, c);
-                            zeroed += 1;
+                        (None, Some(disk)) => {
+                            let buf = std::mem::take(&mut piece_buf);
+                            piece_buf = disk.read_blocking(p_start, p_len, buf)?;
+                            Some(&piece_buf[..])
+                        }
+                        (None, None) => None,
+                    };
+                    for k in i..i + n {
+                        let c = first + k;
+                        let (off, len) = g.chunk(c);
+                        let at = (off - p_start) as usize;
+                        let bytes = piece.map(|p| &p[at..at + len]);
+                        let digest = bytes.map(chunk::digest).unwrap_or(ZERO);
+                        if digest == before[k as usize] {
+                            continue;
+                        }
+                        changed.push((c, digest));
+                        match bytes {
+                            Some(b) if digest != ZERO => {
+                                let compressed = compress
+                                    && crate::compress::compress_if_worth_it(b, &mut packed);
+                                let payload = if compressed { &packed[..] } else { b };
+                                proto::encode_data(
+                                    &mut frames,
+                                    c,
+                                    &digest,
+                                    len as u32,
+                                    payload,
+                                    compressed,
+                                );
+                            }
+                            _ => {
+                                proto::encode_zero(&mut frames, c);
+                                zeroed += 1;
+                            }
                         }
                     }
+                    i += n;
                 }
+            }
+            if disk.is_some() {
+                Progress::add(&progress.bytes_read, total);
+                pool.push(piece_buf);
             }
             let n = changed.len() as u64;
             local.set_many(&mut changed)?;

@@ -275,7 +275,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     .arg("bm0"),
             )?;
         }
+        // Each timed delta starts with what it reads in the page cache, as each full
+        // copy starts with the source there: whatever ran before it (and the checks of
+        // the last round) would otherwise decide which tool finds its input cached.
+        // rsync reads its old copy whole as well as the source; Ferry reads the source
+        // (for a dirty-bitmap delta, its qcow2) and the target's index.
         settle()?;
+        warm(&[&src, &d("rsync.raw")])?;
         let (tr, _) = time(
             Command::new("rsync")
                 .args(["-I", "--inplace", "--no-whole-file"])
@@ -284,6 +290,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         )?;
         t_rsync.push(tr);
         settle()?;
+        warm(&[&src])?;
         let (th, out) = time(
             Command::new(&ferry)
                 .args(["disk", "sync", "--json"])
@@ -295,6 +302,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let mut line = format!("delta {round}: rsync {tr:.2} s, ferry hash compare {th:.2} s");
         if !args.skip_bitmap {
             settle()?;
+            warm(&[&qcow])?;
             let (tb, out) = time(
                 Command::new(&ferry)
                     .args(["disk", "sync", "--json", "--dirty-bitmap", "bm0"])
@@ -505,6 +513,21 @@ fn apply_raw(path: &Path, changes: &[(u64, Vec<u8>)]) -> Result<()> {
 fn settle() -> Result<()> {
     run_ok(&mut Command::new("sync"))?;
     std::thread::sleep(std::time::Duration::from_secs(1));
+    Ok(())
+}
+
+/// Reads files through once, so that the page cache holds them.
+fn warm(paths: &[&Path]) -> Result<()> {
+    use std::io::Read;
+    let mut buf = vec![0u8; 1 << 20];
+    for p in paths {
+        let mut f = File::open(p).with_context(|| format!("reading {}", p.display()))?;
+        while f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", p.display()))?
+            > 0
+        {}
+    }
     Ok(())
 }
 

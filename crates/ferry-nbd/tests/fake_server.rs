@@ -127,6 +127,11 @@ fn data_chunk(flags: u16, cookie: u64, offset: u64, data: &[u8]) -> Vec<u8> {
     chunk(flags, 1, cookie, &p)
 }
 
+/// The whole reply to a read: one data chunk of `byte`s.
+fn filled(req: &Request, byte: u8) -> Vec<u8> {
+    data_chunk(DONE, req.cookie, req.offset, &vec![byte; req.len as usize])
+}
+
 fn hole_chunk(flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
     let mut p = offset.to_be_bytes().to_vec();
     p.extend_from_slice(&len.to_be_bytes());
@@ -228,7 +233,7 @@ async fn reply_for_an_unknown_cookie_is_an_error() {
 async fn truncated_reply_is_an_error() {
     let client = with_server(&[], |mut s| async move {
         let req = read_request(&mut s).await;
-        let full = data_chunk(DONE, req.cookie, req.offset, &vec![7u8; req.len as usize]);
+        let full = filled(&req, 7);
         s.write_all(&full[..full.len() / 2]).await.unwrap();
         drop(s);
     })
@@ -328,14 +333,7 @@ async fn read_reply_that_misses_bytes_is_an_error_but_the_connection_survives() 
             .await
             .unwrap();
         let req = read_request(&mut s).await;
-        s.write_all(&data_chunk(
-            DONE,
-            req.cookie,
-            req.offset,
-            &vec![2u8; req.len as usize],
-        ))
-        .await
-        .unwrap();
+        s.write_all(&filled(&req, 2)).await.unwrap();
         park(s).await;
     })
     .await;
@@ -759,15 +757,7 @@ async fn reads_ask_for_one_unfragmented_reply_only_where_the_server_offers_it() 
             for _ in 0..2 {
                 let req = read_request(&mut server_end).await;
                 seen.push(req.flags);
-                server_end
-                    .write_all(&data_chunk(
-                        DONE,
-                        req.cookie,
-                        req.offset,
-                        &vec![7u8; req.len as usize],
-                    ))
-                    .await
-                    .unwrap();
+                server_end.write_all(&filled(&req, 7)).await.unwrap();
             }
             seen
         });

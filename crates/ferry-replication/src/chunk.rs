@@ -58,6 +58,13 @@ impl Geometry {
         (offset, len as usize)
     }
 
+    /// Byte offset and length of the `count` chunks from chunk `first` (count ≥ 1).
+    pub fn run(&self, first: u64, count: u64) -> (u64, u64) {
+        let (offset, _) = self.chunk(first);
+        let (last, last_len) = self.chunk(first + count - 1);
+        (offset, last + last_len as u64 - offset)
+    }
+
     /// The chunks that overlap [offset, offset+len).
     pub fn chunks_overlapping(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
         if len == 0 {
@@ -103,5 +110,7 @@ mod tests {
         assert_eq!(g.chunks_overlapping(65535, 2), 0..2);
         assert_eq!(g.chunks_overlapping(10 * 65536, 1000), 10..11);
         assert_eq!(g.chunks_overlapping(5, 0), 0..0);
+        assert_eq!(g.run(2, 3), (2 * 65536, 3 * 65536));
+        assert_eq!(g.run(9, 2), (9 * 65536, 65536 + 100));
     }
 }

@@ -430,9 +430,7 @@ async fn plan<D: Disk>(
             i = j;
             let unit = match k {
                 0 => {
-                    let (o, _) = geometry.chunk(first);
-                    let (lo, ll) = geometry.chunk(first + count - 1);
-                    Progress::add(&progress.scanned, lo + ll as u64 - o);
+                    Progress::add(&progress.scanned, geometry.run(first, count).1);
                     continue;
                 }
                 1 => Unit {
@@ -593,11 +591,7 @@ impl<D: Disk + Clone + 'static> Stream<D> {
         let spans: Vec<(u64, u64)> = unit
             .runs
             .iter()
-            .map(|&(first, count)| {
-                let (start, _) = g.chunk(first);
-                let (last_off, last_len) = g.chunk(first + count - 1);
-                (start, last_off + last_len as u64 - start)
-            })
+            .map(|&(first, count)| g.run(first, count))
             .collect();
         let total: u64 = spans.iter().map(|s| s.1).sum();
         let (mut pool, mut frames) = {
@@ -663,9 +657,8 @@ impl<D: Disk + Clone + 'static> Stream<D> {
                 let mut i = 0;
                 while i < count {
                     let n = step.min(count - i);
-                    let (p_start, _) = g.chunk(first + i);
-                    let (p_last, p_last_len) = g.chunk(first + i + n - 1);
-                    let p_len = (p_last + p_last_len as u64 - p_start) as usize;
+                    let (p_start, p_len) = g.run(first + i, n);
+                    let p_len = p_len as usize;
                     let piece: Option<&[u8]> = match (&data, &disk) {
                         (Some(d), _) => {
                             let at = (p_start - start) as usize;

@@ -54,22 +54,19 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn new(dst: PathBuf) -> Arc<Self> {
-        Arc::new(Self {
-            dst,
-            device_state: None,
-            active: Mutex::new(None),
-            committed: watch::Sender::new(None),
-            sessions: watch::Sender::new(0),
-            early: Mutex::new(None),
-        })
+        Self::serving(dst, None)
     }
 
     /// Serves syncs into an existing volume, written in place (see
     /// [`Target::open_device`]), its sidecar in `state_dir`.
     pub fn device(dev: PathBuf, state_dir: PathBuf) -> Arc<Self> {
+        Self::serving(dev, Some(state_dir))
+    }
+
+    fn serving(dst: PathBuf, device_state: Option<PathBuf>) -> Arc<Self> {
         Arc::new(Self {
-            dst: dev,
-            device_state: Some(state_dir),
+            dst,
+            device_state,
             active: Mutex::new(None),
             committed: watch::Sender::new(None),
             sessions: watch::Sender::new(0),

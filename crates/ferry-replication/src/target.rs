@@ -662,13 +662,9 @@ struct Copy {
     len: usize,
 }
 
-/// Bytes read ahead of the commit copy's writes.
-const COPY_AHEAD_BYTES: usize = 1 << 20;
-
-/// Copies chunks from the journal into the target, in target order: a thread reads the
-/// records into buffers while this one writes them, so the reads (copies out of the
-/// page cache) cost no time of their own. Writeback is started as the copy goes on, so
-/// the final flush finds little left to write.
+/// Copies chunks from the journal into the target, each read and then written by the
+/// same thread while its bytes are still in that core's cache. Writeback is started as
+/// the copy goes on, so the final flush finds little left to write.
 ///
 /// Each chunk is written whole from memory. `copy_file_range` would splice a record's
 /// bytes, which start 64 bytes into a journal page, across in page pieces: every target
@@ -676,50 +672,22 @@ const COPY_AHEAD_BYTES: usize = 1 << 20;
 /// chunk-sized direct write would skip the page cache, but into holes those go one at a
 /// time and take longer.)
 fn copy_chunks(journal: &File, target: &Sink, copies: &[Copy]) -> std::io::Result<()> {
-    use std::sync::mpsc::sync_channel;
     let writeback = target.writeback();
-    let ahead = (COPY_AHEAD_BYTES / copies.first().map_or(1, |c| c.len.max(1))).clamp(2, 64);
-    std::thread::scope(|scope| {
-        let (full, filled) = sync_channel::<(&Copy, Vec<u8>)>(ahead);
-        let (empty, emptied) = sync_channel::<Vec<u8>>(ahead + 1);
-        for _ in 0..=ahead {
-            let _ = empty.send(Vec::new());
+    let mut buf = Vec::new();
+    let mut copied = 0u64;
+    for c in copies {
+        buf.resize(c.len, 0);
+        journal.read_exact_at(&mut buf, c.from)?;
+        target.write(c.to, &buf)?;
+        copied += c.len as u64;
+        if copied >= WRITEBACK_BYTES {
+            copied = 0;
+            if let Some(w) = &writeback {
+                w.kick();
+            }
         }
-        let reader = scope.spawn(move || -> std::io::Result<()> {
-            for c in copies {
-                // The writer stopped (it failed): its error is the one to report.
-                let Ok(mut buf) = emptied.recv() else {
-                    return Ok(());
-                };
-                buf.resize(c.len, 0);
-                journal.read_exact_at(&mut buf, c.from)?;
-                if full.send((c, buf)).is_err() {
-                    return Ok(());
-                }
-            }
-            Ok(())
-        });
-        let mut copied = 0u64;
-        let written = filled.iter().try_for_each(|(c, buf)| {
-            target.write(c.to, &buf)?;
-            let _ = empty.send(buf);
-            copied += c.len as u64;
-            if copied >= WRITEBACK_BYTES {
-                copied = 0;
-                if let Some(w) = &writeback {
-                    w.kick();
-                }
-            }
-            Ok(())
-        });
-        // Unblocks the reader if the writes stopped early.
-        drop(filled);
-        drop(empty);
-        let read = reader
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the journal reader panicked")));
-        written.and(read)
-    })
+    }
+    Ok(())
 }
 
 /// Makes a range read as zeros: freeing its space where the filesystem or device can (a

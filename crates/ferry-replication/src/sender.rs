@@ -194,7 +194,7 @@ async fn send_once<D: Disk + Clone + 'static>(
     let mut planner = AbortOnDrop(planner);
     // The streams start reading at once too; each waits for the index only before it
     // compares what it read (reading is the slow part when the source is not cached).
-    let (index_ready, index_wait) = watch::channel(false);
+    let (index_ready, index_wait) = watch::channel(0u64);
     let limiter = opts.max_rate.map(|r| Arc::new(RateLimit::new(r)));
     let mut streams = tokio::task::JoinSet::new();
     for _ in 0..opts.streams.max(1) {
@@ -217,8 +217,7 @@ async fn send_once<D: Disk + Clone + 'static>(
         });
     }
     proto::write_control(&mut w, &Control::GetIndex).await?;
-    let index_bytes = receive_index(&mut r, &local).await?;
-    let _ = index_ready.send(true);
+    let index_bytes = receive_index(&mut r, &local, &index_ready).await?;
     tracing::debug!(elapsed = ?started.elapsed(), index_bytes, "target index received");
     let mut first_error = None;
     while let Some(res) = streams.join_next().await {
@@ -312,6 +311,7 @@ fn unexpected(msg: Control) -> SyncError {
 async fn receive_index<R: AsyncRead + Unpin>(
     r: &mut R,
     local: &Arc<IndexFile>,
+    received: &watch::Sender<u64>,
 ) -> Result<u64, SyncError> {
     let mut next = 0u64;
     // Frame buffers go round (fresh memory costs a page fault per 4 KiB).
@@ -325,17 +325,17 @@ async fn receive_index<R: AsyncRead + Unpin>(
                 // The local copy starts sparse (all zero): zero windows need no write, which
                 // keeps a first sync of a huge, mostly empty disk from writing its index.
                 if chunk::is_zero(&entries) {
-                    next += n;
                     spare = entries;
-                    continue;
+                } else {
+                    let l = Arc::clone(local);
+                    let first = next;
+                    spare = tokio::task::spawn_blocking(move || {
+                        l.write_raw(first, &entries).map(|()| entries)
+                    })
+                    .await??;
                 }
-                let l = Arc::clone(local);
-                let first = next;
-                spare = tokio::task::spawn_blocking(move || {
-                    l.write_raw(first, &entries).map(|()| entries)
-                })
-                .await??;
                 next += n;
+                let _ = received.send(next);
             }
             KIND_CONTROL => match frame.control()? {
                 Control::IndexEnd { entries } if entries == next && entries == local.chunk_count() => {
@@ -475,8 +475,9 @@ struct Stream<D> {
     disk: D,
     geometry: Geometry,
     local: Arc<IndexFile>,
-    /// Turns true once `local` holds the target's index.
-    index_ready: watch::Receiver<bool>,
+    /// How many of the target's index entries `local` holds: the index arrives in
+    /// windows, in disk order, and a unit is compared as soon as its window is in.
+    index_ready: watch::Receiver<u64>,
     progress: Arc<Progress>,
     compress: bool,
     limiter: Option<Arc<RateLimit>>,
@@ -616,10 +617,11 @@ impl<D: Disk + Clone + 'static> Stream<D> {
         } else {
             None
         };
+        let needed = unit.runs.iter().map(|&(first, count)| first + count).max();
         if self
             .index_ready
             .clone()
-            .wait_for(|ready| *ready)
+            .wait_for(|&received| Some(received) >= needed)
             .await
             .is_err()
         {

@@ -206,6 +206,26 @@ impl IndexFile {
         self.file.sync_all().map_err(io_err(&self.path))
     }
 
+    /// Starts writing back what has been written to the file so far, from a thread of
+    /// its own, and returns at once. A copied index is all dirty pages (128 MiB at
+    /// 256 GiB): written back while the sync runs, they are not left for the checkpoint
+    /// before the commit, on the critical path. Advisory: a failure only makes that
+    /// flush longer.
+    pub fn start_writeback(&self) {
+        use std::os::unix::io::AsRawFd;
+        let Ok(file) = self.file.try_clone() else {
+            return;
+        };
+        let _ = std::thread::Builder::new()
+            .name("ferry-index-writeback".into())
+            .spawn(move || {
+                // SAFETY: plain syscall on a descriptor this thread owns.
+                unsafe {
+                    libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+                };
+            });
+    }
+
     /// BLAKE3 over all entries in chunk order: two indexes with the same entries digest
     /// describe byte-identical disks.
     pub fn entries_digest(&self) -> Result<Digest, IndexError> {
@@ -248,8 +268,30 @@ impl IndexFile {
         geometry: Geometry,
         generation: u64,
     ) -> Result<IndexFile, IndexError> {
-        let out = IndexFile::create(path, geometry, generation)?;
+        let io = io_err(path);
+        // Written over, not truncated, when `path` exists (a spare kept from an earlier
+        // generation): freeing and allocating again every block of a large index costs
+        // more than the copy (deleting 128 MiB takes 44 ms on a file system that
+        // discards). Only what lies past the kept entries is cut, then reads as zeros.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(&io)?;
         let keep = self.chunk_count().min(geometry.chunk_count());
+        file.set_len(HEADER_LEN + keep * ENTRY).map_err(&io)?;
+        file.set_len(HEADER_LEN + geometry.chunk_count() * ENTRY)
+            .map_err(&io)?;
+        file.write_all_at(&header(geometry, generation), 0)
+            .map_err(&io)?;
+        let out = IndexFile {
+            path: path.to_path_buf(),
+            file,
+            geometry,
+            generation,
+        };
         self.for_each_window(|first, raw| {
             if first >= keep {
                 return Ok(());
@@ -352,6 +394,36 @@ mod tests {
             .unwrap();
         assert_eq!(grown.get(100).unwrap(), [3; 32]);
         assert_eq!(grown.get(199).unwrap(), ZERO);
+        // Copied over a spare full of other entries: those past the copy read as zeros.
+        grown
+            .set_many(&mut [(150, [7; 32]), (199, [8; 32])])
+            .unwrap();
+        drop(grown);
+        let over = IndexFile::open(&p)
+            .unwrap()
+            .copy_to(
+                &dir.path().join("b.idx"),
+                Geometry::new(160 * 65536, 65536),
+                5,
+            )
+            .unwrap();
+        assert_eq!(over.chunk_count(), 160);
+        assert_eq!(over.get(5).unwrap(), [1; 32]);
+        assert_eq!(over.get(150).unwrap(), ZERO);
+        drop(over);
+        let over = IndexFile::open(&dir.path().join("b.idx")).unwrap();
+        assert_eq!(over.generation(), 5);
+        assert_eq!(over.entries_digest().unwrap(), {
+            let fresh = IndexFile::open(&p)
+                .unwrap()
+                .copy_to(
+                    &dir.path().join("c.idx"),
+                    Geometry::new(160 * 65536, 65536),
+                    5,
+                )
+                .unwrap();
+            fresh.entries_digest().unwrap()
+        });
     }
 
     #[test]

@@ -176,6 +176,12 @@ impl Target {
         self.sidecar.join("journal.spare")
     }
 
+    /// The index of the generation before the last, kept for the next sync to copy the
+    /// committed index over (see [`IndexFile::copy_to`]).
+    fn spare_index(&self) -> PathBuf {
+        self.sidecar.join("index.spare")
+    }
+
     /// Keeps a committed delta's journal for the next delta to write over (see
     /// `journal`), cut to [`SPARE_JOURNAL_MAX`] so a large delta does not hold its space
     /// for good. Best effort: without it, the next delta starts a new journal.
@@ -380,10 +386,16 @@ impl Target {
             // there is some (a sync that fills the disk still leaves a resumable one).
             let idx_path = pending.join("index.idx");
             match &committed {
-                Some(c) => c.copy_to(&idx_path, geometry, base_generation + 1)?,
-                None => IndexFile::create(&idx_path, geometry, base_generation + 1)?,
+                Some(c) => {
+                    // Its contents do not matter: all of it is written over. Until the
+                    // first checkpoint, a crash discards the whole pending directory.
+                    let _ = std::fs::rename(self.spare_index(), &idx_path);
+                    let copy = c.copy_to(&idx_path, geometry, base_generation + 1)?;
+                    copy.reserve()?;
+                    copy.start_writeback();
+                }
+                None => IndexFile::create(&idx_path, geometry, base_generation + 1)?.reserve()?,
             }
-            .reserve()?;
             let draft = pending.join("session.json.new");
             std::fs::write(&draft, serde_json::to_vec_pretty(&info).unwrap())
                 .map_err(io(&draft))?;
@@ -535,7 +547,10 @@ impl Target {
         self.keep_journal(&pending.join("journal"));
         std::fs::remove_dir_all(&pending).map_err(io(&pending))?;
         if info.has_base && info.base_generation != generation {
-            let _ = std::fs::remove_file(self.index_path(info.base_generation));
+            let old = self.index_path(info.base_generation);
+            if std::fs::rename(&old, self.spare_index()).is_err() {
+                let _ = std::fs::remove_file(&old);
+            }
         }
         tracing::debug!(elapsed = ?t.elapsed(), "commit: finished");
         Ok(CommitInfo {
@@ -1079,6 +1094,12 @@ mod tests {
         let target = Target::open(&dst).unwrap();
         assert_eq!(target.load_state().unwrap().generation, 3);
         assert!(spare.exists(), "kept again for the next delta");
+        // The generation before the last keeps its index file for the next copy, and
+        // only the committed generation's index is left under its own name.
+        let sidecar = dir.path().join("disk.raw.ferry");
+        assert!(sidecar.join("index.spare").exists());
+        assert!(sidecar.join("gen-3.idx").exists());
+        assert!(!sidecar.join("gen-2.idx").exists() && !sidecar.join("gen-1.idx").exists());
         let disk = std::fs::read(&dst).unwrap();
         for (c, want) in [(0, 1u8), (3, 7), (9, 4), (10, 9), (15, 3), (5, 0)] {
             let at = c * 4096;

@@ -41,18 +41,35 @@ pub struct IndexFile {
 impl IndexFile {
     /// Creates an index in which every chunk is [`crate::chunk::ZERO`] (a sparse file).
     pub fn create(path: &Path, geometry: Geometry, generation: u64) -> Result<Self, IndexError> {
+        Self::lay_out(path, geometry, generation, 0)
+    }
+
+    /// Opens or creates `path` as an index with a new header, keeping the first `kept`
+    /// entries' space as it is and cutting the rest, which then reads as zeros.
+    ///
+    /// Not truncated whole: when `path` exists (a spare kept from an earlier generation)
+    /// and is about to be written over, freeing and allocating again every block of a
+    /// large index costs more than the copy (deleting 128 MiB takes 44 ms on a file
+    /// system that discards).
+    fn lay_out(
+        path: &Path,
+        geometry: Geometry,
+        generation: u64,
+        kept: u64,
+    ) -> Result<Self, IndexError> {
         let io = io_err(path);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(path)
-            .map_err(io)?;
-        file.write_all_at(&header(geometry, generation), 0)
-            .map_err(io_err(path))?;
+            .map_err(&io)?;
+        file.set_len(HEADER_LEN + kept * ENTRY).map_err(&io)?;
         file.set_len(HEADER_LEN + geometry.chunk_count() * ENTRY)
-            .map_err(io_err(path))?;
+            .map_err(&io)?;
+        file.write_all_at(&header(geometry, generation), 0)
+            .map_err(&io)?;
         Ok(Self {
             path: path.to_path_buf(),
             file,
@@ -268,30 +285,9 @@ impl IndexFile {
         geometry: Geometry,
         generation: u64,
     ) -> Result<IndexFile, IndexError> {
-        let io = io_err(path);
-        // Written over, not truncated, when `path` exists (a spare kept from an earlier
-        // generation): freeing and allocating again every block of a large index costs
-        // more than the copy (deleting 128 MiB takes 44 ms on a file system that
-        // discards). Only what lies past the kept entries is cut, then reads as zeros.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(&io)?;
+        // Over a spare's blocks, when there is one (see `lay_out`).
         let keep = self.chunk_count().min(geometry.chunk_count());
-        file.set_len(HEADER_LEN + keep * ENTRY).map_err(&io)?;
-        file.set_len(HEADER_LEN + geometry.chunk_count() * ENTRY)
-            .map_err(&io)?;
-        file.write_all_at(&header(geometry, generation), 0)
-            .map_err(&io)?;
-        let out = IndexFile {
-            path: path.to_path_buf(),
-            file,
-            geometry,
-            generation,
-        };
+        let out = IndexFile::lay_out(path, geometry, generation, keep)?;
         self.for_each_window(|first, raw| {
             if first >= keep {
                 return Ok(());
@@ -399,31 +395,24 @@ mod tests {
             .set_many(&mut [(150, [7; 32]), (199, [8; 32])])
             .unwrap();
         drop(grown);
-        let over = IndexFile::open(&p)
-            .unwrap()
-            .copy_to(
-                &dir.path().join("b.idx"),
-                Geometry::new(160 * 65536, 65536),
-                5,
-            )
-            .unwrap();
+        let copy_a_to = |name: &str| {
+            IndexFile::open(&p)
+                .unwrap()
+                .copy_to(&dir.path().join(name), Geometry::new(160 * 65536, 65536), 5)
+                .unwrap()
+        };
+        let over = copy_a_to("b.idx");
         assert_eq!(over.chunk_count(), 160);
         assert_eq!(over.get(5).unwrap(), [1; 32]);
         assert_eq!(over.get(150).unwrap(), ZERO);
         drop(over);
         let over = IndexFile::open(&dir.path().join("b.idx")).unwrap();
         assert_eq!(over.generation(), 5);
-        assert_eq!(over.entries_digest().unwrap(), {
-            let fresh = IndexFile::open(&p)
-                .unwrap()
-                .copy_to(
-                    &dir.path().join("c.idx"),
-                    Geometry::new(160 * 65536, 65536),
-                    5,
-                )
-                .unwrap();
-            fresh.entries_digest().unwrap()
-        });
+        // The same entries as a copy into a new file.
+        assert_eq!(
+            over.entries_digest().unwrap(),
+            copy_a_to("c.idx").entries_digest().unwrap()
+        );
     }
 
     #[test]

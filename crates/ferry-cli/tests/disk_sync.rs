@@ -49,6 +49,15 @@ fn full_then_delta_with_json_summary() {
     for key in ["bytes_read", "bytes_sent", "chunks_changed", "duration_s"] {
         assert!(full.get(key).is_some(), "--json lacks {key}");
     }
+    // The phases add up to the duration; the index arrives during the transfer.
+    let phase = |k: &str| full["phases"][k].as_f64().unwrap_or(-1.0);
+    let parts = phase("open_s") + phase("transfer_s") + phase("commit_s");
+    let duration = full["duration_s"].as_f64().unwrap();
+    assert!((parts - duration).abs() < 1e-3, "{full}");
+    assert!(
+        (0.0..=phase("transfer_s")).contains(&phase("index_s")),
+        "{full}"
+    );
 
     // Nothing changed: nothing sent.
     let same = json(&ok(&["disk", "sync", "--json", s, d]));

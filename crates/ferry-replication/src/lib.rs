@@ -30,7 +30,7 @@ mod vectored;
 pub use local::{sync_local, LocalTarget};
 pub use proto::Mode;
 pub use receiver::Receiver;
-pub use report::{Progress, SyncReport};
+pub use report::{Phases, Progress, SyncReport};
 pub use sender::{send, SendOptions};
 pub use transport::{acceptor, Dialer, Endpoint};
 

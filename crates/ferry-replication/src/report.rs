@@ -57,6 +57,24 @@ pub struct SyncReport {
     pub streams: usize,
     pub compression: bool,
     pub duration_s: f64,
+    /// Where `duration_s` went.
+    pub phases: Phases,
     /// Disk bytes examined per second, in MiB/s.
     pub throughput_mib_s: f64,
+}
+
+/// The parts of a sync, one after another, in seconds: they add up to its duration.
+/// (The final delta of a cutover is the downtime: this says which part to look at.)
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Phases {
+    /// Connecting, and the receiver opening the target and its session.
+    pub open_s: f64,
+    /// Reading, comparing and sending the changed chunks until the receiver has stored
+    /// them all. The target's index arrives during this phase.
+    pub transfer_s: f64,
+    /// Of `transfer_s`: until the whole index of the target had arrived.
+    pub index_s: f64,
+    /// Making the new generation durable and putting it in place: the last checkpoint,
+    /// the copy into the target and its flush.
+    pub commit_s: f64,
 }

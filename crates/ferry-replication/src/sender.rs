@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch, Mutex};
 use crate::chunk::{self, Geometry, ZERO};
 use crate::index::IndexFile;
 use crate::proto::{self, Control, Mode, ProtoError, KIND_CONTROL, KIND_INDEX};
-use crate::report::{Progress, SyncReport};
+use crate::report::{Phases, Progress, SyncReport};
 use crate::transport::{Conn, Endpoint};
 use crate::SyncError;
 
@@ -163,6 +163,7 @@ async fn send_once<D: Disk + Clone + 'static>(
         } => (session, generation, resumed),
         other => return Err(unexpected(other)),
     };
+    let opened = started.elapsed();
     if opts.mode == Mode::DirtyBitmap && base_generation == 0 && !resumed {
         tracing::info!("the target holds no generation yet: the dirty bitmap only narrows what is read, the first sync still copies every changed chunk it marks");
     }
@@ -218,6 +219,7 @@ async fn send_once<D: Disk + Clone + 'static>(
     }
     proto::write_control(&mut w, &Control::GetIndex).await?;
     let index_bytes = receive_index(&mut r, &local, &index_ready).await?;
+    let indexed = started.elapsed();
     tracing::debug!(elapsed = ?started.elapsed(), index_bytes, "target index received");
     let mut first_error = None;
     while let Some(res) = streams.join_next().await {
@@ -234,7 +236,8 @@ async fn send_once<D: Disk + Clone + 'static>(
         return Err(e);
     }
     (&mut planner.0).await??;
-    tracing::debug!(elapsed = ?started.elapsed(), "all chunks sent and stored");
+    let transferred = started.elapsed();
+    tracing::debug!(elapsed = ?transferred, "all chunks sent and stored");
 
     let digest = {
         let local = Arc::clone(&local);
@@ -258,6 +261,12 @@ async fn send_once<D: Disk + Clone + 'static>(
     let _ = w.shutdown().await;
     tracing::debug!(elapsed = ?started.elapsed(), "committed");
     let duration = started.elapsed().as_secs_f64();
+    let phases = Phases {
+        open_s: opened.as_secs_f64(),
+        transfer_s: (transferred - opened).as_secs_f64(),
+        index_s: (indexed - opened).as_secs_f64(),
+        commit_s: duration - transferred.as_secs_f64(),
+    };
     let g = |c: &std::sync::atomic::AtomicU64| Progress::get(c);
     Ok(SyncReport {
         source: disk.name().to_string(),
@@ -279,6 +288,7 @@ async fn send_once<D: Disk + Clone + 'static>(
         streams: opts.streams,
         compression: opts.compress,
         duration_s: duration,
+        phases,
         throughput_mib_s: g(&progress.scanned) as f64 / (1 << 20) as f64 / duration.max(1e-9),
     })
 }

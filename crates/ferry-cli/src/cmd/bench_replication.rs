@@ -75,6 +75,67 @@ struct Results {
     delta_bitmap_speedup: Option<f64>,
     delta_bitmap_bytes_sent: Option<u64>,
     delta_bitmap_sent_per_changed: Option<f64>,
+    /// Where a hash-compare delta's time went (medians over the rounds).
+    delta_hash_profile: Profile,
+    delta_bitmap_profile: Option<Profile>,
+}
+
+/// The parts of a timed `ferry disk sync`, in seconds: its report's phases, and what
+/// the process spent outside the sync (starting, opening the source, which for a qcow2
+/// starts a qemu-nbd, and stopping it all).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct Profile {
+    open_s: f64,
+    transfer_s: f64,
+    index_s: f64,
+    commit_s: f64,
+    outside_s: f64,
+}
+
+impl Profile {
+    fn of(wall_s: f64, out: &str) -> Result<Profile> {
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).context("ferry --json output")?;
+        let f = |key: &str| {
+            v["phases"][key]
+                .as_f64()
+                .with_context(|| format!("no phases.{key} in {out}"))
+        };
+        let duration = v["duration_s"]
+            .as_f64()
+            .with_context(|| format!("no duration_s in {out}"))?;
+        Ok(Profile {
+            open_s: f("open_s")?,
+            transfer_s: f("transfer_s")?,
+            index_s: f("index_s")?,
+            commit_s: f("commit_s")?,
+            outside_s: (wall_s - duration).max(0.0),
+        })
+    }
+
+    /// Field by field: the median of each part over the rounds.
+    fn median(all: &[Profile]) -> Profile {
+        let m = |f: fn(&Profile) -> f64| median(&all.iter().map(f).collect::<Vec<_>>());
+        Profile {
+            open_s: m(|p| p.open_s),
+            transfer_s: m(|p| p.transfer_s),
+            index_s: m(|p| p.index_s),
+            commit_s: m(|p| p.commit_s),
+            outside_s: m(|p| p.outside_s),
+        }
+    }
+
+    fn describe(&self) -> String {
+        let ms = |s: f64| s * 1000.0;
+        format!(
+            "open {:.1} ms, transfer {:.1} ms (index in after {:.1} ms), commit {:.1} ms; outside the sync {:.1} ms",
+            ms(self.open_s),
+            ms(self.transfer_s),
+            ms(self.index_s),
+            ms(self.commit_s),
+            ms(self.outside_s)
+        )
+    }
 }
 
 const BLOCK: u64 = 64 * 1024;
@@ -245,6 +306,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
 
     let (mut t_rsync, mut t_hash, mut t_bitmap) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut p_hash, mut p_bitmap) = (Vec::new(), Vec::new());
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed ^ 0xde17a);
     let rt = runtime()?;
     for round in 0..args.rounds {
@@ -298,6 +360,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 .arg(d("ferry.raw")),
         )?;
         t_hash.push(th);
+        p_hash.push(Profile::of(th, &out)?);
         r.delta_hash_bytes_sent = json_u64(&out, "bytes_sent")?;
         let mut line = format!("delta {round}: rsync {tr:.2} s, ferry hash compare {th:.2} s");
         if !args.skip_bitmap {
@@ -310,6 +373,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     .arg(d("bitmap.raw")),
             )?;
             t_bitmap.push(tb);
+            p_bitmap.push(Profile::of(tb, &out)?);
             r.delta_bitmap_bytes_sent = Some(json_u64(&out, "bytes_sent")?);
             line += &format!(", ferry dirty bitmap {tb:.2} s");
         }
@@ -324,10 +388,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
     r.delta_hash_ferry_s = median(&t_hash);
     r.delta_hash_speedup = r.delta_rsync_s / r.delta_hash_ferry_s;
     r.delta_hash_sent_per_changed = r.delta_hash_bytes_sent as f64 / r.changed_bytes as f64;
+    r.delta_hash_profile = Profile::median(&p_hash);
     if !args.skip_bitmap {
         let tb = median(&t_bitmap);
         r.delta_bitmap_ferry_s = Some(tb);
         r.delta_bitmap_speedup = Some(r.delta_rsync_s / tb);
+        r.delta_bitmap_profile = Some(Profile::median(&p_bitmap));
         r.delta_bitmap_sent_per_changed = r
             .delta_bitmap_bytes_sent
             .map(|b| b as f64 / r.changed_bytes as f64);
@@ -416,6 +482,11 @@ fn print_table(r: &Results) {
         human_bytes(r.changed_bytes),
         r.rounds
     );
+    println!("where a Ferry delta's time goes (medians):");
+    println!("  hash compare: {}", r.delta_hash_profile.describe());
+    if let Some(p) = &r.delta_bitmap_profile {
+        println!("  dirty bitmap: {}", p.describe());
+    }
 }
 
 /// Builds (or reuses) the synthetic disk: per 1 MiB region, 40% zeros (holes), 30% text

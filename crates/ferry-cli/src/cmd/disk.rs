@@ -315,6 +315,13 @@ pub(crate) fn print_report(r: &SyncReport, json: bool) {
             ),
         ),
         ("duration", format!("{:.2} s", r.duration_s)),
+        (
+            "of which",
+            format!(
+                "open {:.3} s, transfer {:.3} s (index in after {:.3} s), commit {:.3} s",
+                r.phases.open_s, r.phases.transfer_s, r.phases.index_s, r.phases.commit_s
+            ),
+        ),
         ("throughput", format!("{:.0} MiB/s", r.throughput_mib_s)),
     ];
     for (k, v) in rows {

@@ -223,24 +223,9 @@ impl IndexFile {
         self.file.sync_all().map_err(io_err(&self.path))
     }
 
-    /// Starts writing back what has been written to the file so far, from a thread of
-    /// its own, and returns at once. A copied index is all dirty pages (128 MiB at
-    /// 256 GiB): written back while the sync runs, they are not left for the checkpoint
-    /// before the commit, on the critical path. Advisory: a failure only makes that
-    /// flush longer.
-    pub fn start_writeback(&self) {
-        use std::os::unix::io::AsRawFd;
-        let Ok(file) = self.file.try_clone() else {
-            return;
-        };
-        let _ = std::thread::Builder::new()
-            .name("ferry-index-writeback".into())
-            .spawn(move || {
-                // SAFETY: plain syscall on a descriptor this thread owns.
-                unsafe {
-                    libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
-                };
-            });
+    /// The open file, for writing it back ahead of a flush.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
     }
 
     /// BLAKE3 over all entries in chunk order: two indexes with the same entries digest

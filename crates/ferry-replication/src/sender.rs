@@ -220,7 +220,7 @@ async fn send_once<D: Disk + Clone + 'static>(
     proto::write_control(&mut w, &Control::GetIndex).await?;
     let index_bytes = receive_index(&mut r, &local, &index_ready).await?;
     let indexed = started.elapsed();
-    tracing::debug!(elapsed = ?started.elapsed(), index_bytes, "target index received");
+    tracing::debug!(elapsed = ?indexed, index_bytes, "target index received");
     let mut first_error = None;
     while let Some(res) = streams.join_next().await {
         let res = res.map_err(SyncError::from).and_then(|r| r);

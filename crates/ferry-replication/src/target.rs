@@ -360,6 +360,7 @@ impl Target {
                 && p.chunk_size == info.chunk_size
                 && p.disk_size == info.disk_size
         }) && IndexFile::open(&pending.join("index.idx")).is_ok();
+        let mut index_writeback = None;
         if !resumed {
             if pending.exists() {
                 if previous.is_some() {
@@ -392,7 +393,13 @@ impl Target {
                     let _ = std::fs::rename(self.spare_index(), &idx_path);
                     let copy = c.copy_to(&idx_path, geometry, base_generation + 1)?;
                     copy.reserve()?;
-                    copy.start_writeback();
+                    // A copied index is all dirty pages (128 MiB at 256 GiB): written
+                    // back while the sync runs, they are not left for the checkpoint
+                    // before the commit, on the critical path.
+                    index_writeback = crate::sink::Writeback::new(copy.file()).ok();
+                    if let Some(w) = &index_writeback {
+                        w.kick();
+                    }
                 }
                 None => IndexFile::create(&idx_path, geometry, base_generation + 1)?.reserve()?,
             }
@@ -461,6 +468,7 @@ impl Target {
             bytes_written: AtomicU64::new(0),
             written: Written::default(),
             writeback,
+            _index_writeback: index_writeback,
             unrecorded_session: AtomicBool::new(!resumed),
         })
     }
@@ -766,6 +774,8 @@ pub struct Session {
     written: Written,
     /// Writes back what was stored, from a thread of its own.
     writeback: Option<crate::sink::Writeback>,
+    /// Writes back the index this session copied (kicked once, when it was copied).
+    _index_writeback: Option<crate::sink::Writeback>,
     /// `pending/session.json` is still `session.json.new`, until the first checkpoint
     /// (read and written under `checkpoint_lock`).
     unrecorded_session: AtomicBool,

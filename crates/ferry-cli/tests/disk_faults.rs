@@ -1,6 +1,7 @@
 //! Fault tests of the replication engine, with real processes: SIGKILL of the sender and
-//! of the receiver in the middle of a 1 GiB sync, bytes corrupted between them, and a
-//! sender with a certificate from another CA.
+//! of the receiver in the middle of a 1 GiB sync, bytes corrupted between them, a
+//! sender with a certificate from another CA, and private keys opened with the wrong
+//! passphrase.
 
 mod common;
 
@@ -258,6 +259,93 @@ fn a_sender_with_a_certificate_from_another_ca_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("TLS handshake failed"));
+}
+
+/// `ferry pki` writes private keys encrypted (standard encrypted PKCS#8, which openssl
+/// opens with the passphrase), and an end given the wrong passphrase says what is wrong
+/// instead of failing in the TLS handshake.
+#[test]
+fn private_keys_are_encrypted_and_a_wrong_passphrase_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    let d = pki_dir.to_str().unwrap();
+    let with = |pass: &str, args: &[&str]| {
+        ferry()
+            .env("FERRY_PKI_PASSPHRASE", pass)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["pki", "init", "--dir", d][..],
+        &["pki", "issue", "--dir", d, "receiver", "--san", "localhost"][..],
+    ] {
+        let out = with("right passphrase", args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains("encrypted with the passphrase in $FERRY_PKI_PASSPHRASE"),
+            "{said}"
+        );
+        assert!(
+            !said.contains("right passphrase"),
+            "the passphrase was printed: {said}"
+        );
+    }
+    for key in ["ca.key", "receiver.key"] {
+        let text = std::fs::read_to_string(pki_dir.join(key)).unwrap();
+        assert!(
+            text.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"),
+            "{key}: {text}"
+        );
+        let pass_file = dir.path().join("pass");
+        std::fs::write(&pass_file, "right passphrase").unwrap();
+        if let Ok(out) = std::process::Command::new("openssl")
+            .args(["pkey", "-noout", "-passin"])
+            .arg(format!("file:{}", pass_file.display()))
+            .arg("-in")
+            .arg(pki_dir.join(key))
+            .output()
+        {
+            assert!(
+                out.status.success(),
+                "openssl cannot open {key}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let dst = dir.path().join("dst.raw");
+    let out = with(
+        "guess-7f3a9c",
+        &[
+            "disk",
+            "receive",
+            "--pki-dir",
+            d,
+            "--name",
+            "receiver",
+            "--listen",
+            "127.0.0.1:0",
+            dst.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot decrypt the private key")
+            && err.contains("receiver.key")
+            && err.contains("FERRY_PKI_PASSPHRASE"),
+        "unclear error: {err}"
+    );
+    assert!(
+        !err.contains("guess-7f3a9c"),
+        "the passphrase was printed: {err}"
+    );
+    assert!(!dst.exists());
 }
 
 /// The qemu-nbd a sync starts for an image dies with it, even when the sync is killed

@@ -22,13 +22,9 @@ async fn vcenter_vms_are_discovered_and_preflight_names_what_to_fix() {
     let ca = ferry_pki::CaDir::new(tmp.path().join("pki"));
     ca.init("ferry-test-ca").unwrap();
     ca.issue("vcsim", &["127.0.0.1".to_string()]).unwrap();
-    let sim = Vcsim::start(
-        &bin,
-        &ca.cert_path("vcsim"),
-        &ca.key_path("vcsim"),
-        tmp.path(),
-    )
-    .unwrap();
+    let key = tmp.path().join("vcsim.key");
+    ca.export_key("vcsim", &key).unwrap();
+    let sim = Vcsim::start(&bin, &ca.cert_path("vcsim"), &key, tmp.path()).unwrap();
     let app = Appliance::start(&tmp.path().join("appliance"), &[], None);
     let api = app.client();
 

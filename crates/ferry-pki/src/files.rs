@@ -62,7 +62,7 @@ impl CaDir {
             source,
         })?;
         let ca = CertificateAuthority::generate(ca_name)?;
-        write_secret(&self.ca_key_path(), ca.key_pem().as_bytes())?;
+        write_key(&self.ca_key_path(), &ca.key_pem())?;
         write_public(&self.ca_cert_path(), ca.cert_pem().as_bytes())?;
         Ok(())
     }
@@ -72,7 +72,7 @@ impl CaDir {
             return Err(PkiError::NoCa(self.dir.clone()));
         }
         let cert = read(&self.ca_cert_path())?;
-        let key = read(&self.ca_key_path())?;
+        let key = read_key(&self.ca_key_path())?;
         CertificateAuthority::from_pem(&cert, &key).map_err(|e| PkiError::BadPem {
             path: self.ca_key_path(),
             what: "CA",
@@ -84,9 +84,16 @@ impl CaDir {
     pub fn issue(&self, name: &str, names: &[String]) -> Result<IssuedCert, PkiError> {
         let ca = self.load_ca()?;
         let issued = ca.issue(names)?;
-        write_secret(&self.key_path(name), issued.key_pem.as_bytes())?;
+        write_key(&self.key_path(name), &issued.key_pem)?;
         write_public(&self.cert_path(name), issued.cert_pem.as_bytes())?;
         Ok(issued)
+    }
+
+    /// Writes `NAME`'s private key, decrypted, to `to` (mode 0600, a new file): for a
+    /// program that must open it without Ferry's passphrase (the worker inside its
+    /// image; a simulator serving TLS in a test). The caller removes it when done.
+    pub fn export_key(&self, name: &str, to: &Path) -> Result<(), PkiError> {
+        write_secret(to, read_key(&self.key_path(name))?.as_bytes())
     }
 
     /// The identity `NAME` issued from this CA.
@@ -101,7 +108,7 @@ impl CaDir {
 
 impl Identity {
     pub fn from_files(cert: &Path, key: &Path, ca: &Path) -> Result<Self, PkiError> {
-        Self::from_pem(&read(cert)?, &read(key)?, &read(ca)?).map_err(|(what, reason)| {
+        Self::from_pem(&read(cert)?, &read_key(key)?, &read(ca)?).map_err(|(what, reason)| {
             let path = match what {
                 "certificate" => cert,
                 "private key" => key,
@@ -156,6 +163,16 @@ fn read(path: &Path) -> Result<String, PkiError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// A private key file's plain PEM (decrypted when it is encrypted).
+fn read_key(path: &Path) -> Result<zeroize::Zeroizing<String>, PkiError> {
+    crate::keyfile::open(path, read(path)?)
+}
+
+/// Writes a private key, encrypted (see [`crate::keyfile`]).
+fn write_key(path: &Path, key_pem: &str) -> Result<(), PkiError> {
+    write_secret(path, crate::keyfile::seal(key_pem)?.as_bytes())
 }
 
 fn write_public(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {

@@ -5,10 +5,12 @@
 //! certificate from any other CA is refused during the handshake.
 //!
 //! A CA lives in a directory: `ca.pem` (public) and `ca.key` (private, mode 0600). Leaf
-//! certificates are `NAME.pem` / `NAME.key` beside it.
+//! certificates are `NAME.pem` / `NAME.key` beside it. Private keys are written
+//! encrypted, with a passphrase kept elsewhere (see [`keyfile`]).
 
 mod files;
 mod issue;
+pub mod keyfile;
 mod tls;
 
 pub use files::{CaDir, Identity};
@@ -37,4 +39,12 @@ pub enum PkiError {
     Generate(#[from] rcgen::Error),
     #[error("TLS configuration: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Passphrase(String),
+    #[error("cannot decrypt the private key {path} with the passphrase from {from}: {reason}; keys issued on another machine need that machine's passphrase (FERRY_PKI_PASSPHRASE_FILE or FERRY_PKI_PASSPHRASE)")]
+    Decrypt {
+        path: std::path::PathBuf,
+        from: String,
+        reason: String,
+    },
 }

@@ -59,11 +59,13 @@ fn lab() -> Option<Lab> {
     let ca = ferry_pki::CaDir::new(dir.join("pki"));
     ca.init("ferry-test-ca").unwrap();
     ca.issue("vcsim", &["127.0.0.1".to_string()]).unwrap();
+    let key = dir.join("vcsim.key");
+    ca.export_key("vcsim", &key).unwrap();
     let log = dir.join("guest.log");
     let sim = Vcsim::start_with(
         &bin,
         &ca.cert_path("vcsim"),
-        &ca.key_path("vcsim"),
+        &key,
         &dir,
         &[
             "--disk-mib",

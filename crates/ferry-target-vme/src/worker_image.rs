@@ -4,9 +4,10 @@
 //! anything (`debugfs` edits the filesystem in the image file). One per target, uploaded
 //! once, rebuilt when its recipe (base image, binary, certificate) changes.
 //!
-//! The worker's key travels inside the image: it is issued by a CA of this target's own,
-//! used for nothing but worker connections, so a copy of the image lets nobody speak to
-//! another target or to the appliance.
+//! The worker's key travels inside the image, decrypted (the worker starts unattended): it
+//! is issued by a CA of this target's own, used for nothing but worker connections, so a
+//! copy of the image lets nobody speak to another target or to the appliance. On the
+//! appliance the key stays encrypted like every other.
 
 use std::path::{Path, PathBuf};
 
@@ -118,12 +119,13 @@ pub async fn build(base: &Path, ferry: &Path, ca: &CaDir, out: &Path) -> AResult
         tokio::fs::copy(ferry, &bin).await?;
     }
     tokio::fs::write(&unit, UNIT).await?;
+    let key = dir.join("worker.key.plain");
     let script = dir.join("debugfs.cmds");
     let lines = [
         "mkdir /etc/ferry-worker".to_string(),
         format!("write {} /etc/ferry-worker/ca.pem", ca.ca_cert_path().display()),
         format!("write {} /etc/ferry-worker/worker.pem", ca.cert_path("worker").display()),
-        format!("write {} /etc/ferry-worker/worker.key", ca.key_path("worker").display()),
+        format!("write {} /etc/ferry-worker/worker.key", key.display()),
         "rm /usr/local/bin/ferry".to_string(),
         format!("write {} /usr/local/bin/ferry", bin.display()),
         "rm /etc/systemd/system/ferry-worker.service".to_string(),
@@ -133,7 +135,14 @@ pub async fn build(base: &Path, ferry: &Path, ca: &CaDir, out: &Path) -> AResult
         "symlink /etc/systemd/system/multi-user.target.wants/ferry-worker.service /etc/systemd/system/ferry-worker.service".to_string(),
     ];
     tokio::fs::write(&script, lines.join("\n") + "\n").await?;
-    run(
+    // Inside the image the key must open without a passphrase: a decrypted copy, mode
+    // 0600, exists only while the image is written.
+    let _ = std::fs::remove_file(&key);
+    ca.export_key("worker", &key).map_err(|e| {
+        let _ = std::fs::remove_file(&key);
+        AdapterError::permanent(format!("the worker's key: {e}"))
+    })?;
+    let written = run(
         "debugfs",
         &[
             "-w".as_ref(),
@@ -142,7 +151,9 @@ pub async fn build(base: &Path, ferry: &Path, ca: &CaDir, out: &Path) -> AResult
             raw.as_os_str(),
         ],
     )
-    .await?;
+    .await;
+    let _ = tokio::fs::remove_file(&key).await;
+    written?;
     // debugfs reports most failures on stderr with a zero status: check the result.
     let check = run(
         "debugfs",

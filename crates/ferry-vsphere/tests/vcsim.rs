@@ -20,7 +20,10 @@ fn start(pki: &Path) -> Option<Vcsim> {
     let ca = ferry_pki::CaDir::new(pki);
     ca.init("ferry-test-ca").unwrap();
     ca.issue("vcsim", &["127.0.0.1".to_string()]).unwrap();
-    Some(Vcsim::start(&bin, &ca.cert_path("vcsim"), &ca.key_path("vcsim"), pki).unwrap())
+    // vcsim reads its key without Ferry's passphrase.
+    let key = pki.join("vcsim-plain.key");
+    ca.export_key("vcsim", &key).unwrap();
+    Some(Vcsim::start(&bin, &ca.cert_path("vcsim"), &key, pki).unwrap())
 }
 
 #[tokio::test]

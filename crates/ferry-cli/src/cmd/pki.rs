@@ -36,8 +36,9 @@ pub fn run(cmd: PkiCommand) -> Result<ExitCode> {
                 .init(&ca_name)
                 .with_context(|| format!("creating a CA in {}", dir.display()))?;
             println!(
-                "created CA {ca_name:?}: {} (private key ca.key, mode 0600)",
-                CaDir::new(&dir).ca_cert_path().display()
+                "created CA {ca_name:?}: {} (private key ca.key, mode 0600, {})",
+                CaDir::new(&dir).ca_cert_path().display(),
+                ferry_pki::keyfile::describe_passphrase()
             );
         }
         PkiCommand::Issue { name, dir, sans } => {
@@ -50,10 +51,11 @@ pub fn run(cmd: PkiCommand) -> Result<ExitCode> {
             ca.issue(&name, &sans)
                 .with_context(|| format!("issuing {name:?} from {}", dir.display()))?;
             println!(
-                "issued {} for {} (key {}, mode 0600)",
+                "issued {} for {} (key {}, mode 0600, {})",
                 ca.cert_path(&name).display(),
                 sans.join(", "),
-                ca.key_path(&name).display()
+                ca.key_path(&name).display(),
+                ferry_pki::keyfile::describe_passphrase()
             );
         }
     }

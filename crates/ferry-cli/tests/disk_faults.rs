@@ -7,6 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -259,6 +260,77 @@ fn a_sender_with_a_certificate_from_another_ca_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("TLS handshake failed"));
+}
+
+/// Between machines the sender keeps the target's index from one sync to the next: a
+/// delta then does not fetch it again. A kept index that does not describe the target
+/// (here: an older generation's, under the current one's name) never makes a wrong
+/// target: the commit compares both ends' indexes, and the retry fetches the real one.
+#[test]
+fn a_delta_between_machines_reuses_the_kept_index_and_survives_a_wrong_one() {
+    let (dir, src, dst, pki_dir) = setup();
+    let cache = dir.path().join("cache");
+    sparse(&src, 64 << 20);
+    fill_random(&src, 0, 8 << 20, 1);
+    let rx = ReceiverProc::start(&dst, &pki_dir, free_port(), &[]);
+    let send = || {
+        let out = send_cmd(&src, &pki_dir, rx.port, &[])
+            .env("XDG_CACHE_HOME", &cache)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        json(&String::from_utf8_lossy(&out.stdout))
+    };
+    let full = send();
+    assert_eq!(full["full"], true);
+    assert!(full["index_bytes"].as_u64().unwrap() > 0);
+    let kept: Vec<PathBuf> = std::fs::read_dir(cache.join("ferry/indexes"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("index.idx"))
+        .filter(|p| p.exists())
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let first_generation = std::fs::read(&kept[0]).unwrap();
+
+    let at = 1u64 << 20;
+    let mut before = vec![0u8; 64 << 10];
+    std::fs::File::open(&src)
+        .unwrap()
+        .read_exact_at(&mut before, at)
+        .unwrap();
+    fill_random(&src, at, 64 << 10, 2);
+    let delta = send();
+    assert_eq!(
+        delta["index_bytes"], 0,
+        "the index travelled again: {delta}"
+    );
+    assert_eq!(delta["chunks_changed"], 1);
+    assert_eq!(delta["resumed"], false);
+    assert!(same_file(&src, &dst));
+
+    // The first generation's index where the second's is expected, and the source back
+    // as it was then: by that index nothing changed, but the target holds the second
+    // generation's chunk.
+    std::fs::write(&kept[0], &first_generation).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .write_all_at(&before, at)
+        .unwrap();
+    let caught = send();
+    assert_eq!(caught["resumed"], true, "no retry: {caught}");
+    assert!(same_file(&src, &dst));
+
+    // The next delta has a sound kept index again.
+    fill_random(&src, 5 << 20, 64 << 10, 4);
+    let next = send();
+    assert_eq!(next["index_bytes"], 0);
+    assert!(same_file(&src, &dst));
 }
 
 /// `ferry pki` writes private keys encrypted (standard encrypted PKCS#8, which openssl

@@ -15,6 +15,7 @@ pub mod chunk;
 mod compress;
 mod direct;
 pub mod index;
+mod index_cache;
 mod journal;
 pub mod local;
 mod pipe;

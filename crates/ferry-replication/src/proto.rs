@@ -77,9 +77,17 @@ pub enum Control {
         session: String,
     },
     JoinOk,
-    GetIndex,
+    GetIndex {
+        /// The index the sender kept from the last sync it committed here: when it is
+        /// the target's base, the receiver does not send it again.
+        #[serde(default)]
+        known: Option<KnownIndex>,
+    },
     IndexEnd {
         entries: u64,
+        /// No entries were sent: the sender's known index is the target's base.
+        #[serde(default)]
+        unchanged: bool,
     },
     End,
     EndOk {
@@ -99,6 +107,13 @@ pub enum Control {
         #[serde(default)]
         retryable: bool,
     },
+}
+
+/// An index a sender holds: the generation it describes and its entries digest (hex).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KnownIndex {
+    pub generation: u64,
+    pub digest: String,
 }
 
 fn yes() -> bool {
@@ -295,6 +310,22 @@ pub fn hex(d: &Digest) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_index_request_without_a_known_index_is_the_older_form() {
+        let parse = |text: &str| serde_json::from_str::<Control>(text).unwrap();
+        assert_eq!(
+            parse(r#"{"type":"get_index"}"#),
+            Control::GetIndex { known: None }
+        );
+        assert_eq!(
+            parse(r#"{"type":"index_end","entries":5}"#),
+            Control::IndexEnd {
+                entries: 5,
+                unchanged: false
+            }
+        );
+    }
 
     #[tokio::test]
     async fn frames_round_trip_and_garbage_is_refused() {

@@ -290,7 +290,24 @@ impl Receiver {
                 Err(e) => return Err(e.into()),
             };
             match msg {
-                Control::GetIndex => self.send_index(w, &active.session, compress).await?,
+                Control::GetIndex { known } => {
+                    let count = active.session.index().chunk_count();
+                    if known.is_some_and(|k| active.session.base_is(k.generation, &k.digest)) {
+                        // The sender has this very index already: a large disk's index
+                        // is gigabytes of digests that would otherwise travel again.
+                        tracing::debug!("the sender holds the target's index");
+                        proto::write_control(
+                            w,
+                            &Control::IndexEnd {
+                                entries: count,
+                                unchanged: true,
+                            },
+                        )
+                        .await?;
+                    } else {
+                        self.send_index(w, &active.session, compress).await?
+                    }
+                }
                 Control::Commit { entries_digest } => {
                     let mut conns = active.conns.subscribe();
                     let _ =
@@ -353,7 +370,14 @@ impl Receiver {
             proto::write_index(w, &raw, compress).await?;
             first += n;
         }
-        proto::write_control(w, &Control::IndexEnd { entries: count }).await?;
+        proto::write_control(
+            w,
+            &Control::IndexEnd {
+                entries: count,
+                unchanged: false,
+            },
+        )
+        .await?;
         Ok(())
     }
 

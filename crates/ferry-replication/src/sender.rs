@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::chunk::{self, Geometry, ZERO};
 use crate::index::IndexFile;
+use crate::index_cache::IndexCache;
 use crate::proto::{self, Control, Mode, ProtoError, KIND_CONTROL, KIND_INDEX};
 use crate::report::{Phases, Progress, SyncReport};
 use crate::transport::{Conn, Endpoint};
@@ -31,6 +32,9 @@ pub struct SendOptions {
     pub retries: u32,
     /// Bandwidth limit over all streams, in bytes of frames per second.
     pub max_rate: Option<u64>,
+    /// Where the target's index is kept between syncs, so that the receiver need not
+    /// send it again (see [`crate::index_cache`]); `None`: fetched every time.
+    pub index_cache: Option<PathBuf>,
 }
 
 impl Default for SendOptions {
@@ -43,6 +47,7 @@ impl Default for SendOptions {
             work_dir: None,
             retries: 3,
             max_rate: None,
+            index_cache: None,
         }
     }
 }
@@ -168,17 +173,38 @@ async fn send_once<D: Disk + Clone + 'static>(
         tracing::info!("the target holds no generation yet: the dirty bitmap only narrows what is read, the first sync still copies every changed chunk it marks");
     }
 
-    // The target's index, as it will be once what it already received is applied.
-    let work = match &opts.work_dir {
-        Some(d) => tempfile::tempdir_in(d),
-        None => tempfile::tempdir(),
-    }
-    .map_err(|e| SyncError::Config(format!("cannot create a work directory: {e}")))?;
-    let local = Arc::new(IndexFile::create(
-        &work.path().join("target.idx"),
-        geometry,
-        base_generation + 1,
-    )?);
+    // The target's index, as it will be once what it already received is applied: the
+    // copy kept from the last sync when it is still the target's base, else fetched.
+    let cache = opts
+        .index_cache
+        .as_ref()
+        .map(|root| IndexCache::new(root, disk.name(), endpoint.addr()));
+    let taken = match &cache {
+        Some(c) if base_generation > 0 && !resumed => c.take(base_generation, geometry),
+        _ => None,
+    };
+    let mut _work = None;
+    let (local, known) = match taken {
+        Some((idx, known)) => (Arc::new(idx), Some(known)),
+        None => {
+            let work_err = |e: std::io::Error| {
+                SyncError::Config(format!("cannot create a work directory: {e}"))
+            };
+            let path = match &cache {
+                Some(c) => c.work_path().map_err(work_err)?.to_path_buf(),
+                None => {
+                    let dir = match &opts.work_dir {
+                        Some(d) => tempfile::tempdir_in(d),
+                        None => tempfile::tempdir(),
+                    }
+                    .map_err(work_err)?;
+                    _work.insert(dir).path().join("target.idx")
+                }
+            };
+            let idx = IndexFile::create(&path, geometry, base_generation + 1)?;
+            (Arc::new(idx), None)
+        }
+    };
     tracing::debug!(elapsed = ?started.elapsed(), "session open");
 
     // Plan → units → streams. Planning needs only the source, so it starts while the
@@ -217,8 +243,9 @@ async fn send_once<D: Disk + Clone + 'static>(
             s.run(conn, &session, rx).await
         });
     }
-    proto::write_control(&mut w, &Control::GetIndex).await?;
-    let index_bytes = receive_index(&mut r, &local, &index_ready).await?;
+    let reused = known.is_some();
+    proto::write_control(&mut w, &Control::GetIndex { known }).await?;
+    let index_bytes = receive_index(&mut r, &local, &index_ready, reused).await?;
     let indexed = started.elapsed();
     tracing::debug!(elapsed = ?indexed, index_bytes, "target index received");
     let mut first_error = None;
@@ -259,6 +286,9 @@ async fn send_once<D: Disk + Clone + 'static>(
         other => return Err(unexpected(other)),
     };
     let _ = w.shutdown().await;
+    if let Some(c) = &cache {
+        c.keep(generation, geometry, &digest);
+    }
     tracing::debug!(elapsed = ?started.elapsed(), "committed");
     let duration = started.elapsed().as_secs_f64();
     let phases = Phases {
@@ -318,10 +348,14 @@ fn unexpected(msg: Control) -> SyncError {
     ProtoError::Violation(format!("unexpected {msg:?} from the receiver")).into()
 }
 
+/// Receives the target's index into `local`, publishing how many entries are in. With
+/// `reused`, `local` is the sender's kept copy: the receiver either confirms it (no
+/// entries sent) or sends its own, which then overwrites every window.
 async fn receive_index<R: AsyncRead + Unpin>(
     r: &mut R,
     local: &Arc<IndexFile>,
     received: &watch::Sender<u64>,
+    reused: bool,
 ) -> Result<u64, SyncError> {
     let mut next = 0u64;
     // Frame buffers go round (fresh memory costs a page fault per 4 KiB).
@@ -334,7 +368,7 @@ async fn receive_index<R: AsyncRead + Unpin>(
                 let n = entries.len() as u64 / 32;
                 // The local copy starts sparse (all zero): zero windows need no write, which
                 // keeps a first sync of a huge, mostly empty disk from writing its index.
-                if chunk::is_zero(&entries) {
+                if !reused && chunk::is_zero(&entries) {
                     spare = entries;
                 } else {
                     let l = Arc::clone(local);
@@ -348,10 +382,19 @@ async fn receive_index<R: AsyncRead + Unpin>(
                 let _ = received.send(next);
             }
             KIND_CONTROL => match frame.control()? {
-                Control::IndexEnd { entries } if entries == next && entries == local.chunk_count() => {
-                    return Ok(next * 32)
+                Control::IndexEnd {
+                    entries,
+                    unchanged: true,
+                } if reused && next == 0 && entries == local.chunk_count() => {
+                    tracing::debug!("the target's index is the one kept from the last sync");
+                    let _ = received.send(entries);
+                    return Ok(0);
                 }
-                Control::IndexEnd { entries } => {
+                Control::IndexEnd {
+                    entries,
+                    unchanged: false,
+                } if entries == next && entries == local.chunk_count() => return Ok(next * 32),
+                Control::IndexEnd { entries, .. } => {
                     return Err(ProtoError::Violation(format!(
                         "the receiver's index has {entries} entries ({next} received), the disk {} chunks",
                         local.chunk_count()

@@ -79,6 +79,10 @@ struct State {
     dst_size: u64,
     dst_mtime_ns: i128,
     source: String,
+    /// Entries digest of the generation's index, as its sender computed it and the commit
+    /// checked (absent after a recovery or for a target indexed from its contents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    index_digest: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -147,7 +151,7 @@ impl Target {
     fn recover(self) -> Result<Self, TargetError> {
         if self.pending_dir().join("COMMIT").exists() {
             tracing::warn!(target = %self.dst.display(), "finishing a commit interrupted by a crash");
-            self.finish_commit(None)?;
+            self.finish_commit(None, None)?;
         }
         Ok(self)
     }
@@ -299,7 +303,7 @@ impl Target {
         }
         idx.set_many(&mut entries)?;
         idx.sync()?;
-        self.write_state(generation, geometry, "(existing target)")?;
+        self.write_state(generation, geometry, "(existing target)", None)?;
         Ok(idx)
     }
 
@@ -308,6 +312,7 @@ impl Target {
         generation: u64,
         geometry: Geometry,
         source: &str,
+        index_digest: Option<&Digest>,
     ) -> Result<(), TargetError> {
         let (dst_size, dst_mtime_ns) = if self.device {
             (self.device_size()?, 0)
@@ -322,6 +327,7 @@ impl Target {
             dst_size,
             dst_mtime_ns,
             source: source.to_string(),
+            index_digest: index_digest.map(crate::proto::hex),
         };
         let path = self.sidecar.join("state.json");
         write_atomic(&path, &serde_json::to_vec_pretty(&state).unwrap()).map_err(io(&path))
@@ -442,6 +448,12 @@ impl Target {
             }
         };
         let index = IndexFile::open(&pending.join("index.idx"))?;
+        let base_digest = committed
+            .is_some()
+            .then(|| self.load_state())
+            .flatten()
+            .filter(|s| s.generation == base_generation)
+            .and_then(|s| s.index_digest);
         // Direct writes leave nothing in the page cache to write back.
         let writeback = match &store {
             Store::Image {
@@ -470,13 +482,18 @@ impl Target {
             writeback,
             _index_writeback: index_writeback,
             unrecorded_session: AtomicBool::new(!resumed),
+            base_digest,
         })
     }
 
     /// Completes a decided commit. Idempotent: safe to run again after a crash at any
     /// point inside it. `written`: where the finishing session put the chunks it received
     /// (none when a crash is being recovered from); the rest is found in the journal.
-    fn finish_commit(&self, written: Option<&Written>) -> Result<CommitInfo, TargetError> {
+    fn finish_commit(
+        &self,
+        written: Option<&Written>,
+        index_digest: Option<&Digest>,
+    ) -> Result<CommitInfo, TargetError> {
         let t = std::time::Instant::now();
         let pending = self.pending_dir();
         let info: SessionInfo = serde_json::from_slice(
@@ -551,7 +568,7 @@ impl Target {
             // before it finds the commit decided and runs this again.
             std::fs::rename(&new_index_path, &committed_path).map_err(io(&committed_path))?;
         }
-        self.write_state(generation, geometry, &info.source)?;
+        self.write_state(generation, geometry, &info.source, index_digest)?;
         self.keep_journal(&pending.join("journal"));
         std::fs::remove_dir_all(&pending).map_err(io(&pending))?;
         if info.has_base && info.base_generation != generation {
@@ -779,6 +796,8 @@ pub struct Session {
     /// `pending/session.json` is still `session.json.new`, until the first checkpoint
     /// (read and written under `checkpoint_lock`).
     unrecorded_session: AtomicBool,
+    /// Entries digest (hex) of the committed index this session started from, when known.
+    base_digest: Option<String>,
 }
 
 /// Most of a committed delta's journal kept for the next delta (see `keep_journal`).
@@ -837,6 +856,15 @@ impl Session {
 
     pub fn resumed(&self) -> bool {
         self.resumed
+    }
+
+    /// Whether this sync starts from the committed generation `generation` whose index
+    /// has the entries digest `digest` (hex), untouched: a sender holding that index
+    /// needs none of it sent.
+    pub fn base_is(&self, generation: u64, digest: &str) -> bool {
+        !self.resumed
+            && generation == self.base_generation
+            && self.base_digest.as_deref() == Some(digest)
     }
 
     /// The index of what the target holds once this sync's received chunks are applied:
@@ -1000,7 +1028,8 @@ impl Session {
     /// over all entries); otherwise keeps everything for a resume.
     pub fn commit(&self, expected: &Digest) -> Result<CommitInfo, TargetError> {
         self.decide(expected)?;
-        self.target.finish_commit(Some(&self.written))
+        self.target
+            .finish_commit(Some(&self.written), Some(expected))
     }
 
     /// Decides the commit: everything received is durable and recorded, the index is

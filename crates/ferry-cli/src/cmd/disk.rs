@@ -84,6 +84,11 @@ pub struct SendArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Fetch the target's index on every sync instead of keeping it between syncs (in
+    /// ~/.cache/ferry/indexes; a receiver then sends it only when it is not the one
+    /// kept).
+    #[arg(long)]
+    no_index_cache: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -238,6 +243,11 @@ fn send_options(args: &SendArgs, remote: bool) -> Result<SendOptions> {
         work_dir: None,
         retries: args.retries,
         max_rate: args.max_rate,
+        // In one process the index is a local copy away; between machines, a large
+        // disk's index is gigabytes on the wire.
+        index_cache: (remote && !args.no_index_cache)
+            .then(index_cache_dir)
+            .flatten(),
     })
 }
 
@@ -328,4 +338,16 @@ pub(crate) fn print_report(r: &SyncReport, json: bool) {
         t.add_row(vec![k.to_string(), v]);
     }
     println!("{t}");
+}
+
+/// `$XDG_CACHE_HOME/ferry/indexes`, or `~/.cache/ferry/indexes`.
+fn index_cache_dir() -> Option<PathBuf> {
+    let nonempty = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    nonempty("XDG_CACHE_HOME")
+        .or_else(|| nonempty("HOME").map(|h| h.join(".cache")))
+        .map(|c| c.join("ferry").join("indexes"))
 }

@@ -181,7 +181,7 @@ fn write_public(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
 
 /// Private keys are created with mode 0600 from the start (never world-readable, even
 /// for a moment).
-fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
+pub(crate) fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
     write_mode(path, bytes, 0o600)
 }
 

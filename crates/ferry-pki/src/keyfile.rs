@@ -14,8 +14,7 @@
 //! readable, and the machine that uses a key issued elsewhere needs its passphrase too.
 //! Keys that are not encrypted (brought from another PKI) are still read as they are.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use pkcs8::der::pem::LineEnding;
@@ -147,17 +146,9 @@ fn create_default(path: &Path) -> Result<(), PkiError> {
     let mut bytes = Zeroizing::new([0u8; 32]);
     rand::rng().fill_bytes(&mut *bytes);
     let text = Zeroizing::new(hex::encode(*bytes) + "\n");
-    let tmp = dir.join(format!(".pki-passphrase.{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(text.as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(io)?;
+    // Unique per writer: threads of one process race as well as processes.
+    let tmp = dir.join(format!(".pki-passphrase.{:016x}", rand::rng().next_u64()));
+    crate::files::write_secret(&tmp, text.as_bytes())?;
     let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);
     match linked {
@@ -261,6 +252,32 @@ mod tests {
         assert_ne!(
             *seal_with(&key, "p").unwrap(),
             *seal_with(&key, "p").unwrap()
+        );
+    }
+
+    #[test]
+    fn the_default_passphrase_is_made_once_and_kept_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry").join("pki-passphrase");
+        let makers: Vec<_> = (0..4)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || create_default(&path).unwrap())
+            })
+            .collect();
+        makers.into_iter().for_each(|t| t.join().unwrap());
+        let first = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(first.trim().len(), 64);
+        create_default(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), first);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+        // Only the passphrase is left behind.
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
         );
     }
 

@@ -195,14 +195,7 @@ fn bytes_corrupted_in_transit_are_rejected_and_the_sync_recovers() {
 
     // With retries (the default), the same corruption is survived.
     armed.store(true, Ordering::SeqCst);
-    let out = send_cmd(&src, &pki_dir, proxy, &["--streams", "1"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeed(&mut send_cmd(&src, &pki_dir, proxy, &["--streams", "1"]));
     assert!(!armed.load(Ordering::SeqCst));
     assert!(same_file(&src, &dst));
 }
@@ -274,16 +267,9 @@ fn a_delta_between_machines_reuses_the_kept_index_and_survives_a_wrong_one() {
     fill_random(&src, 0, 8 << 20, 1);
     let rx = ReceiverProc::start(&dst, &pki_dir, free_port(), &[]);
     let send = || {
-        let out = send_cmd(&src, &pki_dir, rx.port, &[])
-            .env("XDG_CACHE_HOME", &cache)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        json(&String::from_utf8_lossy(&out.stdout))
+        json(&succeed(
+            send_cmd(&src, &pki_dir, rx.port, &[]).env("XDG_CACHE_HOME", &cache),
+        ))
     };
     let full = send();
     assert_eq!(full["full"], true);

@@ -15,10 +15,15 @@ pub fn ferry() -> Command {
 
 /// Runs ferry with `args`, asserting success; returns stdout.
 pub fn ok(args: &[&str]) -> String {
-    let out = ferry().args(args).output().unwrap();
+    succeed(ferry().args(args))
+}
+
+/// Runs `cmd`, asserting success; returns stdout.
+pub fn succeed(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
-        "ferry {args:?} failed:\n{}",
+        "{cmd:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()

@@ -291,7 +291,6 @@ impl Receiver {
             };
             match msg {
                 Control::GetIndex { known } => {
-                    let count = active.session.index().chunk_count();
                     if known.is_some_and(|k| active.session.base_is(k.generation, &k.digest)) {
                         // The sender has this very index already: a large disk's index
                         // is gigabytes of digests that would otherwise travel again.
@@ -299,7 +298,7 @@ impl Receiver {
                         proto::write_control(
                             w,
                             &Control::IndexEnd {
-                                entries: count,
+                                entries: active.session.index().chunk_count(),
                                 unchanged: true,
                             },
                         )

@@ -218,23 +218,27 @@ impl Target {
             .map(|s| Geometry::new(s.disk_size, s.chunk_size))
     }
 
-    /// The committed index that truly describes DST, or `None` when DST does not exist.
-    /// A DST changed behind Ferry's back (other size or mtime), or one Ferry never wrote,
-    /// is read and indexed again: correct first, fast when possible.
-    fn committed_index(&self, chunk_size: u32) -> Result<Option<IndexFile>, TargetError> {
+    /// The committed index that truly describes DST, or `None` when DST does not exist,
+    /// with its entries digest (hex) when the commit recorded one. A DST changed behind
+    /// Ferry's back (other size or mtime), or one Ferry never wrote, is read and indexed
+    /// again: correct first, fast when possible.
+    fn committed_index(
+        &self,
+        chunk_size: u32,
+    ) -> Result<(Option<IndexFile>, Option<String>), TargetError> {
         let state = self.load_state();
         let same_file = if self.device {
             // Nothing recorded: a volume Ferry has not written yet (it is zeroed first).
             // A volume's size and times say nothing of its contents: the platform's
             // snapshots keep it and its sidecar in step.
             if state.is_none() {
-                return Ok(None);
+                return Ok((None, None));
             }
             true
         } else {
             let meta = match std::fs::metadata(&self.dst) {
                 Ok(m) => m,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, None)),
                 Err(e) => return Err(io(&self.dst)(e)),
             };
             state
@@ -244,7 +248,7 @@ impl Target {
         if let Some(state) = &state {
             if same_file && state.chunk_size == chunk_size {
                 match IndexFile::open(&self.index_path(state.generation)) {
-                    Ok(idx) => return Ok(Some(idx)),
+                    Ok(idx) => return Ok((Some(idx), state.index_digest.clone())),
                     Err(e) => tracing::warn!("{e}; indexing the target again"),
                 }
             } else if !same_file {
@@ -256,7 +260,7 @@ impl Target {
         }
         let generation = state.map(|s| s.generation).unwrap_or(0);
         let idx = self.index_existing(chunk_size, generation)?;
-        Ok(Some(idx))
+        Ok((Some(idx), None))
     }
 
     /// Reads and hashes DST (skipping holes) into `gen-N.idx`, and records it as
@@ -346,7 +350,7 @@ impl Target {
                 )));
             }
         }
-        let committed = self.committed_index(geometry.chunk_size)?;
+        let (committed, base_digest) = self.committed_index(geometry.chunk_size)?;
         let base_generation = committed.as_ref().map(|i| i.generation()).unwrap_or(0);
         let info = SessionInfo {
             base_generation,
@@ -448,12 +452,6 @@ impl Target {
             }
         };
         let index = IndexFile::open(&pending.join("index.idx"))?;
-        let base_digest = committed
-            .is_some()
-            .then(|| self.load_state())
-            .flatten()
-            .filter(|s| s.generation == base_generation)
-            .and_then(|s| s.index_digest);
         // Direct writes leave nothing in the page cache to write back.
         let writeback = match &store {
             Store::Image {

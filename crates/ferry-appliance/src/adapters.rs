@@ -39,12 +39,21 @@ impl Default for Adapters {
         Adapters {
             sources,
             targets,
-            replicator: Arc::new(EngineReplicator),
+            replicator: Arc::new(EngineReplicator::default()),
         }
     }
 }
 
 impl Adapters {
+    /// The same, with the engine keeping each source's chunk digests under `dir` between
+    /// syncs (a hash-compare delta then hashes only what changed).
+    pub fn keeping_digests_in(mut self, dir: PathBuf) -> Self {
+        self.replicator = Arc::new(EngineReplicator {
+            digest_memo: Some(dir),
+        });
+        self
+    }
+
     pub fn source(&self, ctx: &StepContext) -> AResult<Arc<dyn SourceAdapter>> {
         let src = ctx.source.as_ref().ok_or_else(|| {
             AdapterError::permanent(format!(
@@ -341,7 +350,11 @@ fn digest(p: &Path) -> std::io::Result<Vec<u8>> {
 
 /// The replication engine in this process: chunked, verified, crash-safe syncs with the
 /// target's last complete generation kept intact (`ferry_replication::sync_local`).
-pub struct EngineReplicator;
+#[derive(Default)]
+pub struct EngineReplicator {
+    /// Where the digest memos of sources are kept (`None`: every chunk read is hashed).
+    pub digest_memo: Option<PathBuf>,
+}
 
 #[async_trait]
 impl Replicator for EngineReplicator {
@@ -378,6 +391,7 @@ impl Replicator for EngineReplicator {
             // Both ends in this process: compressing would only cost CPU.
             compress: dst.local().is_none(),
             streams: 2,
+            digest_memo: self.digest_memo.clone(),
             ..SendOptions::default()
         };
         let progress = Arc::new(Progress::default());

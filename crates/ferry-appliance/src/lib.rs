@@ -147,7 +147,8 @@ impl Appliance {
         let engine = Arc::new(Engine {
             store,
             secrets: secrets.clone(),
-            adapters: adapters::Adapters::default(),
+            adapters: adapters::Adapters::default()
+                .keeping_digests_in(cfg.data_dir.join("digests")),
             running: Default::default(),
             config: EngineConfig {
                 owner: owner.clone(),

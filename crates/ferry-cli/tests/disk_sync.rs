@@ -87,6 +87,70 @@ fn full_then_delta_with_json_summary() {
     );
 }
 
+/// A hash-compare delta reads all the data but hashes with BLAKE3 only the chunks whose
+/// fingerprint changed since the last sync. A damaged memo (each entry's digest altered,
+/// its fingerprint intact: the case that would otherwise hide a change) costs only the
+/// time it saved, and `--no-digest-memo` hashes everything.
+#[test]
+fn a_delta_hashes_only_what_changed_and_a_damaged_memo_costs_only_time() {
+    const KIB64: u64 = 64 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let (src, dst) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+    sparse(&src, 64 * MIB);
+    fill_random(&src, 0, 16 * MIB, 1);
+    let sync = |extra: &[&str]| {
+        let r = json(&succeed(
+            ferry()
+                .env("XDG_CACHE_HOME", &cache)
+                .args(["disk", "sync", "--json"])
+                .args(extra)
+                .arg(&src)
+                .arg(&dst),
+        ));
+        assert!(same_file(&src, &dst), "{r}");
+        r
+    };
+    let hashed = |r: &serde_json::Value| r["bytes_hashed"].as_u64().unwrap();
+
+    let full = sync(&[]);
+    assert_eq!(hashed(&full), 16 * MIB, "{full}");
+    let memos: Vec<_> = std::fs::read_dir(cache.join("ferry/digests"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(memos.len(), 1, "{memos:?}");
+    let memo = &memos[0];
+    let mode = std::fs::metadata(memo).unwrap().permissions();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o077, 0);
+
+    fill_random(&src, 4 * MIB, KIB64, 2);
+    let delta = sync(&[]);
+    assert_eq!(delta["chunks_changed"], 1, "{delta}");
+    assert_eq!(hashed(&delta), KIB64, "{delta}");
+    assert!(delta["bytes_read"].as_u64().unwrap() >= 16 * MIB, "{delta}");
+
+    // One byte of every entry's digest altered.
+    let mut bytes = std::fs::read(memo).unwrap();
+    for entry in bytes[64..].chunks_exact_mut(64) {
+        entry[20] ^= 0x5a;
+    }
+    std::fs::write(memo, &bytes).unwrap();
+    fill_random(&src, 8 * MIB, KIB64, 3);
+    let damaged = sync(&[]);
+    assert_eq!(damaged["chunks_changed"], 1, "{damaged}");
+    assert_eq!(hashed(&damaged), 16 * MIB, "{damaged}");
+
+    // Sound again.
+    fill_random(&src, 12 * MIB, KIB64, 4);
+    let next = sync(&[]);
+    assert_eq!(hashed(&next), KIB64, "{next}");
+
+    let without = sync(&["--no-digest-memo"]);
+    assert_eq!(without["chunks_changed"], 0, "{without}");
+    assert_eq!(hashed(&without), 16 * MIB, "{without}");
+}
+
 #[test]
 fn qcow2_and_vmdk_sources_through_qemu_nbd() {
     let dir = tempfile::tempdir().unwrap();

@@ -13,6 +13,7 @@
 
 pub mod chunk;
 mod compress;
+mod digest_memo;
 mod direct;
 pub mod index;
 mod index_cache;

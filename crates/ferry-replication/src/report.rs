@@ -14,6 +14,9 @@ pub struct Progress {
     /// Size of the disk: the total for `scanned`.
     pub total: AtomicU64,
     pub bytes_read: AtomicU64,
+    /// Bytes of data hashed with BLAKE3 (the rest of what was read was zeros, or
+    /// known by the digest memo).
+    pub bytes_hashed: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub chunks_changed: AtomicU64,
     pub chunks_zeroed: AtomicU64,
@@ -48,6 +51,10 @@ pub struct SyncReport {
     pub chunks_zeroed: u64,
     pub bytes_scanned: u64,
     pub bytes_read: u64,
+    /// Of `bytes_read`: data hashed with BLAKE3. Zeros are not hashed, and a delta
+    /// hashes only the chunks whose fingerprint changed since the last sync (see
+    /// `--no-digest-memo`).
+    pub bytes_hashed: u64,
     /// Bytes of chunk frames put on the wire (after compression, before TLS).
     pub bytes_sent: u64,
     /// Bytes the receiver wrote for this sync.

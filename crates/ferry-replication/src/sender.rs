@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::chunk::{self, Geometry, ZERO};
+use crate::digest_memo::DigestMemo;
 use crate::index::IndexFile;
 use crate::index_cache::IndexCache;
 use crate::proto::{self, Control, Mode, ProtoError, KIND_CONTROL, KIND_INDEX};
@@ -35,6 +36,10 @@ pub struct SendOptions {
     /// Where the target's index is kept between syncs, so that the receiver need not
     /// send it again (see [`crate::index_cache`]); `None`: fetched every time.
     pub index_cache: Option<PathBuf>,
+    /// Where each source's chunk fingerprints and digests are kept between syncs, so
+    /// that a hash-compare delta hashes with BLAKE3 only the chunks that changed (see
+    /// [`crate::digest_memo`]); `None`: every chunk read is hashed.
+    pub digest_memo: Option<PathBuf>,
 }
 
 impl Default for SendOptions {
@@ -48,6 +53,7 @@ impl Default for SendOptions {
             retries: 3,
             max_rate: None,
             index_cache: None,
+            digest_memo: None,
         }
     }
 }
@@ -124,6 +130,7 @@ async fn send_once<D: Disk + Clone + 'static>(
     for c in [
         &progress.scanned,
         &progress.bytes_read,
+        &progress.bytes_hashed,
         &progress.bytes_sent,
         &progress.chunks_changed,
         &progress.chunks_zeroed,
@@ -223,12 +230,20 @@ async fn send_once<D: Disk + Clone + 'static>(
     // compares what it read (reading is the slow part when the source is not cached).
     let (index_ready, index_wait) = watch::channel(0u64);
     let limiter = opts.max_rate.map(|r| Arc::new(RateLimit::new(r)));
+    // A dirty bitmap names the chunks that changed already: nothing to skip hashing.
+    let memo = match (&opts.digest_memo, opts.mode) {
+        (Some(root), Mode::HashCompare) => {
+            DigestMemo::open(root, disk.name(), geometry.chunk_size).map(Arc::new)
+        }
+        _ => None,
+    };
     let mut streams = tokio::task::JoinSet::new();
     for _ in 0..opts.streams.max(1) {
         let s = Stream {
             disk: disk.clone(),
             geometry,
             local: Arc::clone(&local),
+            memo: memo.clone(),
             index_ready: index_wait.clone(),
             progress: Arc::clone(&progress),
             compress: opts.compress,
@@ -312,6 +327,7 @@ async fn send_once<D: Disk + Clone + 'static>(
         chunks_zeroed: g(&progress.chunks_zeroed),
         bytes_scanned: g(&progress.scanned),
         bytes_read: g(&progress.bytes_read),
+        bytes_hashed: g(&progress.bytes_hashed),
         bytes_sent: g(&progress.bytes_sent),
         bytes_written,
         index_bytes,
@@ -528,6 +544,7 @@ struct Stream<D> {
     disk: D,
     geometry: Geometry,
     local: Arc<IndexFile>,
+    memo: Option<Arc<DigestMemo>>,
     /// How many of the target's index entries `local` holds: the index arrives in
     /// windows, in disk order, and a unit is compared as soon as its window is in.
     index_ready: watch::Receiver<u64>,
@@ -686,6 +703,7 @@ impl<D: Disk + Clone + 'static> Stream<D> {
         let compress = self.compress;
         let runs = unit.runs;
         let disk = read_there.then(|| self.disk.clone());
+        let memo = self.memo.clone();
         let progress = Arc::clone(&self.progress);
         let (frames, changed, zeroed, bufs, pool) = tokio::task::spawn_blocking(move || {
             frames.clear();
@@ -704,9 +722,18 @@ impl<D: Disk + Clone + 'static> Stream<D> {
             }
             let mut changed = Vec::new();
             let mut zeroed = 0u64;
+            let mut hashed = 0u64;
             let mut packed = Vec::new();
             for (r, &(first, count)) in runs.iter().enumerate() {
                 let before = local.read(first, count)?;
+                // The memo only saves work: when it cannot be read or written, every
+                // chunk is hashed and the sync goes on.
+                let mut remembered = memo.as_ref().and_then(|m| {
+                    m.read(first, count)
+                        .map_err(|e| tracing::debug!(memo = %m.path().display(), "digest memo not read: {e}"))
+                        .ok()
+                });
+                let mut learned = false;
                 let (start, _) = g.chunk(first);
                 let step = if disk.is_some() { piece_chunks } else { count };
                 let mut i = 0;
@@ -731,7 +758,20 @@ impl<D: Disk + Clone + 'static> Stream<D> {
                         let (off, len) = g.chunk(c);
                         let at = (off - p_start) as usize;
                         let bytes = piece.map(|p| &p[at..at + len]);
-                        let digest = bytes.map(chunk::digest).unwrap_or(ZERO);
+                        let digest = match (bytes, &memo, remembered.as_mut()) {
+                            (Some(b), Some(m), Some(entries)) => {
+                                let (d, new) = m.digest(c, &mut entries[k as usize], b);
+                                learned |= new;
+                                hashed += if new { b.len() as u64 } else { 0 };
+                                d
+                            }
+                            (Some(b), _, _) => {
+                                let d = chunk::digest(b);
+                                hashed += if d != ZERO { b.len() as u64 } else { 0 };
+                                d
+                            }
+                            (None, _, _) => ZERO,
+                        };
                         if digest == before[k as usize] {
                             continue;
                         }
@@ -758,6 +798,11 @@ impl<D: Disk + Clone + 'static> Stream<D> {
                     }
                     i += n;
                 }
+                if let (true, Some(m), Some(entries)) = (learned, &memo, &remembered) {
+                    if let Err(e) = m.write(first, entries) {
+                        tracing::debug!(memo = %m.path().display(), "digest memo not written: {e}");
+                    }
+                }
             }
             if disk.is_some() {
                 Progress::add(&progress.bytes_read, total);
@@ -765,6 +810,7 @@ impl<D: Disk + Clone + 'static> Stream<D> {
             }
             let n = changed.len() as u64;
             local.set_many(&mut changed)?;
+            Progress::add(&progress.bytes_hashed, hashed);
             Ok::<_, SyncError>((frames, n, zeroed, data, pool))
         })
         .await??;

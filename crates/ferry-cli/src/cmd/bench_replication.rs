@@ -148,6 +148,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
     let d = |name: &str| args.dir.join(name);
+    // What Ferry keeps of a source between syncs (its digest memo) goes under a cache of
+    // the bench's own, and every full copy starts without it, as a first sync does.
+    let cache = d("cache");
+    let ferry_cmd = || {
+        let mut c = Command::new(&ferry);
+        c.env("XDG_CACHE_HOME", &cache);
+        c
+    };
+    let forget = || {
+        let _ = std::fs::remove_dir_all(&cache);
+    };
     let src = d("source.raw");
     let data_bytes = synthetic_disk(&src, args.size, args.seed)?;
     let say = |m: String| {
@@ -208,9 +219,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .0,
         );
         remove_target(&d("ferry.raw"));
+        forget();
         settle()?;
         let (t, out) = time(
-            Command::new(&ferry)
+            ferry_cmd()
                 .args(["disk", "sync", "--json"])
                 .arg(&src)
                 .arg(d("ferry.raw")),
@@ -226,8 +238,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let pki = d("pki");
     let _ = std::fs::remove_dir_all(&pki);
     let pki_arg = pki.to_str().context("the bench directory is not UTF-8")?;
-    run_ok(Command::new(&ferry).args(["pki", "init", "--dir", pki_arg]))?;
-    run_ok(Command::new(&ferry).args([
+    run_ok(ferry_cmd().args(["pki", "init", "--dir", pki_arg]))?;
+    run_ok(ferry_cmd().args([
         "pki",
         "issue",
         "--dir",
@@ -236,14 +248,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
         "--san",
         "127.0.0.1",
     ]))?;
-    run_ok(Command::new(&ferry).args(["pki", "issue", "--dir", pki_arg, "sender"]))?;
+    run_ok(ferry_cmd().args(["pki", "issue", "--dir", pki_arg, "sender"]))?;
     let mut t_tls = Vec::new();
     for round in 0..args.rounds {
         remove_target(&d("tls.raw"));
+        forget();
         let receiver = Receiver::start(&ferry, &d("tls.raw"), pki_arg)?;
         settle()?;
         let (t, _) = time(
-            Command::new(&ferry)
+            ferry_cmd()
                 .args(["disk", "send", "--json", "--compress", "off"])
                 .arg(&src)
                 .args([
@@ -298,7 +311,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         )?;
         remove_target(&d("bitmap.raw"));
         run_ok(
-            Command::new(&ferry)
+            ferry_cmd()
                 .args(["disk", "sync", "--json"])
                 .arg(&qcow)
                 .arg(d("bitmap.raw")),
@@ -354,7 +367,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         settle()?;
         warm(&[&src])?;
         let (th, out) = time(
-            Command::new(&ferry)
+            ferry_cmd()
                 .args(["disk", "sync", "--json"])
                 .arg(&src)
                 .arg(d("ferry.raw")),
@@ -367,7 +380,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             settle()?;
             warm(&[&qcow])?;
             let (tb, out) = time(
-                Command::new(&ferry)
+                ferry_cmd()
                     .args(["disk", "sync", "--json", "--dirty-bitmap", "bm0"])
                     .arg(&qcow)
                     .arg(d("bitmap.raw")),
@@ -406,6 +419,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         for f in ["ferry.raw", "bitmap.raw"] {
             remove_target(&d(f));
         }
+        forget();
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);

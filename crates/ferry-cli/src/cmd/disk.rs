@@ -89,6 +89,11 @@ pub struct SendArgs {
     /// kept).
     #[arg(long)]
     no_index_cache: bool,
+    /// Hash every chunk a hash-compare sync reads, instead of only those whose
+    /// fingerprint changed since the last sync of this source (fingerprints and digests
+    /// are kept in ~/.cache/ferry/digests).
+    #[arg(long)]
+    no_digest_memo: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -246,7 +251,10 @@ fn send_options(args: &SendArgs, remote: bool) -> Result<SendOptions> {
         // In one process the index is a local copy away; between machines, a large
         // disk's index is gigabytes on the wire.
         index_cache: (remote && !args.no_index_cache)
-            .then(index_cache_dir)
+            .then(|| cache_dir("indexes"))
+            .flatten(),
+        digest_memo: (!args.no_digest_memo)
+            .then(|| cache_dir("digests"))
             .flatten(),
     })
 }
@@ -315,6 +323,7 @@ pub(crate) fn print_report(r: &SyncReport, json: bool) {
         ("disk size", human_bytes(r.disk_size)),
         ("scanned", human_bytes(r.bytes_scanned)),
         ("read", human_bytes(r.bytes_read)),
+        ("hashed", human_bytes(r.bytes_hashed)),
         ("sent", human_bytes(r.bytes_sent)),
         ("written", human_bytes(r.bytes_written)),
         (
@@ -340,8 +349,8 @@ pub(crate) fn print_report(r: &SyncReport, json: bool) {
     println!("{t}");
 }
 
-/// `$XDG_CACHE_HOME/ferry/indexes`, or `~/.cache/ferry/indexes`.
-fn index_cache_dir() -> Option<PathBuf> {
+/// `$XDG_CACHE_HOME/ferry/NAME`, or `~/.cache/ferry/NAME`.
+fn cache_dir(name: &str) -> Option<PathBuf> {
     let nonempty = |k: &str| {
         std::env::var_os(k)
             .filter(|v| !v.is_empty())
@@ -349,5 +358,5 @@ fn index_cache_dir() -> Option<PathBuf> {
     };
     nonempty("XDG_CACHE_HOME")
         .or_else(|| nonempty("HOME").map(|h| h.join(".cache")))
-        .map(|c| c.join("ferry").join("indexes"))
+        .map(|c| c.join("ferry").join(name))
 }

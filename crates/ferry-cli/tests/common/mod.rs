@@ -10,6 +10,12 @@ use std::time::{Duration, Instant};
 pub fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
     c.env("FERRY_LOG", "info");
+    // What Ferry keeps between syncs (indexes, digest memos) stays out of the user's
+    // cache; a test that looks at it sets its own.
+    c.env(
+        "XDG_CACHE_HOME",
+        std::env::temp_dir().join("ferry-test-cache"),
+    );
     c
 }
 

@@ -45,11 +45,13 @@ impl Default for Adapters {
 }
 
 impl Adapters {
-    /// The same, with the engine keeping each source's chunk digests under `dir` between
-    /// syncs (a hash-compare delta then hashes only what changed).
-    pub fn keeping_digests_in(mut self, dir: PathBuf) -> Self {
+    /// The same, with the engine keeping what it learns between syncs under `dir`: each
+    /// source's chunk digests (a hash-compare delta then hashes only what changed), and
+    /// a remote target's index (a delta then does not fetch it again).
+    pub fn keeping_state_in(mut self, dir: &Path) -> Self {
         self.replicator = Arc::new(EngineReplicator {
-            digest_memo: Some(dir),
+            digest_memo: Some(dir.join("digests")),
+            index_cache: Some(dir.join("indexes")),
         });
         self
     }
@@ -354,6 +356,9 @@ fn digest(p: &Path) -> std::io::Result<Vec<u8>> {
 pub struct EngineReplicator {
     /// Where the digest memos of sources are kept (`None`: every chunk read is hashed).
     pub digest_memo: Option<PathBuf>,
+    /// Where remote targets' indexes are kept (`None`: fetched on every sync). A local
+    /// target's index is a file read away, and is never kept.
+    pub index_cache: Option<PathBuf>,
 }
 
 #[async_trait]
@@ -392,6 +397,7 @@ impl Replicator for EngineReplicator {
             compress: dst.local().is_none(),
             streams: 2,
             digest_memo: self.digest_memo.clone(),
+            index_cache: self.index_cache.clone().filter(|_| dst.local().is_none()),
             ..SendOptions::default()
         };
         let progress = Arc::new(Progress::default());

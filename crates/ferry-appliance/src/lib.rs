@@ -100,6 +100,9 @@ impl Appliance {
     /// binds the listener.
     pub async fn start(cfg: Config) -> Result<Appliance, ApplianceError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(io_err(&cfg.data_dir))?;
+        // As a service, without a home directory, the private keys of the workers' PKI
+        // are sealed with a passphrase kept beside the appliance's other secrets.
+        ferry_pki::keyfile::set_fallback_passphrase_file(cfg.data_dir.join("pki-passphrase"));
         let url = match &cfg.database {
             Some(u) => u.clone(),
             None => format!("sqlite://{}", cfg.data_dir.join("ferry.db").display()),
@@ -147,8 +150,7 @@ impl Appliance {
         let engine = Arc::new(Engine {
             store,
             secrets: secrets.clone(),
-            adapters: adapters::Adapters::default()
-                .keeping_digests_in(cfg.data_dir.join("digests")),
+            adapters: adapters::Adapters::default().keeping_state_in(&cfg.data_dir.join("cache")),
             running: Default::default(),
             config: EngineConfig {
                 owner: owner.clone(),

@@ -8,7 +8,10 @@
 //!    secret);
 //! 3. `pki-passphrase` in Ferry's configuration directory (`$XDG_CONFIG_HOME/ferry` or
 //!    `~/.config/ferry`), which the first key written on this machine creates: 32 random
-//!    bytes, mode 0600.
+//!    bytes, mode 0600;
+//! 4. on a machine without a home directory (a service), the file a program named with
+//!    [`set_fallback_passphrase_file`] (the appliance: `pki-passphrase` in its data
+//!    directory), created the same way.
 //!
 //! A CA directory can then be copied, archived or backed up without its keys being
 //! readable, and the machine that uses a key issued elsewhere needs its passphrase too.
@@ -116,7 +119,16 @@ impl Passphrase {
     }
 }
 
-/// `~/.config/ferry/pki-passphrase` (or under `$XDG_CONFIG_HOME`).
+static FALLBACK_FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Names the passphrase file this process uses when it has no home directory (and
+/// neither variable is set): a service has none, and keeps its secrets with its data.
+/// The first call wins.
+pub fn set_fallback_passphrase_file(path: PathBuf) {
+    let _ = FALLBACK_FILE.set(path);
+}
+
+/// `~/.config/ferry/pki-passphrase` (or under `$XDG_CONFIG_HOME`), else the fallback.
 fn default_file() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CONFIG_HOME")
         .filter(|v| !v.is_empty())
@@ -125,8 +137,11 @@ fn default_file() -> Option<PathBuf> {
             std::env::var_os("HOME")
                 .filter(|v| !v.is_empty())
                 .map(|h| PathBuf::from(h).join(".config"))
-        })?;
-    Some(base.join("ferry").join("pki-passphrase"))
+        });
+    match base {
+        Some(base) => Some(base.join("ferry").join("pki-passphrase")),
+        None => FALLBACK_FILE.get().cloned(),
+    }
 }
 
 /// Creates the default passphrase file. Two processes doing it at once agree on one: the

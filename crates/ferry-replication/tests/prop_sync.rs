@@ -233,6 +233,9 @@ proptest! {
                 mode,
                 retries: 0,
                 digest_memo: (i % 3 != 2).then(|| dir.path().join("memo")),
+                // The target's index kept between syncs, as the appliance keeps a
+                // worker's: a generation without it leaves the kept one behind.
+                index_cache: (i % 4 != 2).then(|| dir.path().join("indexes")),
                 ..Default::default()
             };
             let report = rt

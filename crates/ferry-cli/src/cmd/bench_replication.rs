@@ -70,6 +70,10 @@ struct Results {
     delta_hash_ferry_s: f64,
     delta_hash_speedup: f64,
     delta_hash_bytes_sent: u64,
+    /// Of what a hash-compare delta read, the bytes hashed with BLAKE3 (the digest memo
+    /// vouches for the rest).
+    delta_hash_bytes_read: u64,
+    delta_hash_bytes_hashed: u64,
     delta_hash_sent_per_changed: f64,
     delta_bitmap_ferry_s: Option<f64>,
     delta_bitmap_speedup: Option<f64>,
@@ -375,6 +379,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         t_hash.push(th);
         p_hash.push(Profile::of(th, &out)?);
         r.delta_hash_bytes_sent = json_u64(&out, "bytes_sent")?;
+        r.delta_hash_bytes_read = json_u64(&out, "bytes_read")?;
+        r.delta_hash_bytes_hashed = json_u64(&out, "bytes_hashed")?;
         let mut line = format!("delta {round}: rsync {tr:.2} s, ferry hash compare {th:.2} s");
         if !args.skip_bitmap {
             settle()?;
@@ -497,7 +503,12 @@ fn print_table(r: &Results) {
         r.rounds
     );
     println!("where a Ferry delta's time goes (medians):");
-    println!("  hash compare: {}", r.delta_hash_profile.describe());
+    println!(
+        "  hash compare: {}; read {}, hashed {}",
+        r.delta_hash_profile.describe(),
+        human_bytes(r.delta_hash_bytes_read),
+        human_bytes(r.delta_hash_bytes_hashed)
+    );
     if let Some(p) = &r.delta_bitmap_profile {
         println!("  dirty bitmap: {}", p.describe());
     }

@@ -108,9 +108,11 @@ fn a_running_guest_migrates_then_rolls_back() {
     println!("{stdout}");
     let downtime = assert_downtime_last(&stdout);
 
-    // The source wrote at least 20 records/s while it was synced twice.
+    // The source kept writing while it was synced twice. A record costs three fsyncs in
+    // the guest, so the rate follows the host disk: 25-30 records/s usually, 19 seen on
+    // a slow one. Ten a second is still a steady stream of writes to lose.
     assert!(
-        number_after(&stdout, "its ledger writes ") >= 20.0,
+        number_after(&stdout, "its ledger writes ") >= 10.0,
         "{stdout}"
     );
     assert_eq!(stdout.matches("delta sync ").count(), 2, "{stdout}");

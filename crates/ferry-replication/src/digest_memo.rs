@@ -19,7 +19,7 @@
 //!   it rather than interleave entries.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -108,8 +108,9 @@ impl DigestMemo {
             header[..8].copy_from_slice(MAGIC);
             header[8..12].copy_from_slice(&chunk_size.to_le_bytes());
             header[32..64].copy_from_slice(&fresh);
+            // At offset 0: the read above moved the file's position past what it read.
             file.set_len(0)?;
-            file.write_all(&header)?;
+            file.write_all_at(&header, 0)?;
             key_of(&fresh)
         };
         // Marks it as in use (see `prune`).
@@ -254,6 +255,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let memo = DigestMemo::open(dir.path(), "src", 65536).unwrap();
         assert!(DigestMemo::open(dir.path(), "src", 65536).is_none());
+        drop(memo);
+        // A damaged header starts a fresh memo, which then works as any other.
+        std::fs::write(
+            DigestMemo::open(dir.path(), "src", 65536).unwrap().path(),
+            [0xAB; 200],
+        )
+        .unwrap();
+        let memo = DigestMemo::open(dir.path(), "src", 65536).unwrap();
+        let a0 = bytes(4);
+        let mut e = memo.read(0, 1).unwrap();
+        assert!(memo.digest(0, &mut e[0], &a0).1);
+        memo.write(0, &e).unwrap();
+        drop(memo);
+        let memo = DigestMemo::open(dir.path(), "src", 65536).unwrap();
+        let mut e = memo.read(0, 1).unwrap();
+        assert!(
+            !memo.digest(0, &mut e[0], &a0).1,
+            "the fresh memo did not keep its entry"
+        );
         let a = bytes(3);
         let mut e = memo.read(0, 1).unwrap();
         memo.digest(0, &mut e[0], &a);

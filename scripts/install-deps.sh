@@ -53,6 +53,22 @@ if [ ${#guest[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${guest[@]}" >/dev/null
 fi
 
+# --- guest conversion -----------------------------------------------------------------
+# virt-v2v (virt-v2v-inspector, virt-v2v-in-place) converts a guest installed on VMware
+# to boot on KVM virtio; guestfish (libguestfs-tools) reads and writes its network
+# configuration offline. libguestfs boots its own appliance under QEMU with the kernel
+# under /boot, on the direct backend (no libvirtd needed).
+conv=()
+for p in virt-v2v libguestfs-tools; do
+  have "$p" || conv+=("$p")
+done
+if [ ${#conv[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  echo "install-deps: installing ${conv[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${conv[@]}" >/dev/null
+fi
+
 # --- dashboard ----------------------------------------------------------------------
 # Headless Chromium and its WebDriver for the browser test (crates/ferry-cli/tests/web_ui.rs).
 ui=()

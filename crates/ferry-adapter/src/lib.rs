@@ -316,6 +316,20 @@ pub trait TargetAdapter: Send + Sync {
         ctx: &StepContext,
         disk: &SourceDisk,
     ) -> AResult<DiskDestination>;
+    /// Makes the disks the next boot of `phase` (a test instance, or production at
+    /// cutover) starts from: converted for KVM when the profile's `conversion` asks for
+    /// it, always into an overlay, never into the synced generation. Called just before
+    /// [`TargetAdapter::start_test_instance`] / [`TargetAdapter::start_production`]
+    /// in the same step; a retried step must find a finished preparation and not redo
+    /// it. `None`: nothing to prepare.
+    async fn prepare_boot(
+        &self,
+        ctx: &StepContext,
+        phase: CheckPhase,
+    ) -> AResult<Option<BootPrep>> {
+        let _ = (ctx, phase);
+        Ok(None)
+    }
     /// Boots a test instance from the last complete sync in the isolated network.
     async fn start_test_instance(&self, ctx: &StepContext) -> AResult<()>;
     async fn stop_test_instance(&self, ctx: &StepContext) -> AResult<()>;
@@ -345,6 +359,22 @@ pub trait TargetAdapter: Send + Sync {
     /// Stops the production instance and undoes post-cutover actions (rollback); the
     /// synced disks stay so the migration can be tried again.
     async fn remove(&self, ctx: &StepContext) -> AResult<()>;
+}
+
+/// What [`TargetAdapter::prepare_boot`] did, for the migration's events and the
+/// downtime breakdown.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BootPrep {
+    /// One line for people: "converted Debian GNU/Linux 12 … in 95.2 s".
+    pub summary: String,
+    /// Whether the guest was converted (false: it boots as it was synced).
+    pub converted: bool,
+    /// Time spent, this attempt (0 when an earlier attempt had finished it).
+    pub ms: u64,
+    /// What was found and changed (inspection, NICs pinned, virt-v2v's lines).
+    pub data: serde_json::Value,
+    /// Things the user must know (a fallback to emulated devices, a NIC name guessed).
+    pub warnings: Vec<String>,
 }
 
 /// How far a running disk sync is, for whoever watches (the dashboard).

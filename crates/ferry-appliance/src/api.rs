@@ -784,6 +784,7 @@ async fn discover_source(
                 w.os = nw.os.or(w.os);
                 w.cpus = nw.cpus.or(w.cpus);
                 w.memory_mib = nw.memory_mib.or(w.memory_mib);
+                w.hardware = nw.hardware.or(w.hardware);
                 st.store().update_workload(&w).await?
             }
             Err(ferry_store::StoreError::NotFound { .. }) => {

@@ -39,7 +39,14 @@ struct StepOutput {
     /// The UAT validation verdict (an error message when it failed).
     uat: Option<Result<(), String>>,
     facts: Option<CutoverFacts>,
+    /// What preparing a boot did (a guest conversion), with the phase it was for.
+    boot: Option<(CheckPhase, ferry_adapter::BootPrep)>,
 }
+
+/// Event kind of a boot's preparation (the guest's conversion); `data.ms` is its time.
+pub const CONVERSION_EVENT: &str = "conversion";
+/// Event kind of something a step did that its user must know about.
+pub const WARNING_EVENT: &str = "warning";
 
 /// Tuning of the orchestrator.
 #[derive(Debug, Clone)]
@@ -436,6 +443,11 @@ impl Engine {
                 out.sync = Some(self.sync_disks(&ctx, full).await?);
             }
             Step::StartTestInstance => {
+                out.boot = target()?
+                    .prepare_boot(&ctx, CheckPhase::Uat)
+                    .await
+                    .map_err(|e| e.context("preparing the test instance's disks"))?
+                    .map(|b| (CheckPhase::Uat, b));
                 target()?.start_test_instance(&ctx).await?;
                 // With checks in the profile the verdict is theirs, recorded whatever it
                 // is (a failed check fails the UAT, not the step that booted the instance);
@@ -465,7 +477,14 @@ impl Engine {
                 out.facts = Some(facts);
             }
             Step::ShutdownSource => source()?.shutdown(&ctx).await?,
-            Step::StartTarget => target()?.start_production(&ctx).await?,
+            Step::StartTarget => {
+                out.boot = target()?
+                    .prepare_boot(&ctx, CheckPhase::Final)
+                    .await
+                    .map_err(|e| e.context("preparing the production instance's disks"))?
+                    .map(|b| (CheckPhase::Final, b));
+                target()?.start_production(&ctx).await?;
+            }
             Step::PostCutover => {
                 let undo = target()?
                     .post_cutover(&ctx, &ctx.profile.spec.post_cutover)
@@ -648,6 +667,25 @@ impl Engine {
                         ev.data = serde_json::to_value(f).unwrap_or_default();
                         ch.events.push(ev);
                     }
+                    if let Some((phase, b)) = &out.boot {
+                        let phase = match phase {
+                            CheckPhase::Uat => "uat",
+                            CheckPhase::Final => "production",
+                        };
+                        let mut ev = NewEvent::new(
+                            Some(m.id),
+                            CONVERSION_EVENT,
+                            format!("{phase} boot: {}", b.summary),
+                        );
+                        ev.step = Some(step);
+                        ev.data = serde_json::json!({"phase": phase, "ms": b.ms, "converted": b.converted, "details": b.data});
+                        ch.events.push(ev);
+                        for w in &b.warnings {
+                            let mut ev = NewEvent::new(Some(m.id), WARNING_EVENT, w.clone());
+                            ev.step = Some(step);
+                            ch.events.push(ev);
+                        }
+                    }
                     if let Some(v) = &out.uat {
                         let mut ev = NewEvent::new(
                             Some(m.id),
@@ -708,30 +746,55 @@ impl Engine {
     /// `stop_services` to now, by phase (the steps' own durations; `other_ms` is the time
     /// between steps: queueing and bookkeeping).
     async fn downtime_event(&self, id: Uuid, validation: Duration) -> Result<NewEvent, StoreError> {
-        let mut phases: Vec<(Step, i64, i64)> = vec![]; // (step, completed at, ms)
+        // (phase, completed at, ms); a guest's conversion is shown apart from the boot
+        // of the step it ran in.
+        let mut phases: Vec<(String, i64, i64)> = vec![];
         let mut after = 0;
+        let mut conversion_ms = 0;
         loop {
             let page = self.store.list_events(Some(id), after, 1000).await?;
             let Some(last) = page.last() else { break };
             after = last.id;
             for e in &page {
+                if e.kind == CONVERSION_EVENT && e.step == Some(Step::StartTarget) {
+                    let c = e.data.get("ms").and_then(|v| v.as_i64()).unwrap_or(0);
+                    // Recorded with the step's completion, just after it.
+                    match phases.last_mut() {
+                        Some((s, at, ms)) if s == Step::StartTarget.as_str() && c > 0 => {
+                            let c = c.min(*ms);
+                            *ms -= c;
+                            let at = *at;
+                            phases.insert(phases.len() - 1, ("conversion".into(), at, c));
+                        }
+                        _ => conversion_ms += c,
+                    }
+                    continue;
+                }
                 let Some(step) = e.step.filter(|_| e.kind == "step.completed") else {
                     continue;
                 };
                 let ms = e.data.get("ms").and_then(|v| v.as_i64()).unwrap_or(0);
                 if step == Step::StopServices {
                     phases.clear();
+                    conversion_ms = 0;
                 }
                 if CUTOVER_STEPS.contains(&step) {
-                    phases.push((step, e.at, ms));
+                    if step == Step::StartTarget && conversion_ms > 0 {
+                        let c = conversion_ms.min(ms);
+                        phases.push(("conversion".into(), e.at, c));
+                        phases.push((step.to_string(), e.at, ms - c));
+                        conversion_ms = 0;
+                    } else {
+                        phases.push((step.to_string(), e.at, ms));
+                    }
                 }
             }
         }
         let now = ferry_store::now_ms();
         let v_ms = validation.as_millis() as i64;
-        phases.push((Step::FinalValidation, now, v_ms));
+        phases.push((Step::FinalValidation.to_string(), now, v_ms));
         let start = match phases.first() {
-            Some((Step::StopServices, at, ms)) => at - ms,
+            Some((s, at, ms)) if s == Step::StopServices.as_str() => at - ms,
             _ => now - v_ms,
         };
         let total = (now - start).max(0);

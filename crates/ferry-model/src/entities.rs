@@ -49,6 +49,14 @@ kind_enum!(
     SyncMethod { Auto => "auto", HashCompare => "hash_compare", DirtyBitmap => "dirty_bitmap", Cbt => "cbt" }
 );
 kind_enum!(
+    /// Whether a workload's disks are converted to boot on the target's KVM virtio
+    /// devices before a test or production boot: `auto` converts a guest that does not
+    /// already run on virtio and boots one that cannot be converted with emulated
+    /// devices (with a warning); `required` refuses to boot without conversion; `none`
+    /// boots the synced disks as they are.
+    ConversionMode { Auto => "auto", Required => "required", None => "none" }
+);
+kind_enum!(
     /// When delta syncs run without being asked.
     ScheduleMode { Manual => "manual", Cron => "cron", Continuous => "continuous" }
 );
@@ -241,6 +249,10 @@ pub struct Workload {
     pub disks: Vec<Disk>,
     pub nics: Vec<Nic>,
     pub services: Vec<String>,
+    /// The devices the workload runs on at its source (`virtio`, `vmware`, `emulated`);
+    /// none when discovery could not tell. Conversion in `auto` mode follows it.
+    #[serde(default)]
+    pub hardware: Option<String>,
     pub move_group_id: Option<Uuid>,
     /// Order within the move group's cutover (lower first).
     pub group_order: i32,
@@ -283,6 +295,9 @@ pub struct NewWorkload {
     pub nics: Vec<Nic>,
     #[serde(default)]
     pub services: Vec<String>,
+    /// The devices the workload runs on at its source (`virtio`, `vmware`, `emulated`).
+    #[serde(default)]
+    pub hardware: Option<String>,
     #[serde(default)]
     pub move_group_id: Option<Uuid>,
     #[serde(default)]
@@ -622,6 +637,13 @@ pub struct ProfileSpec {
     pub post_cutover: Vec<PostCutoverAction>,
     #[serde(default)]
     pub validation: Vec<ValidationCheck>,
+    /// Guest conversion before a test or production boot.
+    #[serde(default = "conversion_auto")]
+    pub conversion: ConversionMode,
+}
+
+fn conversion_auto() -> ConversionMode {
+    ConversionMode::Auto
 }
 
 fn auto() -> SyncMethod {
@@ -860,6 +882,7 @@ mod tests {
             network_map: Default::default(),
             storage_map: Default::default(),
             sync_method: SyncMethod::Auto,
+            conversion: ConversionMode::Auto,
             schedule: DeltaSchedule {
                 mode: ScheduleMode::Cron,
                 cron: Some("bad".into()),

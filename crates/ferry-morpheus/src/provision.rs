@@ -258,19 +258,39 @@ pub struct Delivered {
     pub uploaded_bytes: u64,
 }
 
-/// Image mode: the synced disk (any format qemu-img reads) is converted to qcow2 in
-/// `work_dir`, uploaded as a virtual image, and an instance is created from it, powered
-/// off. On failure what was already created is removed, or the error names it.
+/// Image mode: the synced disk is converted to a standalone qcow2 v3 image (`compat=1.1`,
+/// what VME's incremental backups with dirty bitmaps need) in `work_dir`, uploaded as a
+/// virtual image, and an instance is created from it, powered off. On failure what was
+/// already created is removed, or the error names it.
+///
+/// `format` is the synced disk's format (`raw`, or `qcow2` for a converted overlay):
+/// stated, because the guest controls every byte of a raw disk and could make it look
+/// like an image with a backing file on this machine.
 pub async fn deliver_image_mode(
     c: &Client,
     synced_disk: &Path,
+    format: &str,
     work_dir: &Path,
     spec: &InstanceSpec,
 ) -> Result<Delivered, MorpheusError> {
+    if !matches!(format, "raw" | "qcow2") {
+        return Err(MorpheusError::Invalid {
+            what: format!("disk format {format:?} is not one Ferry delivers (raw or qcow2)"),
+        });
+    }
     let qcow2 = work_dir.join(format!("{}.qcow2", spec.name));
     let _ = tokio::fs::remove_file(&qcow2).await;
     let out = tokio::process::Command::new("qemu-img")
-        .args(["convert", "-q", "-O", "qcow2"])
+        .args([
+            "convert",
+            "-q",
+            "-f",
+            format,
+            "-O",
+            "qcow2",
+            "-o",
+            "compat=1.1",
+        ])
         .arg(synced_disk)
         .arg(&qcow2)
         .output()

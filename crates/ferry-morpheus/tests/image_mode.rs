@@ -83,10 +83,15 @@ async fn image_mode_delivers_the_guest_and_the_instance_serves_its_page() {
     assert!(o.status.success());
 
     let t = Instant::now();
-    let got =
-        provision::deliver_image_mode(&c, &synced, work.path(), &spec("web01", "10.203.0.10"))
-            .await
-            .unwrap();
+    let got = provision::deliver_image_mode(
+        &c,
+        &synced,
+        "raw",
+        work.path(),
+        &spec("web01", "10.203.0.10"),
+    )
+    .await
+    .unwrap();
     eprintln!(
         "image mode: {} bytes uploaded, instance {} in {:.1}s",
         got.uploaded_bytes,
@@ -161,9 +166,15 @@ async fn image_mode_delivers_the_guest_and_the_instance_serves_its_page() {
         status: 500,
         times: 1,
     });
-    let e = provision::deliver_image_mode(&c, &synced, work.path(), &spec("web02", "10.203.0.11"))
-        .await
-        .unwrap_err();
+    let e = provision::deliver_image_mode(
+        &c,
+        &synced,
+        "raw",
+        work.path(),
+        &spec("web02", "10.203.0.11"),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(e, MorpheusError::Server { .. }), "{e}");
     assert!(e.to_string().contains("POST /api/instances"), "{e}");
     assert_eq!(

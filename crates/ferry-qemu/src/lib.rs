@@ -18,4 +18,4 @@ pub use accel::{detect as detect_accel, Accel, AccelVerdict, DetectOptions};
 pub use qga::{ExecResult, Qga, QgaError, ShutdownMode};
 pub use qmp::{BlockInfo, BlockNode, DirtyBitmap, Qmp, QmpError, QmpEvent, VmStatus};
 pub use view::{cleanup_stale, View, ViewError};
-pub use vm::{NicBackend, PowerdownOutcome, Vm, VmDisk, VmError, VmNic, VmSpec};
+pub use vm::{Hardware, NicBackend, PowerdownOutcome, Vm, VmDisk, VmError, VmNic, VmSpec};

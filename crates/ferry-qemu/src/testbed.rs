@@ -18,12 +18,41 @@ pub enum TestbedError {
     Failed { status: String, messages: String },
 }
 
-/// The recipe: `$FERRY_TESTBED_SCRIPT`, else the one in this source tree.
-fn recipe() -> PathBuf {
-    std::env::var_os("FERRY_TESTBED_SCRIPT")
+/// Which test guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guest {
+    /// The virtio guest: ext4 on the whole disk, booted with the host's kernel.
+    Virtio,
+    /// A guest installed on VMware hardware (PVSCSI, VMXNET3, open-vm-tools, a host-only
+    /// initramfs without virtio drivers, GRUB, a static address): it boots on KVM only
+    /// once converted.
+    Vmware,
+}
+
+impl Guest {
+    fn env(self) -> &'static str {
+        match self {
+            Guest::Virtio => "FERRY_TESTBED_SCRIPT",
+            Guest::Vmware => "FERRY_TESTBED_VMWARE_SCRIPT",
+        }
+    }
+    fn script(self) -> &'static str {
+        match self {
+            Guest::Virtio => "build-guest-image.sh",
+            Guest::Vmware => "build-vmware-guest.sh",
+        }
+    }
+}
+
+/// The recipe: `$FERRY_TESTBED_SCRIPT` (or `…_VMWARE_SCRIPT`), else the one in this
+/// source tree.
+fn recipe(guest: Guest) -> PathBuf {
+    std::env::var_os(guest.env())
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/testbed/build-guest-image.sh")
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../scripts/testbed")
+                .join(guest.script())
         })
 }
 
@@ -31,7 +60,12 @@ fn recipe() -> PathBuf {
 /// holds the image. With `show_progress` the recipe's messages go to this process's
 /// stderr as they come; otherwise they are kept for the error.
 pub fn guest_image(show_progress: bool) -> Result<PathBuf, TestbedError> {
-    let path = recipe();
+    image(Guest::Virtio, show_progress)
+}
+
+/// Like [`guest_image`], for either test guest.
+pub fn image(guest: Guest, show_progress: bool) -> Result<PathBuf, TestbedError> {
+    let path = recipe(guest);
     if !path.exists() {
         return Err(TestbedError::Missing(path));
     }

@@ -77,7 +77,7 @@ pub enum VmError {
 }
 
 /// A disk of a VM: `-blockdev` file node `<node_name>-file`, format node
-/// `<node_name>`, guest device `virtio-blk-pci` with qdev id `<node_name>-dev`.
+/// `<node_name>`, guest device (per the VM's [`Hardware`]) with qdev id `<node_name>-dev`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmDisk {
     pub path: PathBuf,
@@ -105,13 +105,64 @@ pub enum NicBackend {
     RestrictedUser,
 }
 
-/// A virtio-net NIC.
+/// A NIC (virtio-net, or what the VM's [`Hardware`] says).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmNic {
     pub backend: NicBackend,
     /// `52:54:00:..`; QEMU picks one if absent.
     pub mac: Option<String>,
 }
+
+/// The devices a guest sees. A guest converted for KVM runs on `Virtio`; `Vmware` is what a
+/// guest installed on vSphere was built for (its initramfs may hold only those drivers),
+/// so the test bed can run such a guest; `Emulated` is what nearly every OS can boot
+/// without drivers of its own, the fallback for a guest that cannot be converted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hardware {
+    /// virtio-blk disks, virtio-net NICs.
+    #[default]
+    Virtio,
+    /// A PVSCSI controller with SCSI disks, VMXNET3 NICs, VMware's SMBIOS vendor strings.
+    Vmware,
+    /// SATA (AHCI) disks, e1000e NICs.
+    Emulated,
+}
+
+impl Hardware {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hardware::Virtio => "virtio",
+            Hardware::Vmware => "vmware",
+            Hardware::Emulated => "emulated",
+        }
+    }
+}
+
+impl std::fmt::Display for Hardware {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Hardware {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Hardware, String> {
+        match s {
+            "virtio" => Ok(Hardware::Virtio),
+            "vmware" => Ok(Hardware::Vmware),
+            "emulated" => Ok(Hardware::Emulated),
+            other => Err(format!(
+                "unknown hardware {other:?} (virtio, vmware or emulated)"
+            )),
+        }
+    }
+}
+
+/// PCI slot of the first NIC with `Hardware::Vmware`, the next ones after it: fixed, so
+/// the guest's predictable interface names (`enp0s5`, …) stay the same on every boot, as
+/// they do on a vSphere VM.
+pub const VMWARE_FIRST_NIC_SLOT: u8 = 5;
 
 /// Everything needed to start a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +189,9 @@ pub struct VmSpec {
     pub no_reboot: bool,
     #[serde(default = "default_qemu")]
     pub qemu_binary: PathBuf,
+    /// The devices the guest sees (virtio unless said otherwise).
+    #[serde(default)]
+    pub hardware: Hardware,
 }
 
 fn default_qemu() -> PathBuf {
@@ -162,6 +216,7 @@ impl VmSpec {
             paused: false,
             no_reboot: false,
             qemu_binary: default_qemu(),
+            hardware: Hardware::Virtio,
         }
     }
 
@@ -206,6 +261,24 @@ impl VmSpec {
         }
         if self.append.is_some() && self.kernel.is_none() {
             return bad("a kernel command line (append) needs a kernel".into());
+        }
+        let most = match self.hardware {
+            Hardware::Virtio => usize::MAX,
+            Hardware::Vmware => 15,
+            Hardware::Emulated => 6,
+        };
+        if self.disks.len() > most {
+            return bad(format!(
+                "{} disks do not fit the {} hardware (at most {most})",
+                self.disks.len(),
+                self.hardware
+            ));
+        }
+        if self.hardware == Hardware::Vmware && self.nics.len() > 8 {
+            return bad(format!(
+                "{} NICs do not fit the vmware hardware (at most 8)",
+                self.nics.len()
+            ));
         }
         let mut names = std::collections::HashSet::new();
         for d in &self.disks {
@@ -299,6 +372,18 @@ impl VmSpec {
         if let Some(ap) = &self.append {
             push(&["-append", ap]);
         }
+        match self.hardware {
+            Hardware::Vmware => {
+                push(&[
+                    "-smbios",
+                    "type=1,manufacturer=VMware,, Inc.,product=VMware Virtual Platform",
+                ]);
+                if !self.disks.is_empty() {
+                    push(&["-device", "pvscsi,id=scsi0"]);
+                }
+            }
+            Hardware::Virtio | Hardware::Emulated => {}
+        }
         for (i, d) in self.disks.iter().enumerate() {
             let ro = if d.read_only { "on" } else { "off" };
             push(&[
@@ -322,13 +407,17 @@ impl VmSpec {
             } else {
                 String::new()
             };
+            let (n, id) = (&d.node_name, d.device_id());
             push(&[
                 "-device",
-                &format!(
-                    "virtio-blk-pci,drive={n},id={id}{boot}",
-                    n = d.node_name,
-                    id = d.device_id()
-                ),
+                &match self.hardware {
+                    Hardware::Virtio => format!("virtio-blk-pci,drive={n},id={id}{boot}"),
+                    Hardware::Vmware => {
+                        format!("scsi-hd,bus=scsi0.0,scsi-id={i},drive={n},id={id}{boot}")
+                    }
+                    // q35's built-in AHCI controller has six ports, ide.0 … ide.5.
+                    Hardware::Emulated => format!("ide-hd,bus=ide.{i},drive={n},id={id}{boot}"),
+                },
             ]);
         }
         for (i, n) in self.nics.iter().enumerate() {
@@ -344,7 +433,17 @@ impl VmSpec {
                 .as_ref()
                 .map(|m| format!(",mac={m}"))
                 .unwrap_or_default();
-            push(&["-device", &format!("virtio-net-pci,netdev=net{i}{mac}")]);
+            push(&[
+                "-device",
+                &match self.hardware {
+                    Hardware::Virtio => format!("virtio-net-pci,netdev=net{i}{mac}"),
+                    Hardware::Vmware => format!(
+                        "vmxnet3,netdev=net{i}{mac},addr={:#x}",
+                        VMWARE_FIRST_NIC_SLOT as usize + i
+                    ),
+                    Hardware::Emulated => format!("e1000e,netdev=net{i}{mac}"),
+                },
+            ]);
         }
         if self.paused {
             push(&["-S"]);
@@ -782,6 +881,55 @@ mod tests {
         assert!(a.contains("tap,id=net0,ifname=tap0,script=no,downscript=no"));
         assert!(a.contains("virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56"));
         assert!(a.contains("name=org.qemu.guest_agent.0"));
+    }
+
+    #[test]
+    fn hardware_picks_the_guest_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.qcow2");
+        std::fs::write(&img, b"").unwrap();
+        let mut s = spec(dir.path());
+        for node in ["disk0", "disk1"] {
+            s.disks.push(VmDisk {
+                path: img.clone(),
+                format: "qcow2".into(),
+                node_name: node.into(),
+                read_only: false,
+            });
+        }
+        s.nics.push(VmNic {
+            backend: NicBackend::RestrictedUser,
+            mac: Some("52:54:00:12:34:56".into()),
+        });
+        s.hardware = Hardware::Vmware;
+        s.validate().unwrap();
+        let a = s.qemu_args().join(" ");
+        assert!(a.contains("manufacturer=VMware,, Inc."), "{a}");
+        assert!(a.contains("-device pvscsi,id=scsi0"), "{a}");
+        assert!(a.contains("scsi-hd,bus=scsi0.0,scsi-id=1,drive=disk1,id=disk1-dev,bootindex=1"));
+        assert!(
+            a.contains("vmxnet3,netdev=net0,mac=52:54:00:12:34:56,addr=0x5"),
+            "{a}"
+        );
+        assert!(!a.contains("virtio-blk"), "{a}");
+
+        s.hardware = Hardware::Emulated;
+        let a = s.qemu_args().join(" ");
+        assert!(
+            a.contains("ide-hd,bus=ide.0,drive=disk0,id=disk0-dev,bootindex=0"),
+            "{a}"
+        );
+        assert!(a.contains("e1000e,netdev=net0"), "{a}");
+        for _ in 0..5 {
+            s.disks.push(s.disks[0].clone());
+        }
+        assert!(s.validate().unwrap_err().to_string().contains("do not fit"));
+        // Specs written before the field existed are virtio guests.
+        let mut v = serde_json::to_value(spec(dir.path())).unwrap();
+        v.as_object_mut().unwrap().remove("hardware");
+        let old: VmSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(old.hardware, Hardware::Virtio);
+        assert_eq!("vmware".parse::<Hardware>().unwrap(), Hardware::Vmware);
     }
 
     #[test]

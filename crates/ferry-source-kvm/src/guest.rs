@@ -14,14 +14,22 @@ pub struct GuestInfo {
     pub os: Option<String>,
     /// (MAC, address) pairs of the guest's interfaces, IPv4 only.
     pub ips: Vec<(String, String)>,
+    /// (MAC, interface name) as the guest calls them: what a converted guest's
+    /// configuration names, kept when its NIC is replaced.
+    pub names: Vec<(String, String)>,
 }
 
 impl GuestInfo {
     /// The inventory entry of the guest's `index`th NIC, with the addresses the agent
     /// reports for its MAC.
     pub fn nic(&self, index: usize, network: Option<String>, mac: Option<String>) -> Nic {
+        let guest_name = self
+            .names
+            .iter()
+            .find(|(m, _)| Some(m) == mac.as_ref())
+            .map(|(_, n)| n.clone());
         Nic {
-            name: format!("eth{index}"),
+            name: guest_name.unwrap_or_else(|| format!("eth{index}")),
             ips: self
                 .ips
                 .iter()
@@ -115,6 +123,17 @@ pub async fn info(mut a: Agent) -> GuestInfo {
             let mac = iface["hardware-address"].as_str().unwrap_or_default();
             if iface["name"] == "lo" {
                 continue;
+            }
+            if let Some(name) = iface["name"].as_str() {
+                // The guest's word: kept only if it is an interface name at all.
+                if !name.is_empty()
+                    && name.len() <= 15
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.@:".contains(c))
+                {
+                    info.names.push((mac.to_string(), name.to_string()));
+                }
             }
             for addr in iface["ip-addresses"].as_array().into_iter().flatten() {
                 if addr["ip-address-type"] == "ipv4" {

@@ -184,6 +184,7 @@ impl KvmSource {
             memory_mib: Some(spec.memory_mib as u64),
             disks,
             nics,
+            hardware: Some(spec.hardware.to_string()),
             ..Default::default()
         }))
     }

@@ -167,6 +167,7 @@ impl Host {
             memory_mib: Some(x.memory_mib),
             disks,
             nics,
+            hardware: x.hardware.clone(),
             ..Default::default()
         })
     }
@@ -519,6 +520,8 @@ struct DomainXml {
     memory_mib: u64,
     disks: Vec<DiskXml>,
     nics: Vec<NicXml>,
+    /// `virtio`, `vmware` or `emulated`, from the disks' bus and the NICs' model.
+    hardware: Option<String>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -556,7 +559,27 @@ impl DomainXml {
             .unwrap_or(0);
         let mut disks = vec![];
         let mut nics = vec![];
+        // (virtio devices, VMware devices, other emulated devices)
+        let mut seen = (0, 0, 0);
         if let Some(devices) = child(root, "devices") {
+            for c in devices.children().filter(|c| c.is_element()) {
+                let kind = match c.tag_name().name() {
+                    "disk" if c.attribute("device").unwrap_or("disk") == "disk" => {
+                        child(c, "target").and_then(|t| t.attribute("bus"))
+                    }
+                    "interface" => child(c, "model").and_then(|m| m.attribute("type")),
+                    "controller" if c.attribute("type") == Some("scsi") => {
+                        c.attribute("model").filter(|m| *m == "vmpvscsi")
+                    }
+                    _ => None,
+                };
+                match kind {
+                    Some("virtio") => seen.0 += 1,
+                    Some("vmxnet3") | Some("vmpvscsi") => seen.1 += 1,
+                    Some(_) => seen.2 += 1,
+                    None => {}
+                }
+            }
             for d in devices.children().filter(|c| c.has_tag_name("disk")) {
                 if d.attribute("device").unwrap_or("disk") != "disk" {
                     continue; // cdrom, floppy, lun
@@ -591,11 +614,18 @@ impl DomainXml {
                 });
             }
         }
+        let hardware = match seen {
+            (_, v, _) if v > 0 => Some("vmware"),
+            (v, 0, _) if v > 0 => Some("virtio"),
+            (0, 0, e) if e > 0 => Some("emulated"),
+            _ => None,
+        };
         Ok(DomainXml {
             vcpus,
             memory_mib,
             disks,
             nics,
+            hardware: hardware.map(str::to_string),
         })
     }
 }

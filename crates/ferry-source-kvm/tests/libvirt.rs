@@ -258,6 +258,7 @@ async fn libvirt_domain_is_discovered_synced_through_checkpoints_and_shut_down()
         disks: w.disks,
         nics: w.nics,
         services: vec![],
+        hardware: None,
         move_group_id: None,
         group_order: 0,
         credential_id: None,

@@ -95,6 +95,8 @@ fn workload(vm: &Vm, source: &Source) -> NewWorkload {
                 ips: vm.ip.iter().cloned().collect(),
             })
             .collect(),
+        // PVSCSI or LSI Logic disks, VMXNET3 or E1000 NICs: never virtio.
+        hardware: Some("vmware".into()),
         ..Default::default()
     }
 }

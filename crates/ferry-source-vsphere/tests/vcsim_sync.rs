@@ -107,6 +107,7 @@ impl Lab {
             disks: vec![],
             nics: vec![],
             services: vec![],
+            hardware: Some("vmware".into()),
             move_group_id: None,
             group_order: 0,
             credential_id: None,

@@ -1344,6 +1344,7 @@ async fn insert_workload_tx(
         disks: w.disks.clone(),
         nics: w.nics.clone(),
         services: w.services.clone(),
+        hardware: w.hardware.clone(),
         move_group_id: w.move_group_id,
         group_order: w.group_order,
         credential_id: w.credential_id,

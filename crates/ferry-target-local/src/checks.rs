@@ -71,6 +71,27 @@ impl Subject<'_> {
         Ok((r.exit_code, r.stdout_lossy(), r.stderr_lossy()))
     }
 
+    /// Waits (up to the check timeout) until `addr` (`10.0.0.5/24`) is on an interface
+    /// of the instance that is up. `addr` comes from the guest's own configuration, so it
+    /// is checked for shape before it reaches a command line.
+    pub async fn address_is_up(&self, addr: &str) -> AResult<()> {
+        let ip = addr.split('/').next().unwrap_or("");
+        let ip: std::net::IpAddr = ip.parse().map_err(|_| {
+            AdapterError::permanent(format!("static address {addr:?} is not an IP address"))
+        })?;
+        let cmd = format!("ip -o addr show up | grep -qF ' {ip}/'");
+        retry(self.check_timeout, || async {
+            match self.shell(&cmd).await? {
+                (0, ..) => Ok(()),
+                _ => Err(AdapterError::transient(format!(
+                    "the source's static address {addr} is not up on instance '{}' (a NIC that lost its name after conversion keeps no address)",
+                    self.vm.name()
+                ))),
+            }
+        })
+        .await
+    }
+
     /// Runs one check; `Ok(None)` when it does not apply in this phase.
     pub async fn run(
         &self,

@@ -9,13 +9,15 @@
 //!   each test instance gets a *migration* network of its own with the same addresses and
 //!   no link to anything else, so a test copy with the source's IP cannot disturb it.
 
+mod boot;
 mod checks;
 mod config;
 mod dns;
 
 use async_trait::async_trait;
 use ferry_adapter::{
-    AResult, AdapterError, CheckPhase, DiskDestination, SourceDisk, StepContext, TargetAdapter,
+    AResult, AdapterError, BootPrep, CheckPhase, DiskDestination, SourceDisk, StepContext,
+    TargetAdapter,
 };
 use ferry_model::{PostCutoverAction, ValidationCheck};
 use ferry_net::{Network, NetworkSpec};
@@ -76,6 +78,25 @@ fn workload_ip(ctx: &StepContext) -> Option<String> {
         .cloned()
 }
 
+/// Copies a disk image keeping its holes.
+async fn copy_sparse(from: &Path, to: &Path) -> AResult<()> {
+    let st = tokio::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .status()
+        .await
+        .map_err(|e| AdapterError::transient(format!("copying {}: {e}", from.display())))?;
+    if !st.success() {
+        return Err(AdapterError::transient(format!(
+            "copying {} to {} failed ({st})",
+            from.display(),
+            to.display()
+        )));
+    }
+    Ok(())
+}
+
 fn net_err(e: ferry_net::NetError) -> AdapterError {
     AdapterError::transient(e.to_string())
 }
@@ -102,6 +123,24 @@ impl Placement {
 
     fn uat_dir(&self) -> PathBuf {
         self.dir.join("uat")
+    }
+
+    /// Production's converted overlays, when the guest is converted.
+    fn boot_dir(&self) -> PathBuf {
+        self.dir.join("boot")
+    }
+
+    /// libguestfs' appliance, kept between conversions.
+    fn guestfs_cache(&self) -> PathBuf {
+        self.cfg.path.join(".guestfs")
+    }
+
+    fn synced_disks(&self, ctx: &StepContext) -> Vec<(String, PathBuf)> {
+        ctx.workload
+            .disks
+            .iter()
+            .map(|d| (d.name.clone(), self.disk_path(&d.name)))
+            .collect()
     }
 
     /// The production network: the profile's map of the source NIC's network, else the
@@ -153,12 +192,16 @@ impl Placement {
     }
 
     /// Starts (or finds running) an instance booting `disks`, on `network`.
+    /// `prepared`: what [`boot::prepare`] made, booted by the guest's own boot loader on
+    /// the hardware it says; otherwise `disks` with the target's kernel (if it has one).
+    #[allow(clippy::too_many_arguments)]
     async fn start_instance(
         &self,
         ctx: &StepContext,
         name: &str,
         run_dir: &Path,
         disks: Vec<(String, PathBuf)>,
+        prepared: Option<&ferry_convert::Prepared>,
         network: &Network,
         tap: &str,
     ) -> AResult<Vm> {
@@ -174,13 +217,21 @@ impl Placement {
             .map(|m| m as u32)
             .unwrap_or(self.cfg.memory_mib);
         spec.cpus = ctx.workload.cpus.unwrap_or(self.cfg.cpus);
-        spec.kernel = self.cfg.kernel.clone();
-        spec.initrd = self.cfg.initrd.clone();
-        spec.append = self
-            .cfg
-            .append
-            .as_ref()
-            .map(|a| a.replace("{ip}", workload_ip(ctx).as_deref().unwrap_or("0.0.0.0")));
+        let disks = match prepared {
+            Some(b) => {
+                spec.hardware = boot::hardware(b);
+                b.disks.clone()
+            }
+            None => {
+                spec.kernel = self.cfg.kernel.clone();
+                spec.initrd = self.cfg.initrd.clone();
+                spec.append =
+                    self.cfg.append.as_ref().map(|a| {
+                        a.replace("{ip}", workload_ip(ctx).as_deref().unwrap_or("0.0.0.0"))
+                    });
+                disks
+            }
+        };
         spec.disks = disks
             .into_iter()
             .map(|(disk, path)| VmDisk {
@@ -194,10 +245,12 @@ impl Placement {
             backend: NicBackend::Tap {
                 ifname: tap.ifname.clone(),
             },
-            mac: ctx.workload.nics.first().and_then(|n| n.mac.clone()),
+            mac: prepared
+                .and_then(|b| b.mac.clone())
+                .or_else(|| ctx.workload.nics.first().and_then(|n| n.mac.clone())),
         }];
         spec.netns = Some(network.namespace.clone());
-        tracing::info!(instance = name, network = %network.name, %accel, "starting instance");
+        tracing::info!(instance = name, network = %network.name, %accel, hardware = %spec.hardware, "starting instance");
         Vm::launch(&spec).await.map_err(vm_err)
     }
 
@@ -241,6 +294,29 @@ impl TargetAdapter for LocalTarget {
             }
         }
         p.production_network(ctx)?;
+        if ctx.profile.spec.conversion == ferry_model::ConversionMode::Required {
+            let missing = ferry_convert::missing_tools();
+            if !missing.is_empty() {
+                return Err(AdapterError::permanent(format!(
+                    "the profile requires guest conversion, and {} {} not installed on the appliance's machine: `apt-get install virt-v2v libguestfs-tools`",
+                    missing.join(", "),
+                    if missing.len() == 1 { "is" } else { "are" }
+                )));
+            }
+        }
+        if ferry_convert::step::wanted(ctx)
+            && ctx
+                .workload
+                .os
+                .as_deref()
+                .is_some_and(|o| o.to_ascii_lowercase().contains("windows"))
+        {
+            return Err(AdapterError::permanent(format!(
+                "workload '{}' runs {}: converting Windows needs the virtio-win drivers and rhsrvany, which the local target does not have; see the README's Windows section, or set the profile's conversion to \"none\"",
+                ctx.workload.name,
+                ctx.workload.os.as_deref().unwrap_or("Windows")
+            )));
+        }
         tokio::fs::create_dir_all(&p.dir).await.map_err(|e| {
             AdapterError::permanent(format!(
                 "target directory {} is not writable: {e}",
@@ -260,32 +336,60 @@ impl TargetAdapter for LocalTarget {
         ))
     }
 
+    async fn prepare_boot(
+        &self,
+        ctx: &StepContext,
+        phase: CheckPhase,
+    ) -> AResult<Option<BootPrep>> {
+        let p = Placement::of(ctx)?;
+        match phase {
+            CheckPhase::Uat => {
+                if Vm::attach(&p.uat_dir().join("run")).is_ok() {
+                    // A retried step whose instance already runs: whatever it booted.
+                    return Ok(boot::load(&p.uat_dir()).map(|b| BootPrep {
+                        summary: b.summary,
+                        converted: b.converted,
+                        ..BootPrep::default()
+                    }));
+                }
+                boot::prepare(
+                    ctx,
+                    &p.uat_dir(),
+                    p.synced_disks(ctx),
+                    true,
+                    &p.guestfs_cache(),
+                )
+                .await
+            }
+            CheckPhase::Final => {
+                boot::prepare(
+                    ctx,
+                    &p.boot_dir(),
+                    p.synced_disks(ctx),
+                    false,
+                    &p.guestfs_cache(),
+                )
+                .await
+            }
+        }
+    }
+
     async fn start_test_instance(&self, ctx: &StepContext) -> AResult<()> {
         let p = Placement::of(ctx)?;
         let uat = p.uat_dir();
         let run = uat.join("run");
-        if Vm::attach(&run).is_err() {
+        let prepared = boot::load(&uat);
+        if prepared.is_none() && Vm::attach(&run).is_err() {
             // A copy of the last complete generation: replication goes on into the
             // originals while the test instance writes to its own.
             let _ = tokio::fs::remove_dir_all(&uat).await;
             tokio::fs::create_dir_all(&uat).await?;
             for d in &ctx.workload.disks {
-                let (from, to) = (
-                    p.disk_path(&d.name),
-                    uat.join(format!("{}.qcow2", sanitize(&d.name, 64))),
-                );
-                let st = tokio::process::Command::new("cp")
-                    .arg("--sparse=always")
-                    .arg(&from)
-                    .arg(&to)
-                    .status()
-                    .await?;
-                if !st.success() {
-                    return Err(AdapterError::transient(format!(
-                        "copying {} for the test instance failed ({st})",
-                        from.display()
-                    )));
-                }
+                copy_sparse(
+                    &p.disk_path(&d.name),
+                    &uat.join(format!("{}.qcow2", sanitize(&d.name, 64))),
+                )
+                .await?;
             }
         }
         let disks = ctx
@@ -306,6 +410,7 @@ impl TargetAdapter for LocalTarget {
                 &format!("{}-uat", ctx.workload.name),
                 &run,
                 disks,
+                prepared.as_ref(),
                 &net,
                 &format!("fu{}", short_id(ctx)),
             )
@@ -336,17 +441,13 @@ impl TargetAdapter for LocalTarget {
     async fn start_production(&self, ctx: &StepContext) -> AResult<()> {
         let p = Placement::of(ctx)?;
         let net = p.network(&p.production_network(ctx)?)?;
-        let disks = ctx
-            .workload
-            .disks
-            .iter()
-            .map(|d| (d.name.clone(), p.disk_path(&d.name)))
-            .collect();
+        let prepared = boot::load(&p.boot_dir());
         p.start_instance(
             ctx,
             &ctx.workload.name,
             &p.dir.join("run"),
-            disks,
+            p.synced_disks(ctx),
+            prepared.as_ref(),
             &net,
             &format!("fp{}", short_id(ctx)),
         )
@@ -410,6 +511,18 @@ impl TargetAdapter for LocalTarget {
                 tracing::info!(instance = %vm.name(), check = i, kind = %c.kind, "passed: {what}");
             }
         }
+        // A converted guest keeps its network identity: every static address its own
+        // configuration holds is up on the instance.
+        let dir = match phase {
+            CheckPhase::Uat => p.uat_dir(),
+            CheckPhase::Final => p.boot_dir(),
+        };
+        if let Some(b) = boot::load(&dir) {
+            for addr in b.static_addresses() {
+                s.address_is_up(&addr).await?;
+                tracing::info!(instance = %vm.name(), %addr, "static address of the source is up");
+            }
+        }
         Ok(())
     }
 
@@ -417,6 +530,16 @@ impl TargetAdapter for LocalTarget {
         let p = Placement::of(ctx)?;
         stop_vm(&p.dir.join("run")).await;
         stop_vm(&p.uat_dir().join("run")).await;
+        // The converted overlays go; the synced disks stay as the source left them.
+        match tokio::fs::remove_dir_all(p.boot_dir()).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(AdapterError::transient(format!(
+                    "removing the converted disks in {}: {e}",
+                    p.boot_dir().display()
+                )))
+            }
+            _ => {}
+        }
         for u in ctx.facts.undo.iter().rev() {
             if u["kind"] == "dns" {
                 dns::undo(u, &ctx.secrets).await?;

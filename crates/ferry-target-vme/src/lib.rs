@@ -191,6 +191,76 @@ fn staging(ctx: &StepContext, disk: &str) -> PathBuf {
     ctx.work_dir.join("vme").join(format!("{disk}.raw"))
 }
 
+/// Where image mode's converted overlay for `role` lives (above the raw staging copy).
+fn boot_dir(ctx: &StepContext, role: Role) -> PathBuf {
+    ctx.work_dir.join("vme").join(match role {
+        Role::Test => "boot-uat",
+        Role::Production => "boot-production",
+    })
+}
+
+/// Image mode's conversion: a qcow2 overlay above the raw staging copy, converted; the
+/// delivered image is made from it, so the staging copy (the synced generation) stays
+/// the source's. The NIC keeps the source's MAC address in the guest's pinning: a
+/// manager that gives the instance another one leaves the interface to its default
+/// name, which the conversion's warning says.
+async fn prepare_image_boot(
+    ctx: &StepContext,
+    role: Role,
+) -> AResult<Option<ferry_adapter::BootPrep>> {
+    use ferry_convert::step;
+    if delta::enabled(ctx) || !step::wanted(ctx) {
+        return Ok(None);
+    }
+    if state::load(ctx, role).is_some() {
+        // Already delivered: a retried step.
+        return Ok(None);
+    }
+    let disks = &ctx.workload.disks;
+    let bases = disks
+        .iter()
+        .map(|d| {
+            (
+                d.name.clone(),
+                ferry_convert::GuestDisk {
+                    path: staging(ctx, &d.name),
+                    format: ferry_convert::ImageFormat::Raw,
+                },
+            )
+        })
+        .collect();
+    let macs: Vec<String> = ctx
+        .workload
+        .nics
+        .iter()
+        .map(|n| n.mac.clone().unwrap_or_else(|| step::made_mac(ctx)))
+        .collect();
+    let kvm = ferry_qemu::detect_accel().await == ferry_qemu::Accel::Kvm;
+    let (policy, tools) = step::tools(ctx, &ctx.work_dir.join("guestfs"), kvm).await;
+    let req = ferry_convert::BootRequest {
+        name: ctx.workload.name.clone(),
+        bases,
+        copy_first: false,
+        nics: step::guest_nics(ctx, &macs),
+        dir: boot_dir(ctx, role),
+        policy,
+    };
+    let mut p = ferry_convert::prepare(&tools, &req)
+        .await
+        .map_err(|e| step::prepare_error(ctx, e))?;
+    if p.emulated {
+        // A manager's instance type fixes the devices: there is nothing to fall back to.
+        return Err(AdapterError::permanent(format!(
+            "{}; VME boots instances on virtio only, so the guest must be converted: fix it, or set the profile's conversion to \"none\" to deliver it as synced",
+            p.warnings.join("; ")
+        )));
+    }
+    p.warnings.push(
+        "on VME the instance's NIC may get a MAC address other than the source's; the guest's interface name is pinned to the source's MAC".into(),
+    );
+    Ok(Some(step::boot_prep(&p)))
+}
+
 fn boot_timeout(ctx: &StepContext) -> Duration {
     Duration::from_secs(
         ctx.target
@@ -216,7 +286,11 @@ async fn deploy(ctx: &StepContext, role: Role) -> AResult<()> {
             disks.len()
         )));
     }
-    let synced = staging(ctx, &disks[0].name);
+    // A converted overlay when the guest was converted for this boot, else the synced disk.
+    let (synced, format) = match ferry_convert::Prepared::load(&boot_dir(ctx, role)) {
+        Some(p) if p.converted => (p.disks[0].1.clone(), "qcow2"),
+        _ => (staging(ctx, &disks[0].name), "raw"),
+    };
     if !synced.exists() {
         return Err(AdapterError::permanent(format!(
             "no complete sync of disk '{}' to deliver ({} is missing): run a sync first",
@@ -226,7 +300,7 @@ async fn deploy(ctx: &StepContext, role: Role) -> AResult<()> {
     }
     let spec = instance_spec(&c, ctx, role).await?;
     let t = Instant::now();
-    let got = provision::deliver_image_mode(&c, &synced, &ctx.work_dir.join("vme"), &spec)
+    let got = provision::deliver_image_mode(&c, &synced, format, &ctx.work_dir.join("vme"), &spec)
         .await
         .map_err(api_err)?;
     state::save(
@@ -266,6 +340,15 @@ async fn undeploy(ctx: &StepContext, role: Role) -> AResult<()> {
     match provision::delete_image(&c, d.image_id).await {
         Ok(()) | Err(MorpheusError::NotFound { .. }) => {}
         Err(e) => return Err(api_err(e)),
+    }
+    match tokio::fs::remove_dir_all(boot_dir(ctx, role)).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(AdapterError::transient(format!(
+                "removing the converted overlay {}: {e}",
+                boot_dir(ctx, role).display()
+            )))
+        }
+        _ => {}
     }
     state::clear(ctx, role)
 }
@@ -335,6 +418,18 @@ impl TargetAdapter for VmeTarget {
             return delta::destination(ctx, disk);
         }
         Ok(DiskDestination::Local(staging(ctx, &disk.name)))
+    }
+
+    async fn prepare_boot(
+        &self,
+        ctx: &StepContext,
+        phase: CheckPhase,
+    ) -> AResult<Option<ferry_adapter::BootPrep>> {
+        let role = match phase {
+            CheckPhase::Uat => Role::Test,
+            CheckPhase::Final => Role::Production,
+        };
+        prepare_image_boot(ctx, role).await
     }
 
     async fn start_test_instance(&self, ctx: &StepContext) -> AResult<()> {

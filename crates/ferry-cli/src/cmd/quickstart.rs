@@ -37,6 +37,12 @@ pub struct Args {
     /// Size of the source disk with --disk-only.
     #[arg(long, default_value = "2G", value_parser = parse_size)]
     size: u64,
+    /// The source guest: `virtio` (a KVM guest) or `vmware` (a guest installed on VMware
+    /// hardware — PVSCSI disk, VMXNET3 NIC, open-vm-tools, an initramfs without virtio
+    /// drivers, a static address on its predictable NIC name — which Ferry converts
+    /// before its test and production boots).
+    #[arg(long, default_value = "virtio", value_parser = ["virtio", "vmware"])]
+    guest: String,
 }
 
 const GUEST_IP: &str = "10.200.1.10";
@@ -162,8 +168,18 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
     std::fs::create_dir_all(&lay.data)
         .with_context(|| format!("creating {}", lay.data.display()))?;
 
-    step(1, "the guest image", "A small Debian guest (systemd, qemu-guest-agent, a web service and a ledger that appends numbered, fsync'ed records), built once with debootstrap and cached outside the repository.");
-    let image = tokio::task::spawn_blocking(|| ferry_qemu::testbed::guest_image(true))
+    let vmware = args.guest == "vmware";
+    if vmware {
+        step(1, "the guest image", "A small Debian guest as installed on VMware: GRUB, a PVSCSI disk, a VMXNET3 NIC with a static address on its predictable name, open-vm-tools, and an initramfs built host-only (no virtio drivers); plus a web service and a ledger that appends numbered, fsync'ed records. Built once with debootstrap and cached outside the repository.");
+    } else {
+        step(1, "the guest image", "A small Debian guest (systemd, qemu-guest-agent, a web service and a ledger that appends numbered, fsync'ed records), built once with debootstrap and cached outside the repository.");
+    }
+    let which = if vmware {
+        ferry_qemu::testbed::Guest::Vmware
+    } else {
+        ferry_qemu::testbed::Guest::Virtio
+    };
+    let image = tokio::task::spawn_blocking(move || ferry_qemu::testbed::image(which, true))
         .await?
         .context("preparing the guest image")?;
     let manifest: Value = serde_json::from_slice(&std::fs::read(image.join("manifest.json"))?)?;
@@ -193,11 +209,16 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
     }
     let tap = prod.add_tap(&format!("fqs{}", lay.suffix))?;
     let mut spec = VmSpec::new("web", &lay.source_run(), accel.accel);
-    spec.kernel = Some(image.join("vmlinuz"));
-    spec.initrd = Some(image.join("initrd.img"));
-    spec.append = Some(format!(
-        "{base_append} ferry.ip={GUEST_IP}/24 ferry.gw=10.200.1.1"
-    ));
+    if vmware {
+        // Its own boot loader, on the devices it was installed on.
+        spec.hardware = ferry_qemu::Hardware::Vmware;
+    } else {
+        spec.kernel = Some(image.join("vmlinuz"));
+        spec.initrd = Some(image.join("initrd.img"));
+        spec.append = Some(format!(
+            "{base_append} ferry.ip={GUEST_IP}/24 ferry.gw=10.200.1.1"
+        ));
+    }
     spec.disks = vec![VmDisk {
         path: src_disk.clone(),
         format: "qcow2".into(),
@@ -297,16 +318,23 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
             &json!({"name": "kvm-host", "kind": "kvm", "config": {"vm_dir": lay.vm_dir()}}),
         )
         .await?;
+    // The virtio guest has no boot loader: the target boots it with the host's kernel.
+    // A converted guest boots with its own.
+    let target_config = if vmware {
+        json!({"path": lay.target_dir(), "gateway": GATEWAY})
+    } else {
+        json!({
+            "path": lay.target_dir(),
+            "kernel": image.join("vmlinuz"),
+            "initrd": image.join("initrd.img"),
+            "append": format!("{base_append} ferry.ip={{ip}}/24 ferry.gw=10.200.1.1"),
+            "gateway": GATEWAY,
+        })
+    };
     let _: Value = client
         .post(
             "/api/targets",
-            &json!({"name": "local", "kind": "local", "config": {
-                "path": lay.target_dir(),
-                "kernel": image.join("vmlinuz"),
-                "initrd": image.join("initrd.img"),
-                "append": format!("{base_append} ferry.ip={{ip}}/24 ferry.gw=10.200.1.1"),
-                "gateway": GATEWAY,
-            }}),
+            &json!({"name": "local", "kind": "local", "config": target_config}),
         )
         .await?;
     let found: Vec<Value> = client
@@ -324,6 +352,7 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
     let _: Value = client.post("/api/profiles", &json!({
         "name": "quickstart",
         "target": "local",
+        "conversion": if vmware { "required" } else { "auto" },
         "services_to_stop": SERVICES,
         "uat": {"network": lay.uat_ns},
         "validation": [
@@ -372,6 +401,7 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
     let events: Vec<Value> = client
         .get(&format!("/api/migrations/{id}/events?limit=1000"))
         .await?;
+    print_conversion(&events, "uat");
     if let Some(e) = events.iter().rev().find(|e| e["kind"] == "uat.validation") {
         println!("    {}", e["message"].as_str().unwrap_or(""));
     }
@@ -384,6 +414,12 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
     );
     if verdict != "passed" {
         bail!("the UAT did not pass: see `ferry migration show {id}` and its events");
+    }
+    if vmware {
+        println!("\n[9b] a delta after UAT\n    The test instance booted a converted overlay; the synced disk is still the source's, byte for byte, so replication goes on into it.");
+        command(&client, id, Command::Sync).await?;
+        wait(&client, id, &[State::Synced]).await?;
+        report_last_sync(&client, id).await?;
     }
 
     step(10, "cutover", "Stop the services through the guest agent and note the last acknowledged ledger record, final delta, shut the source down, start the target on the production network with the source's address, update DNS, validate (HTTP, TCP, a command, and every acknowledged record present).");
@@ -428,6 +464,11 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
     println!("    ledger: the source acknowledged {captured} records before its services stopped ({acked_before} seen over HTTP before the cutover began); the target holds all of them");
     if dns.addrs.iter().all(|a| a.to_string() != GUEST_IP) {
         bail!("the DNS record does not point at the target");
+    }
+    print_conversion(&facts, "production");
+    if vmware {
+        let nic = manifest["nic_name"].as_str().unwrap_or("").to_string();
+        check_converted(&lay, &nic).await?;
     }
 
     let d: Value = client.get(&format!("/api/migrations/{id}")).await?;
@@ -480,6 +521,63 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
         dt["total_ms"].as_f64().unwrap_or(0.0) / 1000.0
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The conversion events of one phase (`uat` or `production`), as the migration has them.
+fn print_conversion(events: &[Value], phase: &str) {
+    for e in events
+        .iter()
+        .filter(|e| e["kind"] == "conversion" && e["data"]["phase"] == phase)
+    {
+        println!("    {}", e["message"].as_str().unwrap_or(""));
+    }
+    for e in events.iter().filter(|e| e["kind"] == "warning") {
+        println!("    warning: {}", e["message"].as_str().unwrap_or(""));
+    }
+}
+
+/// What conversion must have changed in the running target, asked of its guest agent:
+/// VMware's tools gone, virtio drivers in the initramfs it booted, the NIC's old name.
+async fn check_converted(lay: &Layout, nic: &str) -> Result<()> {
+    let run = find_run_dirs(&lay.target_dir())
+        .into_iter()
+        .find(|r| !r.to_string_lossy().contains("/uat/"))
+        .ok_or_else(|| {
+            anyhow!(
+                "no running target instance under {}",
+                lay.target_dir().display()
+            )
+        })?;
+    let vm = Vm::attach(&run)?;
+    let checks = [
+        (
+            "open-vm-tools removed",
+            "! dpkg-query -W -f='${Status}' open-vm-tools 2>/dev/null | grep -q 'ok installed'"
+                .to_string(),
+        ),
+        (
+            "virtio_blk in the initramfs it booted",
+            "lsinitramfs /boot/initrd.img-$(uname -r) | grep -q '/virtio_blk.ko'".to_string(),
+        ),
+        (
+            "its disk on virtio",
+            "ls /sys/bus/virtio/drivers/virtio_blk | grep -q virtio".to_string(),
+        ),
+        (
+            "its NIC keeps its name",
+            format!(
+                "ip -o link show {} | grep -q 'state UP'",
+                crate::cmd::util::shell_word(nic)
+            ),
+        ),
+    ];
+    for (what, cmd) in checks {
+        if !guest_succeeds(&vm, &cmd).await? {
+            bail!("the converted target fails the check '{what}' ({cmd})");
+        }
+        println!("    target: {what}");
+    }
+    Ok(())
 }
 
 fn client_url(lay: &Layout) -> Result<String> {

@@ -92,6 +92,11 @@ pub async fn write_via_qemu_nbd(
     Ok(())
 }
 
+/// `s` single-quoted for a POSIX shell.
+pub fn shell_word(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,8 @@
 //! The libvirt domain description virt-v2v reads as its input (`-i libvirtxml`): every
 //! disk with its format stated, the NICs with their MACs, VMware's device models (what
-//! the guest was installed on), and the inspector's answer.
+//! the guest was installed on).
 
-use crate::{GuestDisk, GuestNic, Inspection};
+use crate::{GuestDisk, GuestNic};
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -50,43 +50,6 @@ pub(crate) fn libvirt_xml(name: &str, disks: &[GuestDisk], nics: &[GuestNic]) ->
     x
 }
 
-/// The inspector's `-O` document: `<v2v-inspection><operatingsystem>…`.
-pub(crate) fn parse_inspection(xml: &str) -> Result<Inspection, String> {
-    let doc = roxmltree::Document::parse(xml)
-        .map_err(|e| format!("its inspection document is not XML: {e}"))?;
-    let mut i = Inspection::default();
-    let text = |n: roxmltree::Node| {
-        n.text()
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty())
-    };
-    let os = doc
-        .descendants()
-        .find(|n| n.has_tag_name("operatingsystem"))
-        .ok_or("its inspection document names no operating system")?;
-    for c in os.children().filter(|c| c.is_element()) {
-        let v = text(c);
-        match c.tag_name().name() {
-            "name" => i.os_type = v,
-            "distro" => i.distro = v,
-            "product_name" => i.product_name = v,
-            "osinfo" => i.osinfo = v,
-            "major_version" => i.major_version = v,
-            "minor_version" => i.minor_version = v,
-            "arch" => i.arch = v,
-            "package_format" => i.package_format = v,
-            _ => {}
-        }
-    }
-    if let Some(f) = doc.descendants().find(|n| n.has_tag_name("firmware")) {
-        i.firmware = f.attribute("type").map(str::to_string).or_else(|| text(f));
-    }
-    if let Some(b) = doc.descendants().find(|n| n.has_tag_name("bootloader")) {
-        i.bootloader = b.attribute("type").map(str::to_string).or_else(|| text(b));
-    }
-    Ok(i)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,16 +76,5 @@ mod tests {
         roxmltree::Document::parse(&x).unwrap();
         assert_eq!(scsi_name(0), "sda");
         assert_eq!(scsi_name(26), "sdaa");
-    }
-
-    #[test]
-    fn inspection_fields() {
-        let x = "<v2v-inspection><operatingsystem><name>linux</name><distro>debian</distro><osinfo>debian12</osinfo><arch>x86_64</arch><major_version>12</major_version><product_name>Debian GNU/Linux 12 (bookworm)</product_name></operatingsystem><firmware type='bios'/></v2v-inspection>";
-        let i = parse_inspection(x).unwrap();
-        assert_eq!(i.distro.as_deref(), Some("debian"));
-        assert_eq!(i.firmware.as_deref(), Some("bios"));
-        assert_eq!(i.summary(), "Debian GNU/Linux 12 (bookworm), x86_64, bios");
-        assert!(parse_inspection("<x/>").is_err());
-        assert!(parse_inspection("not xml").is_err());
     }
 }

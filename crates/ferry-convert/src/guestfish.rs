@@ -35,7 +35,7 @@ impl Guestfish {
         }
         args.push("-i".into());
         let argv: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-        let ran = tools.run("guestfish", &argv, log).await?;
+        let ran = tools.run_daemonizing("guestfish", &argv, log).await?;
         if !ran.status.success() {
             return Ok(Err(error_line(&ran.output)));
         }
@@ -81,6 +81,87 @@ impl Guestfish {
             why: format!("{}: {why}", args.join(" ")),
             log: self.log.clone(),
         })
+    }
+
+    /// What libguestfs' inspection found: the guest's OS (`-i` already mounted it).
+    pub(crate) async fn inspect(&self) -> Result<crate::Inspection, ConvertError> {
+        let roots = self.must(&["inspect-get-roots"]).await?;
+        let Some(root) = roots
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("/dev/"))
+        else {
+            return Err(ConvertError::NotConvertible {
+                why: "libguestfs found no operating system on the disks".into(),
+            });
+        };
+        let root = root.to_string();
+        let get = |what: &'static str| {
+            let root = root.clone();
+            async move {
+                self.call(&[what, &root]).await.map(|r| {
+                    r.ok()
+                        .map(|v| v.trim().to_string())
+                        .filter(|v| !v.is_empty() && v != "unknown")
+                })
+            }
+        };
+        let mut i = crate::Inspection {
+            os_type: get("inspect-get-type").await?,
+            distro: get("inspect-get-distro").await?,
+            product_name: get("inspect-get-product-name").await?,
+            osinfo: get("inspect-get-osinfo").await?,
+            major_version: get("inspect-get-major-version").await?,
+            minor_version: get("inspect-get-minor-version").await?,
+            arch: get("inspect-get-arch").await?,
+            package_format: get("inspect-get-package-format").await?,
+            ..crate::Inspection::default()
+        };
+        let mounts = self.must(&["inspect-get-mountpoints", &root]).await?;
+        i.firmware = Some(if mounts.lines().any(|l| l.starts_with("/boot/efi:")) {
+            "uefi".into()
+        } else {
+            "bios".into()
+        });
+        for (cfg, loader) in [
+            ("/boot/grub/grub.cfg", "grub2"),
+            ("/boot/grub2/grub.cfg", "grub2"),
+            ("/boot/grub/menu.lst", "grub"),
+            ("/boot/extlinux/extlinux.conf", "extlinux"),
+        ] {
+            if self.is_file(cfg).await? {
+                i.bootloader = Some(loader.into());
+                break;
+            }
+        }
+        Ok(i)
+    }
+
+    /// (device, file system type) of every file system libguestfs sees.
+    pub(crate) async fn list_filesystems(&self) -> Result<Vec<(String, String)>, ConvertError> {
+        Ok(self
+            .must(&["list-filesystems"])
+            .await?
+            .lines()
+            .filter_map(|l| l.split_once(": "))
+            .filter(|(d, _)| d.starts_with("/dev/") && !d.contains(char::is_whitespace))
+            .map(|(d, t)| (d.to_string(), t.trim().to_string()))
+            .collect())
+    }
+
+    /// The UUID of the file system on `dev`, if it has one (a guest chooses it: only
+    /// hex digits and dashes pass).
+    pub(crate) async fn vfs_uuid(&self, dev: &str) -> Result<Option<String>, ConvertError> {
+        let u = match self.call(&["vfs-uuid", dev]).await? {
+            Ok(u) => u.trim().to_string(),
+            Err(_) => return Ok(None),
+        };
+        Ok(
+            (!u.is_empty()
+                && u.len() <= 64
+                && u.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+            .then_some(u),
+        )
     }
 
     pub(crate) async fn is_file(&self, path: &str) -> Result<bool, ConvertError> {

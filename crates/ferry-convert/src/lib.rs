@@ -2,7 +2,7 @@
 //! VMXNET3 NICs, VMware Tools, an initramfs with only those drivers) made to boot on
 //! KVM's virtio devices with its network identity kept.
 //!
-//! The field's tools do the work, driven from here: `virt-v2v-inspector` says what the
+//! The field's tools do the work, driven from here: libguestfs' inspection says what the
 //! guest is, `virt-v2v-in-place` converts it (virtio drivers into the initramfs, VMware
 //! Tools removed, device names in fstab and the boot loader rewritten), and a libguestfs
 //! appliance (`guestfish`) reads the guest's network configuration and pins each source
@@ -114,7 +114,7 @@ pub struct Request {
     pub work_dir: PathBuf,
 }
 
-/// What `virt-v2v-inspector` found.
+/// What inspection found (libguestfs' own inspection of the guest's file systems).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inspection {
     /// `linux`, `windows`, …
@@ -128,7 +128,7 @@ pub struct Inspection {
     pub package_format: Option<String>,
     /// `bios` or `uefi`.
     pub firmware: Option<String>,
-    /// The boot loader the guest has (`grub2`, …), as virt-v2v reports it.
+    /// The boot loader the guest has (`grub2`, …), from its configuration files.
     pub bootloader: Option<String>,
     pub took_ms: u64,
 }
@@ -256,67 +256,46 @@ async fn write_domain(req: &Request) -> Result<PathBuf, ConvertError> {
     Ok(path)
 }
 
-/// `virt-v2v-inspector` on the disks: what OS, which boot loader and firmware.
-pub async fn inspect(tools: &Tools, req: &Request) -> Result<Inspection, ConvertError> {
-    let dom = write_domain(req).await?;
-    let log = log_path(req);
-    let out = req.work_dir.join("inspection.xml");
-    let _ = tokio::fs::remove_file(&out).await;
-    let ran = tools
-        .run(
-            "virt-v2v-inspector",
-            &[
-                "-i".as_ref(),
-                "libvirtxml".as_ref(),
-                dom.as_os_str(),
-                "-O".as_ref(),
-                out.as_os_str(),
-            ],
-            &log,
-        )
-        .await?;
-    if !ran.status.success() {
-        return Err(ConvertError::NotConvertible {
-            why: run::error_line(&ran.output),
-        });
-    }
-    let xml = tokio::fs::read_to_string(&out)
-        .await
-        .map_err(|e| ConvertError::Io {
-            what: "reading",
-            path: out.clone(),
-            source: e,
-        })?;
-    let mut i = domain::parse_inspection(&xml).map_err(|why| ConvertError::Failed {
-        tool: "virt-v2v-inspector".into(),
-        why,
-        log: log.clone(),
-    })?;
-    i.took_ms = ran.took.as_millis() as u64;
-    Ok(i)
-}
-
 /// Inspects, pins the network identity, and converts the overlays in place.
 pub async fn convert(tools: &Tools, req: &Request) -> Result<Report, ConvertError> {
     let log = log_path(req);
+    tokio::fs::create_dir_all(&req.work_dir)
+        .await
+        .map_err(|e| ConvertError::Io {
+            what: "creating",
+            path: req.work_dir.clone(),
+            source: e,
+        })?;
     let _ = tokio::fs::remove_file(&log).await;
     let mut report = Report {
         log: log.clone(),
         ..Report::default()
     };
+    // One libguestfs appliance for inspection and the network: under software emulation
+    // each boot of one costs half a minute. virt-v2v-inspector is not used, because it
+    // runs a whole conversion into a throwaway overlay to report what it would do
+    // (172 s under TCG on the test guest): what it prints is what virt-v2v-in-place
+    // prints anyway. The network goes first: the .link files must be in place when
+    // virt-v2v rebuilds the initramfs, whose udev names the NICs before the root is
+    // mounted.
     let t = Instant::now();
-    report.inspection = inspect(tools, req).await?;
+    let g = match guestfish::Guestfish::open(tools, &req.disks, &log).await? {
+        Ok(g) => g,
+        Err(why) => return Err(ConvertError::NotConvertible { why }),
+    };
+    report.inspection = g.inspect().await?;
+    report.inspection.took_ms = ms(t.elapsed());
     report.inspect_ms = ms(t.elapsed());
-    if report.inspection.is_windows() {
+    if report.inspection.is_windows() && std::env::var_os("VIRTIO_WIN").is_none() {
+        g.close().await?;
         return Err(ConvertError::NotConvertible {
-            why: "a Windows guest needs virtio-win drivers and rhsrvany, which this appliance does not have".into(),
+            why: "a Windows guest needs the virtio-win drivers (VIRTIO_WIN) and rhsrvany, which this appliance does not have".into(),
         });
     }
-
-    // The network first: the .link files must be in place when virt-v2v rebuilds the
-    // initramfs, whose udev names the NICs before the root is mounted.
+    stable_device_names(&g, &mut report).await?;
     let t = Instant::now();
-    pin_network(tools, req, &mut report).await?;
+    pin_network(&g, req, &mut report).await?;
+    g.close().await?;
     report.network_ms = ms(t.elapsed());
 
     let t = Instant::now();
@@ -331,20 +310,113 @@ pub async fn convert(tools: &Tools, req: &Request) -> Result<Report, ConvertErro
     report.convert_ms = ms(t.elapsed());
     if !ran.status.success() {
         let why = run::error_line(&ran.output);
-        return Err(
-            if why.contains("inspection") || why.contains("not supported") {
-                ConvertError::NotConvertible { why }
-            } else {
-                ConvertError::Failed {
-                    tool: "virt-v2v-in-place".into(),
-                    why,
-                    log,
-                }
-            },
-        );
+        return Err(if not_convertible(&why) {
+            ConvertError::NotConvertible { why }
+        } else {
+            ConvertError::Failed {
+                tool: "virt-v2v-in-place".into(),
+                why,
+                log,
+            }
+        });
     }
-    report.changes = changes(&ran.output);
+    report.changes.extend(changes(&ran.output));
     Ok(report)
+}
+
+/// Files that name the root and other file systems by device.
+const DEVICE_NAME_FILES: &[&str] = &[
+    "/etc/fstab",
+    "/etc/default/grub",
+    "/boot/grub/grub.cfg",
+    "/boot/grub2/grub.cfg",
+    "/boot/grub/menu.lst",
+];
+
+/// Replaces SCSI device names (`/dev/sda1`) in fstab and the boot loader's configuration
+/// with `UUID=…` of the file system on them. On virtio the disk is `/dev/vda`, and
+/// virt-v2v could not always rewrite Debian's GRUB configuration itself ("could not
+/// determine a way to update the configuration of Grub2"); a UUID names the same file
+/// system on any bus. The guest's SCSI disks are in its disk order, as the appliance's
+/// are, so `/dev/sdb2` there is `/dev/sdb2` here.
+async fn stable_device_names(
+    g: &guestfish::Guestfish,
+    report: &mut Report,
+) -> Result<(), ConvertError> {
+    let mut uuids: Vec<(String, String)> = vec![];
+    for line in g.list_filesystems().await? {
+        let (dev, _fs) = line;
+        if !dev.starts_with("/dev/sd") {
+            continue;
+        }
+        if let Some(u) = g.vfs_uuid(&dev).await? {
+            uuids.push((dev, u));
+        }
+    }
+    // /dev/sda10 before /dev/sda1.
+    uuids.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+    for f in DEVICE_NAME_FILES {
+        let Some(text) = g.read(f).await? else {
+            continue;
+        };
+        let (new, changed) = replace_devices(&text, &uuids);
+        if !changed.is_empty() {
+            g.write(f, &new).await?;
+            report
+                .changes
+                .push(format!("{f}: {} named by UUID", changed.join(", ")));
+        }
+    }
+    Ok(())
+}
+
+/// `text` with each whole device name of `uuids` replaced by `UUID=…`; the names changed.
+fn replace_devices(text: &str, uuids: &[(String, String)]) -> (String, Vec<String>) {
+    let mut out = text.to_string();
+    let mut changed = vec![];
+    for (dev, uuid) in uuids {
+        let mut result = String::with_capacity(out.len());
+        let mut rest = out.as_str();
+        let mut hit = false;
+        while let Some(i) = rest.find(dev.as_str()) {
+            let after = &rest[i + dev.len()..];
+            let whole = !after
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric());
+            result.push_str(&rest[..i]);
+            if whole {
+                result.push_str(&format!("UUID={uuid}"));
+                hit = true;
+            } else {
+                result.push_str(dev);
+            }
+            rest = after;
+        }
+        result.push_str(rest);
+        out = result;
+        if hit {
+            changed.push(dev.clone());
+        }
+    }
+    (out, changed)
+}
+
+/// virt-v2v's words for a guest it cannot convert (as opposed to a failure to run).
+fn not_convertible(why: &str) -> bool {
+    let w = why.to_ascii_lowercase();
+    [
+        "inspection",
+        "not supported",
+        "unsupported",
+        "no bootloader",
+        "no root device",
+        "multi-boot",
+        "not a linux or windows",
+        "no kernels",
+    ]
+    .iter()
+    .any(|p| w.contains(p))
 }
 
 fn ms(d: Duration) -> u64 {
@@ -375,14 +447,10 @@ fn changes(output: &str) -> Vec<String> {
 /// `.link` file giving the interface that replaces it its old name; configuration that
 /// matches a NIC by its old MAC is rewritten for the new one.
 async fn pin_network(
-    tools: &Tools,
+    g: &guestfish::Guestfish,
     req: &Request,
     report: &mut Report,
 ) -> Result<(), ConvertError> {
-    let g = match guestfish::Guestfish::open(tools, &req.disks, &report.log).await? {
-        Ok(g) => g,
-        Err(why) => return Err(ConvertError::NotConvertible { why }),
-    };
     let mut files: Vec<String> = netconf::CONFIG_FILES
         .iter()
         .map(|s| s.to_string())
@@ -423,7 +491,7 @@ async fn pin_network(
         g.write(&p.link_file, &content).await?;
         report.pinned.push(p);
     }
-    g.close().await
+    Ok(())
 }
 
 struct Plan {
@@ -623,6 +691,23 @@ mod tests {
         );
         assert!(p.pins.is_empty());
         assert_eq!(p.warnings.len(), 2);
+    }
+
+    #[test]
+    fn device_names_become_uuids_whole_names_only() {
+        let u = vec![
+            ("/dev/sda10".to_string(), "u10".to_string()),
+            ("/dev/sda1".to_string(), "u1".to_string()),
+        ];
+        let (t, c) = replace_devices(
+            "/dev/sda1 / ext4 defaults 0 1\n/dev/sda10 /srv ext4 defaults 0 2\nlinux /vmlinuz root=/dev/sda1 ro\n/dev/sda1x\n",
+            &u,
+        );
+        assert_eq!(
+            t,
+            "UUID=u1 / ext4 defaults 0 1\nUUID=u10 /srv ext4 defaults 0 2\nlinux /vmlinuz root=UUID=u1 ro\n/dev/sda1x\n"
+        );
+        assert_eq!(c, vec!["/dev/sda10", "/dev/sda1"]);
     }
 
     #[test]

@@ -36,7 +36,6 @@ impl Default for Tools {
 pub(crate) struct Ran {
     pub status: std::process::ExitStatus,
     pub output: String,
-    pub took: Duration,
 }
 
 impl Tools {
@@ -124,8 +123,80 @@ impl Tools {
         Ok(Ran {
             status: out.status,
             output,
-            took: started.elapsed(),
         })
+    }
+}
+
+impl Tools {
+    /// Starts a program that leaves a daemon behind (`guestfish --listen`) and waits for
+    /// the program itself, not for its output to end: the daemon keeps the output open
+    /// for as long as it lives. What it printed is read back from a file.
+    pub(crate) async fn run_daemonizing(
+        &self,
+        program: &str,
+        args: &[&std::ffi::OsStr],
+        log: &Path,
+    ) -> Result<Ran, ConvertError> {
+        let out_path = log.with_extension("listen");
+        let file = std::fs::File::create(&out_path).map_err(|e| ConvertError::Io {
+            what: "creating",
+            path: out_path.clone(),
+            source: e,
+        })?;
+        let err = file.try_clone().map_err(|e| ConvertError::Io {
+            what: "opening",
+            path: out_path.clone(),
+            source: e,
+        })?;
+        let mut c = self.command(program);
+        c.args(args).stdout(file).stderr(err);
+        let started = Instant::now();
+        let mut child = c.spawn().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                ConvertError::ToolMissing {
+                    tool: program.to_string(),
+                }
+            } else {
+                ConvertError::Io {
+                    what: "starting",
+                    path: PathBuf::from(program),
+                    source: e,
+                }
+            }
+        })?;
+        let status = match tokio::time::timeout(self.timeout, child.wait()).await {
+            Ok(r) => r.map_err(|e| ConvertError::Io {
+                what: "waiting for",
+                path: PathBuf::from(program),
+                source: e,
+            })?,
+            Err(_) => {
+                return Err(ConvertError::Timeout {
+                    tool: program.to_string(),
+                    secs: self.timeout.as_secs(),
+                    log: log.to_path_buf(),
+                })
+            }
+        };
+        let output = std::fs::read_to_string(&out_path).unwrap_or_default();
+        let _ = std::fs::remove_file(&out_path);
+        let mut f = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .await
+            .map_err(|e| ConvertError::Io {
+                what: "writing",
+                path: log.to_path_buf(),
+                source: e,
+            })?;
+        let head = format!(
+            "\n==== {program} (started a daemon; {status} in {:.1} s)\n",
+            started.elapsed().as_secs_f64()
+        );
+        let _ = f.write_all(head.as_bytes()).await;
+        let _ = f.write_all(output.as_bytes()).await;
+        Ok(Ran { status, output })
     }
 }
 

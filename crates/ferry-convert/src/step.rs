@@ -96,3 +96,46 @@ pub fn prepare_error(ctx: &StepContext, e: PrepareError) -> AdapterError {
         )),
     }
 }
+
+/// Whether this appliance can convert a Windows guest: virt-v2v needs the virtio-win
+/// drivers (`VIRTIO_WIN`: an ISO or a directory) and rhsrvany, which Debian does not
+/// package. The error names what is missing and what to do.
+pub fn windows_ready(workload: &str, os: Option<&str>) -> Result<(), AdapterError> {
+    let os = os.unwrap_or("Windows");
+    let Some(path) = std::env::var_os("VIRTIO_WIN").map(std::path::PathBuf::from) else {
+        return Err(AdapterError::permanent(format!(
+            "workload '{workload}' runs {os}: converting Windows needs the virtio-win drivers and rhsrvany; set VIRTIO_WIN in the appliance's environment to the virtio-win ISO or directory (and install rhsrvany under /usr/share/virt-tools), or set the profile's conversion to \"none\""
+        )));
+    };
+    if !path.exists() {
+        return Err(AdapterError::permanent(format!(
+            "workload '{workload}' runs {os}: VIRTIO_WIN names {}, which does not exist: point it at the virtio-win ISO or directory",
+            path.display()
+        )));
+    }
+    let rhsrvany = std::path::Path::new("/usr/share/virt-tools/rhsrvany.exe");
+    if !rhsrvany.exists() {
+        return Err(AdapterError::permanent(format!(
+            "workload '{workload}' runs {os}: {} is missing; virt-v2v needs rhsrvany (from the rhsrvany project) to run its first-boot scripts in Windows",
+            rhsrvany.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_windows_guest_without_drivers_is_refused_with_the_fix() {
+        // Nothing here sets VIRTIO_WIN or installs rhsrvany.
+        let e = windows_ready("dc01", Some("Microsoft Windows Server 2019")).unwrap_err();
+        assert!(!e.retryable);
+        assert!(
+            e.message.contains("VIRTIO_WIN") || e.message.contains("rhsrvany"),
+            "{}",
+            e.message
+        );
+    }
+}

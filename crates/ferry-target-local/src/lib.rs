@@ -311,11 +311,7 @@ impl TargetAdapter for LocalTarget {
                 .as_deref()
                 .is_some_and(|o| o.to_ascii_lowercase().contains("windows"))
         {
-            return Err(AdapterError::permanent(format!(
-                "workload '{}' runs {}: converting Windows needs the virtio-win drivers and rhsrvany, which the local target does not have; see the README's Windows section, or set the profile's conversion to \"none\"",
-                ctx.workload.name,
-                ctx.workload.os.as_deref().unwrap_or("Windows")
-            )));
+            ferry_convert::step::windows_ready(&ctx.workload.name, ctx.workload.os.as_deref())?;
         }
         tokio::fs::create_dir_all(&p.dir).await.map_err(|e| {
             AdapterError::permanent(format!(

@@ -267,7 +267,10 @@ pub struct Downtime {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DowntimePhase {
-    pub phase: Step,
+    /// A cutover step (`stop_services`, `final_delta`, `shutdown_source`, `start_target`,
+    /// `post_cutover`, `final_validation`) or `conversion`, the guest's conversion
+    /// within `start_target`.
+    pub phase: String,
     pub ms: i64,
 }
 

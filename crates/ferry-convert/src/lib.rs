@@ -136,12 +136,25 @@ pub struct Inspection {
 impl Inspection {
     /// "Debian GNU/Linux 12 (bookworm), x86_64, bios".
     pub fn summary(&self) -> String {
-        let os = self
-            .product_name
-            .clone()
-            .or_else(|| self.distro.clone())
-            .or_else(|| self.os_type.clone())
-            .unwrap_or_else(|| "an unknown OS".into());
+        // Debian's "product name" is its version alone ("12.15"): the distribution goes
+        // in front of a name that does not say it.
+        let distro = self.distro.as_deref().map(|d| {
+            let mut c = d.chars();
+            c.next()
+                .map(|f| f.to_uppercase().chain(c).collect::<String>())
+                .unwrap_or_default()
+        });
+        let os = match (distro, self.product_name.clone()) {
+            (Some(d), Some(p)) if !p.to_ascii_lowercase().contains(&d.to_ascii_lowercase()) => {
+                format!("{d} {p}")
+            }
+            (_, Some(p)) => p,
+            (Some(d), None) => d,
+            (None, None) => self
+                .os_type
+                .clone()
+                .unwrap_or_else(|| "an unknown OS".into()),
+        };
         let mut parts = vec![os];
         parts.extend(self.arch.clone());
         parts.extend(self.firmware.clone());

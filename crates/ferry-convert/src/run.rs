@@ -68,66 +68,18 @@ impl Tools {
         let mut c = self.command(program);
         c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
         let started = Instant::now();
-        let child = c.spawn().map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                ConvertError::ToolMissing {
-                    tool: program.to_string(),
-                }
-            } else {
-                ConvertError::Io {
-                    what: "starting",
-                    path: PathBuf::from(program),
-                    source: e,
-                }
-            }
-        })?;
-        tracing::debug!(tool = program, "started");
-        let out = match tokio::time::timeout(self.timeout, child.wait_with_output()).await {
-            Ok(r) => r.map_err(|e| ConvertError::Io {
-                what: "waiting for",
-                path: PathBuf::from(program),
-                source: e,
-            })?,
-            // Dropping the future kills the child (kill_on_drop).
-            Err(_) => {
-                return Err(ConvertError::Timeout {
-                    tool: program.to_string(),
-                    secs: self.timeout.as_secs(),
-                    log: log.to_path_buf(),
-                })
-            }
-        };
+        let child = spawn(&mut c, program)?;
+        // Dropping the future on a timeout kills the child (kill_on_drop).
+        let out = self.within(program, log, child.wait_with_output()).await?;
         let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
         output.push_str(&String::from_utf8_lossy(&out.stderr));
-        let mut f = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .await
-            .map_err(|e| ConvertError::Io {
-                what: "writing",
-                path: log.to_path_buf(),
-                source: e,
-            })?;
-        let head = format!(
-            "\n==== {program} {} ({} in {:.1} s)\n",
-            args.iter()
-                .map(|a| a.to_string_lossy())
-                .collect::<Vec<_>>()
-                .join(" "),
-            out.status,
-            started.elapsed().as_secs_f64()
-        );
-        let _ = f.write_all(head.as_bytes()).await;
-        let _ = f.write_all(output.as_bytes()).await;
+        append_log(log, program, args, out.status, started, &output).await?;
         Ok(Ran {
             status: out.status,
             output,
         })
     }
-}
 
-impl Tools {
     /// Starts a program that leaves a daemon behind (`guestfish --listen`) and waits for
     /// the program itself, not for its output to end: the daemon keeps the output open
     /// for as long as it lives. What it printed is read back from a file.
@@ -138,66 +90,97 @@ impl Tools {
         log: &Path,
     ) -> Result<Ran, ConvertError> {
         let out_path = log.with_extension("listen");
-        let file = std::fs::File::create(&out_path).map_err(|e| ConvertError::Io {
-            what: "creating",
-            path: out_path.clone(),
-            source: e,
-        })?;
-        let err = file.try_clone().map_err(|e| ConvertError::Io {
-            what: "opening",
-            path: out_path.clone(),
-            source: e,
-        })?;
+        let io = |what: &'static str| {
+            let path = out_path.clone();
+            move |source| ConvertError::Io { what, path, source }
+        };
+        let file = std::fs::File::create(&out_path).map_err(io("creating"))?;
+        let err = file.try_clone().map_err(io("opening"))?;
         let mut c = self.command(program);
         c.args(args).stdout(file).stderr(err);
         let started = Instant::now();
-        let mut child = c.spawn().map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                ConvertError::ToolMissing {
-                    tool: program.to_string(),
-                }
-            } else {
-                ConvertError::Io {
-                    what: "starting",
-                    path: PathBuf::from(program),
-                    source: e,
-                }
-            }
-        })?;
-        let status = match tokio::time::timeout(self.timeout, child.wait()).await {
+        let mut child = spawn(&mut c, program)?;
+        let status = self.within(program, log, child.wait()).await?;
+        let output = std::fs::read_to_string(&out_path).unwrap_or_default();
+        let _ = std::fs::remove_file(&out_path);
+        append_log(log, program, args, status, started, &output).await?;
+        Ok(Ran { status, output })
+    }
+
+    /// `wait`'s result, or a timeout error once [`Tools::timeout`] has passed.
+    async fn within<T>(
+        &self,
+        program: &str,
+        log: &Path,
+        wait: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> Result<T, ConvertError> {
+        match tokio::time::timeout(self.timeout, wait).await {
             Ok(r) => r.map_err(|e| ConvertError::Io {
                 what: "waiting for",
                 path: PathBuf::from(program),
                 source: e,
-            })?,
-            Err(_) => {
-                return Err(ConvertError::Timeout {
-                    tool: program.to_string(),
-                    secs: self.timeout.as_secs(),
-                    log: log.to_path_buf(),
-                })
-            }
-        };
-        let output = std::fs::read_to_string(&out_path).unwrap_or_default();
-        let _ = std::fs::remove_file(&out_path);
-        let mut f = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .await
-            .map_err(|e| ConvertError::Io {
-                what: "writing",
-                path: log.to_path_buf(),
-                source: e,
-            })?;
-        let head = format!(
-            "\n==== {program} (started a daemon; {status} in {:.1} s)\n",
-            started.elapsed().as_secs_f64()
-        );
-        let _ = f.write_all(head.as_bytes()).await;
-        let _ = f.write_all(output.as_bytes()).await;
-        Ok(Ran { status, output })
+            }),
+            Err(_) => Err(ConvertError::Timeout {
+                tool: program.to_string(),
+                secs: self.timeout.as_secs(),
+                log: log.to_path_buf(),
+            }),
+        }
     }
+}
+
+/// Starts `c`; a program that is not installed says so.
+fn spawn(
+    c: &mut tokio::process::Command,
+    program: &str,
+) -> Result<tokio::process::Child, ConvertError> {
+    let child = c.spawn().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ConvertError::ToolMissing {
+                tool: program.to_string(),
+            }
+        } else {
+            ConvertError::Io {
+                what: "starting",
+                path: PathBuf::from(program),
+                source: e,
+            }
+        }
+    })?;
+    tracing::debug!(tool = program, "started");
+    Ok(child)
+}
+
+/// Appends a run's command line, status and output to `log`.
+async fn append_log(
+    log: &Path,
+    program: &str,
+    args: &[&std::ffi::OsStr],
+    status: std::process::ExitStatus,
+    started: Instant,
+    output: &str,
+) -> Result<(), ConvertError> {
+    let mut f = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .await
+        .map_err(|e| ConvertError::Io {
+            what: "writing",
+            path: log.to_path_buf(),
+            source: e,
+        })?;
+    let head = format!(
+        "\n==== {program} {} ({status} in {:.1} s)\n",
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" "),
+        started.elapsed().as_secs_f64()
+    );
+    let _ = f.write_all(head.as_bytes()).await;
+    let _ = f.write_all(output.as_bytes()).await;
+    Ok(())
 }
 
 /// The last lines of a tool's output that say what went wrong (libguestfs ends with a

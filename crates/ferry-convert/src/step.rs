@@ -97,6 +97,20 @@ pub fn prepare_error(ctx: &StepContext, e: PrepareError) -> AdapterError {
     }
 }
 
+/// Pre-flight for a Windows workload whose boots are converted: refused, with the fix,
+/// where the appliance lacks what virt-v2v needs for Windows.
+pub fn check_windows(ctx: &StepContext) -> Result<(), AdapterError> {
+    let windows = ctx
+        .workload
+        .os
+        .as_deref()
+        .is_some_and(|o| o.to_ascii_lowercase().contains("windows"));
+    if windows && wanted(ctx) {
+        windows_ready(&ctx.workload.name, ctx.workload.os.as_deref())?;
+    }
+    Ok(())
+}
+
 /// Whether this appliance can convert a Windows guest: virt-v2v needs the virtio-win
 /// drivers (`VIRTIO_WIN`: an ISO or a directory) and rhsrvany, which Debian does not
 /// package. The error names what is missing and what to do.

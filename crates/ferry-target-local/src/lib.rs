@@ -304,15 +304,7 @@ impl TargetAdapter for LocalTarget {
                 )));
             }
         }
-        if ferry_convert::step::wanted(ctx)
-            && ctx
-                .workload
-                .os
-                .as_deref()
-                .is_some_and(|o| o.to_ascii_lowercase().contains("windows"))
-        {
-            ferry_convert::step::windows_ready(&ctx.workload.name, ctx.workload.os.as_deref())?;
-        }
+        ferry_convert::step::check_windows(ctx)?;
         tokio::fs::create_dir_all(&p.dir).await.map_err(|e| {
             AdapterError::permanent(format!(
                 "target directory {} is not writable: {e}",

@@ -383,15 +383,7 @@ async fn tcp_reachable(
 #[async_trait]
 impl TargetAdapter for VmeTarget {
     async fn preflight(&self, ctx: &StepContext) -> AResult<()> {
-        if ferry_convert::step::wanted(ctx)
-            && ctx
-                .workload
-                .os
-                .as_deref()
-                .is_some_and(|o| o.to_ascii_lowercase().contains("windows"))
-        {
-            ferry_convert::step::windows_ready(&ctx.workload.name, ctx.workload.os.as_deref())?;
-        }
+        ferry_convert::step::check_windows(ctx)?;
         let c = client(ctx)?;
         c.log_in().await.map_err(api_err)?;
         instance_spec(&c, ctx, Role::Production).await?;

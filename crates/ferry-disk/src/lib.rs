@@ -5,18 +5,22 @@
 //! Two implementations: [`RawDisk`] reads raw files and block devices directly (pread,
 //! SEEK_DATA/SEEK_HOLE), and [`NbdDisk`] reads any NBD export — and through a `qemu-nbd`
 //! that Ferry starts itself, every image format QEMU knows (qcow2, vmdk, vhdx, ...).
-//! [`open`] picks the right one from a path or an `nbd://` / `nbd+unix://` URI.
+//! [`open`] picks the right one from a path or an `nbd://` / `nbd+unix://` URI; it never
+//! lets bytes a guest wrote decide to read another file of this host (see [`open`]'s
+//! module for the rule).
 
 mod extent;
 mod nbd;
 mod open;
+pub mod qemu_img;
 mod raw;
 
 use std::future::Future;
+use std::time::Duration;
 
 pub use extent::{Extent, ExtentKind};
 pub use nbd::NbdDisk;
-pub use open::{open, sniff_format, AnyDisk, OpenOptions};
+pub use open::{check_format, open, sniff_format, AnyDisk, OpenOptions, FORMATS};
 pub use raw::RawDisk;
 
 /// Errors of disk access, each naming the disk it concerns.
@@ -43,6 +47,29 @@ pub enum DiskError {
     NoBitmap { disk: String, bitmap: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error("{disk}: {source}")]
+    QemuImg {
+        disk: String,
+        source: qemu_img::QemuImgError,
+    },
+    /// The header says `format`, and opening the image as that would read another file:
+    /// a guest may have written such a header into its raw disk to make Ferry read a file
+    /// of this host.
+    #[error("{disk}: refusing to guess its format: its header says {format} and names the {kind} {name:?}, which opening it as {format} would read (a guest controls its disk's bytes and may have written that header into a raw disk). State the format with --format {choices}: --format raw copies the file as it is; --format {format} only if you trust the image and the file it names", choices = open::format_choices())]
+    GuessRefused {
+        disk: String,
+        format: String,
+        kind: qemu_img::ReferenceKind,
+        name: String,
+    },
+    #[error("{disk}: unknown image format {format:?}; state one of --format {choices}", choices = open::format_choices())]
+    UnknownFormat { disk: String, format: String },
+    #[error("{disk}: {what} did not finish within {} s", .timeout.as_secs())]
+    TimedOut {
+        disk: String,
+        what: String,
+        timeout: Duration,
+    },
 }
 
 /// A disk Ferry can read. Offsets and lengths are in bytes.

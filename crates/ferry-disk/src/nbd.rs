@@ -2,6 +2,7 @@
 //! `qemu:dirty-bitmap:NAME` for changed ranges.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferry_nbd::{ConnectOptions, NbdClient, NbdTarget, QemuNbd, STATE_DIRTY, STATE_ZERO};
 
@@ -9,6 +10,26 @@ use crate::extent::coalesce;
 use crate::{Disk, DiskError, Extent, ExtentKind};
 
 const BASE_ALLOCATION: &str = "base:allocation";
+
+/// Longest wait for the answer to one request: far more than any read of at most 32 MiB
+/// needs, even over a slow link. A server that takes longer is stuck (QEMU has been seen
+/// to hang on reads with io_uring), and a sync that waits for it forever helps no one.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `request` bounded by [`REQUEST_TIMEOUT`].
+async fn bounded<T>(
+    disk: &str,
+    what: impl FnOnce() -> String,
+    request: impl std::future::Future<Output = Result<T, DiskError>>,
+) -> Result<T, DiskError> {
+    tokio::time::timeout(REQUEST_TIMEOUT, request)
+        .await
+        .map_err(|_| DiskError::TimedOut {
+            disk: disk.to_string(),
+            what: format!("{} (the NBD server did not answer)", what()),
+            timeout: REQUEST_TIMEOUT,
+        })?
+}
 
 /// A disk read through NBD. When Ferry started the server itself (`qemu-nbd` on an image
 /// file), the server lives as long as the last clone of this value.
@@ -99,11 +120,17 @@ impl NbdDisk {
         }
         // Block status lengths are 32-bit on the wire.
         let ask = len.min(u32::MAX as u64 & !0xfff);
-        let ext = self
-            .client
-            .block_status(context, offset, ask)
-            .await
-            .map_err(|e| self.nbd(e))?;
+        let ext = bounded(
+            &self.name,
+            || format!("a block status request at byte {offset}"),
+            async {
+                self.client
+                    .block_status(context, offset, ask)
+                    .await
+                    .map_err(|e| self.nbd(e))
+            },
+        )
+        .await?;
         Ok(coalesce(
             ext.into_iter()
                 .map(|e| Extent {
@@ -126,18 +153,7 @@ impl Disk for NbdDisk {
     }
 
     async fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, DiskError> {
-        if offset.saturating_add(len as u64) > self.size() {
-            return Err(DiskError::OutOfRange {
-                disk: self.name.clone(),
-                offset,
-                len: len as u64,
-                size: self.size(),
-            });
-        }
-        self.client
-            .read_into(offset, len, Vec::new())
-            .await
-            .map_err(|e| self.nbd(e))
+        self.read_into(offset, len, Vec::new()).await
     }
 
     async fn read_into(&self, offset: u64, len: usize, buf: Vec<u8>) -> Result<Vec<u8>, DiskError> {
@@ -149,10 +165,17 @@ impl Disk for NbdDisk {
                 size: self.size(),
             });
         }
-        self.client
-            .read_into(offset, len, buf)
-            .await
-            .map_err(|e| self.nbd(e))
+        bounded(
+            &self.name,
+            || format!("a read of {len} bytes at byte {offset}"),
+            async {
+                self.client
+                    .read_into(offset, len, buf)
+                    .await
+                    .map_err(|e| self.nbd(e))
+            },
+        )
+        .await
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {

@@ -5,7 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
+use std::time::Duration;
 
 use ferry_nbd::{NbdClient, QemuNbd, QemuNbdOptions};
 use tokio::runtime::Handle;
@@ -18,24 +18,23 @@ pub enum Format {
 }
 
 impl Format {
-    /// The format of an existing image (from its header), or for a new one, from its
-    /// name: `*.qcow2` is qcow2, anything else raw.
-    pub fn of(dst: &Path) -> Result<Format, String> {
-        if dst.exists() {
-            let f = ferry_disk::sniff_format(dst).map_err(|e| e.to_string())?;
-            return match f.as_str() {
-                "raw" => Ok(Format::Raw),
-                "qcow2" => Ok(Format::Qcow2),
-                other => Err(format!(
-                    "{}: a {other} image cannot be a sync target (raw or qcow2 only)",
-                    dst.display()
-                )),
-            };
-        }
-        Ok(match dst.extension().and_then(|e| e.to_str()) {
+    /// The format Ferry keeps a target at `dst` in, from its name alone: `*.qcow2` is
+    /// qcow2, anything else raw. Never from the file's contents: a raw target holds a
+    /// guest's bytes, and a guest may well have written a qcow2 header at its start.
+    pub fn for_name(dst: &Path) -> Format {
+        match dst.extension().and_then(|e| e.to_str()) {
             Some("qcow2") => Format::Qcow2,
             _ => Format::Raw,
-        })
+        }
+    }
+
+    /// The format named `name` (as [`Format::name`] spells it).
+    pub fn parse(name: &str) -> Option<Format> {
+        match name {
+            "raw" => Some(Format::Raw),
+            "qcow2" => Some(Format::Qcow2),
+            _ => None,
+        }
     }
 
     pub fn name(self) -> &'static str {
@@ -44,6 +43,19 @@ impl Format {
             Format::Qcow2 => "qcow2",
         }
     }
+}
+
+/// How long `qemu-img resize` of a qcow2 target may take (it rewrites a few tables).
+const RESIZE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long starting the target's `qemu-nbd` and connecting to it may take.
+const SERVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long `qemu-img convert` of a new qcow2 target may take: ten minutes, plus a
+/// second for every 16 MiB of disk (it copies the allocated part; far slower storage than
+/// that is broken storage).
+fn convert_timeout(size: u64) -> Duration {
+    Duration::from_secs(600 + size / (16 << 20))
 }
 
 fn other(e: impl std::fmt::Display) -> std::io::Error {
@@ -70,25 +82,42 @@ impl Sink {
                 Ok(Sink::File(file))
             }
             Format::Qcow2 => {
-                qemu_img(
-                    &["resize", "-q", "-f", "qcow2", "--shrink"],
-                    path,
-                    &size.to_string(),
-                )?;
+                // Absolute: QEMU takes a relative name with a colon in it for a protocol.
+                let path = &std::path::absolute(path)?;
+                let mut resize: Vec<std::ffi::OsString> =
+                    ["resize", "-q", "-f", "qcow2", "--shrink", "--"]
+                        .iter()
+                        .map(Into::into)
+                        .collect();
+                resize.push(path.into());
+                resize.push(size.to_string().into());
+                ferry_disk::qemu_img::run_blocking(resize, RESIZE_TIMEOUT).map_err(other)?;
                 let rt = Handle::current();
-                let server = rt
-                    .block_on(QemuNbd::start(
+                let serve = async {
+                    let server = QemuNbd::start(
                         path,
                         QemuNbdOptions {
                             format: Some("qcow2".into()),
                             read_only: false,
                             ..Default::default()
                         },
-                    ))
+                    )
+                    .await
                     .map_err(other)?;
-                let client = rt
-                    .block_on(NbdClient::connect(&server.target(), Default::default()))
-                    .map_err(other)?;
+                    let client = NbdClient::connect(&server.target(), Default::default())
+                        .await
+                        .map_err(other)?;
+                    Ok::<_, std::io::Error>((client, server))
+                };
+                let (client, server) = rt
+                    .block_on(async { tokio::time::timeout(SERVE_TIMEOUT, serve).await })
+                    .map_err(|_| {
+                        other(format!(
+                            "{}: qemu-nbd did not serve the qcow2 target within {} s",
+                            path.display(),
+                            SERVE_TIMEOUT.as_secs()
+                        ))
+                    })??;
                 Ok(Sink::Nbd {
                     client,
                     server: Box::new(server),
@@ -136,52 +165,32 @@ impl Sink {
     }
 }
 
-/// Writes the raw image `raw` as a new qcow2 image `out`, flushed.
-pub fn raw_to_qcow2(raw: &Path, out: &Path) -> std::io::Result<()> {
+/// Writes the raw image `raw` (of `size` bytes) as a new qcow2 image `out`, flushed.
+pub fn raw_to_qcow2(raw: &Path, out: &Path, size: u64) -> std::io::Result<()> {
     let _ = std::fs::remove_file(out);
-    let status = Command::new("qemu-img")
-        .args([
-            "convert",
-            "-q",
-            "-t",
-            "writeback",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-        ])
-        .arg(raw)
-        .arg(out)
-        .output()
-        .map_err(|e| other(format!("cannot run qemu-img (install qemu-utils): {e}")))?;
-    if !status.status.success() {
-        return Err(other(format!(
-            "qemu-img convert to qcow2 failed: {}",
-            String::from_utf8_lossy(&status.stderr).trim()
-        )));
-    }
-    File::open(out)?.sync_all()
+    let (raw, out) = (std::path::absolute(raw)?, std::path::absolute(out)?);
+    let mut args: Vec<std::ffi::OsString> = [
+        "convert",
+        "-q",
+        "-t",
+        "writeback",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "--",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    args.push(raw.into_os_string());
+    args.push(out.clone().into_os_string());
+    ferry_disk::qemu_img::run_blocking(args, convert_timeout(size)).map_err(other)?;
+    File::open(&out)?.sync_all()
 }
 
-fn qemu_img(args: &[&str], image: &Path, last: &str) -> std::io::Result<()> {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .arg(image)
-        .arg(last)
-        .output()
-        .map_err(|e| other(format!("cannot run qemu-img (install qemu-utils): {e}")))?;
-    if !out.status.success() {
-        return Err(other(format!(
-            "qemu-img {} {}: {}",
-            args.join(" "),
-            image.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
-}
-
-/// An existing target image opened for reading, to index it.
+/// An existing target image opened for reading, to index it, as `format` (stated: never
+/// guessed from its header).
 pub fn open_for_reading(path: &Path, format: Format) -> Result<ferry_disk::AnyDisk, String> {
     let spec = path.to_str().ok_or("non-UTF-8 path")?;
     Handle::current()
@@ -240,5 +249,32 @@ impl Drop for Writeback {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_targets_format_comes_from_its_name_not_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        // A raw file whose bytes say qcow2 is still kept raw.
+        let raw = dir.path().join("disk.raw");
+        std::fs::write(&raw, b"QFI\xfb\0\0\0\x03").unwrap();
+        assert_eq!(Format::for_name(&raw), Format::Raw);
+        assert_eq!(Format::for_name(Path::new("/v/disk")), Format::Raw);
+        assert_eq!(Format::for_name(Path::new("/v/disk.img")), Format::Raw);
+        assert_eq!(Format::for_name(Path::new("/v/disk.qcow2")), Format::Qcow2);
+        for f in [Format::Raw, Format::Qcow2] {
+            assert_eq!(Format::parse(f.name()), Some(f));
+        }
+        assert_eq!(Format::parse("vmdk"), None);
+    }
+
+    #[test]
+    fn qemu_img_runs_for_targets_have_deadlines_that_grow_with_the_disk() {
+        assert_eq!(convert_timeout(0), Duration::from_secs(600));
+        assert!(convert_timeout(2 << 40) > Duration::from_secs(100_000));
     }
 }

@@ -83,6 +83,10 @@ struct State {
     /// checked (absent after a recovery or for a target indexed from its contents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     index_digest: Option<String>,
+    /// The format Ferry keeps DST in ("raw", "qcow2"), as it decided when it made DST;
+    /// absent in a state written before Ferry recorded it (then DST's name decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    format: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -212,6 +216,25 @@ impl Target {
         serde_json::from_slice(&text).ok()
     }
 
+    /// The format DST is kept in: a device is written as it is (raw); a file keeps the
+    /// format recorded when Ferry made it, or else the one its name says
+    /// ([`Format::for_name`]). Never what DST's bytes look like: a raw target holds a
+    /// guest's bytes, which may start with any header the guest wrote.
+    fn format(&self) -> Result<Format, TargetError> {
+        if self.device {
+            return Ok(Format::Raw);
+        }
+        match self.load_state().and_then(|s| s.format) {
+            Some(name) => Format::parse(&name).ok_or_else(|| {
+                TargetError::State(format!(
+                    "{}: the sidecar records the format {name:?}, which this Ferry does not write (raw or qcow2 only)",
+                    self.dst.display()
+                ))
+            }),
+            None => Ok(Format::for_name(&self.dst)),
+        }
+    }
+
     /// The geometry of the last committed generation, if there is one.
     pub fn committed_geometry(&self) -> Option<Geometry> {
         self.load_state()
@@ -245,8 +268,22 @@ impl Target {
                 .as_ref()
                 .is_none_or(|s| s.dst_size == meta.len() && s.dst_mtime_ns == mtime_ns(&meta))
         };
+        // A state from before Ferry recorded the format: that Ferry took an existing
+        // DST's format from its header, so its index may describe DST read as another
+        // format than its name now says. The header decides nothing; it only makes Ferry
+        // read DST again, as what its name says.
+        let format_unrecorded = !self.device
+            && state.as_ref().is_some_and(|s| s.format.is_none())
+            && ferry_disk::sniff_format(&self.dst)
+                .is_ok_and(|h| h != Format::for_name(&self.dst).name());
         if let Some(state) = &state {
-            if same_file && state.chunk_size == chunk_size {
+            if format_unrecorded {
+                tracing::warn!(
+                    target = %self.dst.display(),
+                    "an older Ferry may have kept this target in another format; indexing it again as {}",
+                    Format::for_name(&self.dst).name()
+                );
+            } else if same_file && state.chunk_size == chunk_size {
                 match IndexFile::open(&self.index_path(state.generation)) {
                     Ok(idx) => return Ok((Some(idx), state.index_digest.clone())),
                     Err(e) => tracing::warn!("{e}; indexing the target again"),
@@ -268,11 +305,20 @@ impl Target {
     fn index_existing(&self, chunk_size: u32, generation: u64) -> Result<IndexFile, TargetError> {
         use ferry_disk::Disk;
         let state = |e: String| TargetError::State(e);
-        let format = if self.device {
-            Format::Raw
-        } else {
-            Format::of(&self.dst).map_err(state)?
-        };
+        let format = self.format()?;
+        if !self.device && self.load_state().is_none() {
+            // Only a hint for the user: what the header says decides nothing.
+            let header = ferry_disk::sniff_format(&self.dst).ok();
+            if header.as_deref().is_some_and(|h| h != format.name()) {
+                tracing::warn!(
+                    target = %self.dst.display(),
+                    header = header.as_deref().unwrap_or_default(),
+                    format = format.name(),
+                    "the existing target's header does not match the format its name says; Ferry reads and writes it as {} (name a qcow2 target *.qcow2)",
+                    format.name()
+                );
+            }
+        }
         let disk = sink::open_for_reading(&self.dst, format).map_err(state)?;
         let rt = tokio::runtime::Handle::current();
         let geometry = Geometry::new(disk.size(), chunk_size);
@@ -332,6 +378,7 @@ impl Target {
             dst_mtime_ns,
             source: source.to_string(),
             index_digest: index_digest.map(crate::proto::hex),
+            format: Some(self.format()?.name().to_string()),
         };
         let path = self.sidecar.join("state.json");
         write_atomic(&path, &serde_json::to_vec_pretty(&state).unwrap()).map_err(io(&path))
@@ -518,20 +565,16 @@ impl Target {
                 // when the target is to be qcow2).
                 let data = pending.join("data");
                 if data.exists() {
-                    match Format::of(&self.dst).map_err(TargetError::State)? {
+                    match self.format()? {
                         Format::Raw => std::fs::rename(&data, &applying),
-                        Format::Qcow2 => sink::raw_to_qcow2(&data, &applying),
+                        Format::Qcow2 => sink::raw_to_qcow2(&data, &applying, geometry.disk_size),
                     }
                     .map_err(io(&applying))?;
                 }
                 applied = new_index.chunk_count();
             } else {
-                let format = if applying.exists() {
-                    Format::of(&applying)
-                } else {
-                    Format::of(&self.dst)
-                }
-                .map_err(TargetError::State)?;
+                // `applying` is DST on its way: the same format.
+                let format = self.format()?;
                 if !applying.exists() {
                     std::fs::rename(&self.dst, &applying).map_err(io(&self.dst))?;
                 }
@@ -1145,5 +1188,156 @@ mod tests {
                 "chunk {c} should be all {want}"
             );
         }
+    }
+
+    /// A chunk that starts like a qcow2 image naming a backing file, as a guest may
+    /// write at the start of its raw disk.
+    fn qcow2_header_chunk() -> Vec<u8> {
+        let mut c = chunk_of(0x5a);
+        c[..4].copy_from_slice(b"QFI\xfb");
+        c[4..8].copy_from_slice(&3u32.to_be_bytes());
+        c
+    }
+
+    #[test]
+    fn a_raw_target_that_starts_with_a_qcow2_header_stays_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("disk.raw");
+        let header = qcow2_header_chunk();
+        let session = Target::open(&dst)
+            .unwrap()
+            .begin(Geometry::new(16 * 4096, 4096), "test")
+            .unwrap();
+        session
+            .put(0, chunk::digest(&header), Some(&header))
+            .unwrap();
+        session.checkpoint().unwrap();
+        let expected = session.index().entries_digest().unwrap();
+        session.commit(&expected).unwrap();
+        assert_eq!(ferry_disk::sniff_format(&dst).unwrap(), "qcow2");
+        let target = Target::open(&dst).unwrap();
+        assert_eq!(target.load_state().unwrap().format.as_deref(), Some("raw"));
+        assert_eq!(target.format().unwrap(), Format::Raw);
+        // A delta, and a crash after its commit was decided: both the commit and the
+        // recovery that finishes it keep DST raw (a qcow2 commit would need qemu-img and
+        // fail on this file, or worse).
+        sync(&dst, &[(3, 7)], true);
+        let target = Target::open(&dst).unwrap();
+        assert_eq!(target.load_state().unwrap().generation, 2);
+        let disk = std::fs::read(&dst).unwrap();
+        assert_eq!(disk.len(), 16 * 4096);
+        assert_eq!(&disk[..4096], &header[..]);
+        assert!(disk[3 * 4096..4 * 4096].iter().all(|&b| b == 7));
+        assert!(disk[4096..3 * 4096].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn an_existing_target_is_indexed_in_the_format_its_name_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("disk.img");
+        let mut bytes = vec![0u8; 16 * 4096];
+        bytes[..4096].copy_from_slice(&qcow2_header_chunk());
+        bytes[5 * 4096..6 * 4096].fill(9);
+        std::fs::write(&dst, &bytes).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let d = dst.clone();
+        let idx = rt
+            .block_on(rt.spawn_blocking(move || {
+                let target = Target::open(&d).unwrap();
+                assert_eq!(target.format().unwrap(), Format::Raw);
+                target.index_existing(4096, 0).unwrap()
+            }))
+            .unwrap();
+        // Indexed as the raw bytes it holds, not as a qcow2 image.
+        assert_eq!(idx.get(0).unwrap(), chunk::digest(&bytes[..4096]));
+        assert_eq!(
+            idx.get(5).unwrap(),
+            chunk::digest(&bytes[5 * 4096..6 * 4096])
+        );
+        let state = Target::open(&dst).unwrap().load_state().unwrap();
+        assert_eq!(state.format.as_deref(), Some("raw"));
+        assert_eq!(
+            std::fs::read(&dst).unwrap(),
+            bytes,
+            "indexing writes nothing"
+        );
+    }
+
+    #[test]
+    fn a_target_of_an_older_ferry_that_looks_like_another_format_is_indexed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("disk.img");
+        let header = qcow2_header_chunk();
+        let session = Target::open(&dst)
+            .unwrap()
+            .begin(Geometry::new(16 * 4096, 4096), "test")
+            .unwrap();
+        session
+            .put(0, chunk::digest(&header), Some(&header))
+            .unwrap();
+        session.checkpoint().unwrap();
+        let expected = session.index().entries_digest().unwrap();
+        session.commit(&expected).unwrap();
+        // As an older Ferry wrote it: no format, and an index that is not DST's raw bytes
+        // (it read DST as qcow2).
+        let target = Target::open(&dst).unwrap();
+        let mut state = target.load_state().unwrap();
+        state.format = None;
+        std::fs::write(
+            target.sidecar.join("state.json"),
+            serde_json::to_vec(&state).unwrap(),
+        )
+        .unwrap();
+        let idx = IndexFile::open(&target.index_path(1)).unwrap();
+        idx.set_many(&mut [(0, chunk::digest(&chunk_of(1)))])
+            .unwrap();
+        idx.sync().unwrap();
+        drop(idx);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let idx = rt
+            .block_on(rt.spawn_blocking(move || {
+                let (idx, _) = target.committed_index(4096).unwrap();
+                idx.unwrap()
+            }))
+            .unwrap();
+        assert_eq!(
+            idx.get(0).unwrap(),
+            chunk::digest(&header),
+            "read again, raw"
+        );
+        let state = Target::open(&dst).unwrap().load_state().unwrap();
+        assert_eq!(state.format.as_deref(), Some("raw"));
+    }
+
+    #[test]
+    fn the_recorded_format_decides_and_an_unknown_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("disk.qcow2");
+        let target = Target::open(&dst).unwrap();
+        // Nothing recorded: the name decides.
+        assert_eq!(target.format().unwrap(), Format::Qcow2);
+        let state = |format: &str| {
+            serde_json::json!({
+                "generation": 1, "chunk_size": 4096, "disk_size": 4096, "dst_size": 4096,
+                "dst_mtime_ns": 0, "source": "test", "format": format,
+            })
+            .to_string()
+        };
+        std::fs::write(target.sidecar.join("state.json"), state("raw")).unwrap();
+        assert_eq!(target.format().unwrap(), Format::Raw);
+        std::fs::write(target.sidecar.join("state.json"), state("vmdk")).unwrap();
+        let err = target.format().unwrap_err().to_string();
+        assert!(
+            err.contains("\"vmdk\"") && err.contains("raw or qcow2"),
+            "{err}"
+        );
     }
 }

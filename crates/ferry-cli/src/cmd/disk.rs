@@ -18,8 +18,10 @@ pub enum DiskCommand {
     /// Make DST a verified copy of SRC; run again for a delta (only changed chunks move).
     ///
     /// SRC: a raw image or block device, any image QEMU reads (qcow2, vmdk, vhdx: Ferry
-    /// serves it with qemu-nbd), or an nbd:// / nbd+unix:// URI. DST: a raw or qcow2 image
-    /// path (an existing image's format, or qcow2 for a new `*.qcow2`).
+    /// serves it with qemu-nbd), or an nbd:// / nbd+unix:// URI. Without --format, SRC's
+    /// format is recognised from its header only when the image names no other file
+    /// (backing file, data file, extents); state it otherwise. DST: a raw or qcow2 image
+    /// path (qcow2 when named `*.qcow2`, raw otherwise: never guessed from its contents).
     /// Both ends run in this process and talk the same protocol as `send` and `receive`,
     /// over in-memory pipes (TLS protects bytes between machines, not inside one process).
     Sync {
@@ -62,9 +64,16 @@ pub struct SendArgs {
     /// image carrying it); without it, changes are found by hash compare.
     #[arg(long, value_name = "NAME")]
     dirty_bitmap: Option<String>,
-    /// SRC's image format (default: recognised from its header).
-    #[arg(long, value_name = "FORMAT")]
-    src_format: Option<String>,
+    /// SRC's image format; `raw` reads the file as it is, whatever its first bytes say.
+    /// Default: recognised from its header, and refused when that header names another
+    /// file (a backing file, data file or extent), as a guest's raw disk may.
+    #[arg(
+        long,
+        visible_alias = "src-format",
+        value_name = "FORMAT",
+        value_parser = clap::builder::PossibleValuesParser::new(ferry_disk::FORMATS)
+    )]
+    format: Option<String>,
     /// Chunk size: a power of two from 4K to 4M.
     #[arg(long, default_value = "64K", value_parser = parse_size)]
     chunk_size: u64,
@@ -221,7 +230,7 @@ async fn open_source(src: &str, send: &SendArgs) -> Result<ferry_disk::AnyDisk> 
     ferry_disk::open(
         src,
         &OpenOptions {
-            format: send.src_format.clone(),
+            format: send.format.clone(),
             dirty_bitmap: send.dirty_bitmap.clone(),
             changed_areas: None,
         },

@@ -149,7 +149,9 @@ impl SourceAdapter for DiskImageSource {
                 name: d.name.clone(),
                 spec: path.display().to_string(),
                 size_bytes: meta.len(),
-                format: None,
+                // As the workload states it; unset, `ferry_disk::open` recognises it and
+                // refuses a header that names another file.
+                format: d.format.map(|f| f.as_str().to_string()),
                 dirty_bitmap: None,
                 changed_areas: None,
             });
@@ -386,7 +388,21 @@ impl Replicator for EngineReplicator {
             },
         )
         .await
-        .map_err(|e| AdapterError::transient(format!("cannot open disk '{}': {e}", src.name)))?;
+        .map_err(|e| {
+            let mut msg = format!("cannot open disk '{}': {e}", src.name);
+            if matches!(e, ferry_disk::DiskError::GuessRefused { .. }) {
+                // The CLI's wording names `disk sync`'s option; a workload states it so.
+                msg.push_str(&format!(
+                    ". For a workload's disk: ferry inventory set WORKLOAD --disk {}=PATH --disk-format raw (or \"format\" in the disk's API record)",
+                    src.name
+                ));
+            }
+            if e.is_permanent() {
+                AdapterError::permanent(msg)
+            } else {
+                AdapterError::transient(msg)
+            }
+        })?;
         let opts = SendOptions {
             mode: if src.dirty_bitmap.is_some() || src.changed_areas.is_some() {
                 Mode::DirtyBitmap
@@ -466,4 +482,17 @@ fn remote_endpoint(
             }))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// A workload may state exactly the formats `ferry_disk::open` accepts.
+    #[test]
+    fn workload_disk_formats_are_the_ones_disks_open_as() {
+        let model: Vec<&str> = ferry_model::DiskFormat::ALL
+            .iter()
+            .map(|f| f.as_str())
+            .collect();
+        assert_eq!(model, ferry_disk::FORMATS);
+    }
 }

@@ -1,9 +1,10 @@
 //! A guest controls every byte of its disks: a raw disk whose first bytes are a qcow2
 //! header naming a backing file on this host must never be opened as qcow2 (that would
 //! copy the host's file into the target), neither as a source nor as a target.
-//! With the real binary, qemu-img and qemu-nbd.
+//! With the real binary, qemu-img and qemu-nbd, and through a real appliance.
 
 mod common;
+mod cp;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -65,83 +66,6 @@ fn ferry_ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-struct Evil {
-    _dir: tempfile::TempDir,
-    dir: PathBuf,
-    /// The host file the header names as its backing file.
-    secret: PathBuf,
-    secret_marker: Vec<u8>,
-    /// The raw disk: a qcow2 header naming `secret`, then guest data.
-    raw: PathBuf,
-}
-
-/// A raw disk of 8 MiB whose first bytes are a real qcow2 header (with its tables) naming
-/// a secret file of this host as the backing file: what a hostile guest writes.
-fn evil_disk() -> Evil {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
-    let secret = dir.join("appliance-secret.key");
-    let secret_marker = b"FERRY-UNTRUSTED-FORMATS-TEST-SECRET-7f3c".to_vec();
-    // As large as the image the header describes, so qemu would find a secret byte in
-    // every cluster the overlay leaves unallocated.
-    let mut content = Vec::with_capacity(MIB as usize);
-    while content.len() < MIB as usize {
-        content.extend_from_slice(&secret_marker);
-    }
-    std::fs::write(&secret, &content).unwrap();
-    let hdr = dir.join("hdr.qcow2");
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&secret)
-        .arg(&hdr)
-        .arg("1M")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let header = std::fs::read(&hdr).unwrap();
-    assert!(header.len() < MIB as usize);
-    let raw = dir.join("evil.raw");
-    sparse(&raw, 8 * MIB);
-    fill_random(&raw, 2 * MIB, 3 * MIB, 11);
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
-        f.write_all_at(&header, 0).unwrap();
-    }
-    // What a guessing reader sees.
-    let info = Command::new("qemu-img")
-        .args(["info", "--output=json", "-f", "qcow2", "-U"])
-        .arg(&raw)
-        .output()
-        .unwrap();
-    let info = String::from_utf8_lossy(&info.stdout);
-    assert!(info.contains(secret.to_str().unwrap()), "{info}");
-    Evil {
-        _dir: tmp,
-        dir,
-        secret,
-        secret_marker,
-        raw,
-    }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-fn assert_no_secret(e: &Evil, dst: &Path) {
-    let bytes = std::fs::read(dst).unwrap();
-    assert!(
-        !contains(&bytes, &e.secret_marker),
-        "{} holds the host's secret",
-        dst.display()
-    );
 }
 
 fn assert_refused(e: &Evil, out: &Output, took: Duration) {
@@ -250,4 +174,141 @@ fn stated_raw_is_copied_as_the_bytes_it_is_and_stays_raw_in_a_delta() {
         "{again}"
     );
     assert!(again["chunks_changed"].as_u64().unwrap() <= 8, "{again}");
+}
+
+/// Files under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Through the appliance: a disk-image source whose image is the hostile raw disk, into a
+/// local-directory target. Unstated, its format is refused at once, as a permanent
+/// failure naming the disk (no retries, nothing written); stated `raw` (with the CLI, as a
+/// user adds the workload), the target holds exactly the raw bytes and no secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_image_source_copies_a_hostile_raw_disk_as_bytes_or_refuses_it() {
+    if !have_qemu() {
+        eprintln!("skipped: needs qemu-img and qemu-nbd");
+        return;
+    }
+    let e = evil_disk();
+    let app = cp::Appliance::start(&e.dir.join("appliance"), &["--backoff-ms", "200"], None);
+    let api = app.client();
+    api.setup(&e.dir, false).await;
+    let target_dir = e.dir.join("target");
+
+    // Unstated: the migration fails within seconds, permanently, saying what to do.
+    let raw = e.raw.to_str().unwrap();
+    app.ok(&[
+        "inventory",
+        "add",
+        "guessed",
+        "--source",
+        "images",
+        "--disk",
+        &format!("root={raw}"),
+    ]);
+    let t = Instant::now();
+    app.ok(&["migration", "start", "guessed", "--profile", "default"]);
+    api.wait_for("failed", 1, Duration::from_secs(60)).await;
+    let failed = api.ok("/api/migrations?state=failed", None).await;
+    let err = failed["items"][0]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    for part in [
+        "root",
+        "refusing to guess",
+        "backing file",
+        e.secret.to_str().unwrap(),
+        "--disk-format raw",
+    ] {
+        assert!(err.contains(part), "{part:?} not in: {err}");
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "refused after {:?}",
+        t.elapsed()
+    );
+    let id = failed["items"][0]["id"].as_str().unwrap().to_string();
+    let failures = api
+        .all_events()
+        .await
+        .into_iter()
+        .filter(|ev| ev["kind"] == "step.failed" && ev["migration_id"] == id.as_str())
+        .count();
+    assert_eq!(failures, 1, "a refused format is not worth retrying");
+    for f in files_under(&target_dir) {
+        assert!(
+            std::fs::metadata(&f).unwrap().len() < MIB,
+            "{} was written",
+            f.display()
+        );
+    }
+
+    // Stated raw: the copy is the raw disk, header and all.
+    app.ok(&[
+        "inventory",
+        "add",
+        "stated",
+        "--source",
+        "images",
+        "--disk",
+        &format!("root={raw}"),
+        "--disk-format",
+        "raw",
+    ]);
+    let shown = app.ok(&["inventory", "show", "stated", "--json"]);
+    assert!(
+        shown.contains("\"format\": \"raw\"") || shown.contains("\"format\":\"raw\""),
+        "{shown}"
+    );
+    app.ok(&["migration", "start", "stated", "--profile", "default"]);
+    api.wait_for("synced", 1, Duration::from_secs(60)).await;
+    let copies: Vec<PathBuf> = files_under(&target_dir)
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|x| x == "img"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert!(
+        same_file(&e.raw, &copies[0]),
+        "the copy differs from the raw source"
+    );
+    assert_no_secret(&e, &copies[0]);
+
+    // A format that is none is refused by the API and the CLI, naming the choices.
+    let out = app.ferry(&[
+        "inventory",
+        "add",
+        "bad",
+        "--source",
+        "images",
+        "--disk",
+        &format!("root={raw}"),
+        "--disk-format",
+        "file",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("raw, qcow2"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let src = api.ok("/api/sources/images", None).await;
+    let (code, body) = api
+        .post(
+            "/api/workloads",
+            serde_json::json!({"name": "bad", "source_id": src["id"], "disks": [{"name": "root", "size_bytes": 1, "path": raw, "format": "json"}]}),
+        )
+        .await;
+    assert!((400..500).contains(&code), "HTTP {code}: {body}");
 }

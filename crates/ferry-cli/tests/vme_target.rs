@@ -3,6 +3,7 @@
 //! are made once, the service user's password lands encrypted in the appliance, a second
 //! run changes nothing, and no password is anywhere in clear.
 
+mod common;
 mod cp;
 
 use cp::*;
@@ -472,6 +473,77 @@ async fn a_workload_migrates_to_vme_in_image_mode() {
     note(&format!(
         "vme image mode: sync {:.1}s, UAT {:.1}s, cutover {:.1}s; {n} requests validated against the Morpheus API document",
         t_sync.as_secs_f64(), t_uat.as_secs_f64(), t_cutover.as_secs_f64()
+    ));
+}
+
+/// A guest controls every byte of its disk: a raw disk whose first sector is a qcow2
+/// header naming a file of the appliance's host as its backing file reaches VME in image
+/// mode as the bytes it is. Its format stated raw, it is synced into staging, converted
+/// with the format stated and uploaded; the production instance's volume equals the raw
+/// disk and the host's file is in nothing Ferry made or sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_raw_disk_reaches_vme_in_image_mode_as_its_bytes() {
+    if unsafe { libc::geteuid() } != 0 {
+        note("SKIP: needs root (network namespaces)");
+        return;
+    }
+    let evil = common::evil_disk();
+    let Lab { tmp, d, app, .. } = lab("fmh", serde_json::json!({})).await;
+    // The disk does not boot: the double only marks its instances running.
+    d.clear_boot();
+    let api = app.client();
+    let images = evil.raw.parent().unwrap().to_path_buf();
+    api.ok("/api/sources", Some(serde_json::json!({"name": "images", "kind": "disk_image", "config": {"path": images.display().to_string()}}))).await;
+    let src = api.ok("/api/sources/images", None).await;
+    api.ok("/api/workloads", Some(serde_json::json!({
+        "name": "web01", "source_id": src["id"],
+        "disks": [{"name": "root", "size_bytes": 8u64 << 20, "path": evil.raw.display().to_string(), "format": "raw"}],
+        "nics": [{"name": "eth0", "network": "prod-vlan", "ips": ["10.204.0.10"]}],
+    }))).await;
+    api.ok(
+        "/api/profiles",
+        Some(serde_json::json!({
+            "name": "raw-vme", "target": "vme1",
+            "placement": {"datastore": "ceph-rbd"},
+            "network_map": {"prod-vlan": "VLAN-120-prod"},
+            "validation": [],
+        })),
+    )
+    .await;
+    let m = api
+        .ok(
+            "/api/migrations",
+            Some(serde_json::json!({"workload": "web01", "profile": "raw-vme"})),
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_string();
+    wait_state(&api, &id, "synced", std::time::Duration::from_secs(120)).await;
+    command(&api, &id, "cutover").await;
+    wait_state(&api, &id, "completed", std::time::Duration::from_secs(300)).await;
+    let volume = {
+        let st = d.state();
+        assert_eq!(st.instances.len(), 1);
+        assert_eq!(st.images.len(), 1, "the uploaded image");
+        let image = st.images[0].file.clone().expect("uploaded");
+        let bytes = std::fs::read(&image).unwrap();
+        assert!(
+            !common::contains(&bytes, &evil.secret_marker),
+            "the uploaded image holds the host's secret"
+        );
+        st.instances[0].volumes[0].path.clone()
+    };
+    same_contents(&evil.raw, &volume).unwrap_or_else(|e| panic!("the volume differs: {e}"));
+    // Nothing Ferry wrote holds the secret: its staging copy and converted image.
+    for (path, bytes) in files(tmp.path()) {
+        assert!(
+            !common::contains(&bytes, &evil.secret_marker),
+            "{} holds the host's secret",
+            path.display()
+        );
+    }
+    let n = d.assert_conforming();
+    note(&format!(
+        "hostile raw disk to vme image mode: {n} requests validated"
     ));
 }
 

@@ -228,8 +228,15 @@ pub async fn create_overlay(base: &GuestDisk, overlay: &Path) -> Result<(), Conv
         .arg(overlay)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
-        .output()
+        .output();
+    // An overlay is a few KiB of metadata: a minute means the storage is stuck.
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), out)
         .await
+        .map_err(|_| ConvertError::Failed {
+            tool: "qemu-img create".into(),
+            why: "did not finish within 60 s and was stopped".into(),
+            log: overlay.to_path_buf(),
+        })?
         .map_err(|e| ConvertError::Io {
             what: "running qemu-img for",
             path: overlay.to_path_buf(),

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 pub use extent::{Extent, ExtentKind};
 pub use nbd::NbdDisk;
-pub use open::{check_format, open, sniff_format, AnyDisk, OpenOptions, FORMATS};
+pub use open::{check_format, open, recognise_format, sniff_format, AnyDisk, OpenOptions, FORMATS};
 pub use raw::RawDisk;
 
 /// Errors of disk access, each naming the disk it concerns.
@@ -70,6 +70,20 @@ pub enum DiskError {
         what: String,
         timeout: Duration,
     },
+}
+
+impl DiskError {
+    /// Whether trying again cannot help: what the disk or the request is, not a passing
+    /// failure of a link or a server.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            DiskError::GuessRefused { .. }
+                | DiskError::UnknownFormat { .. }
+                | DiskError::Unsupported(_)
+                | DiskError::NoBitmap { .. }
+        )
+    }
 }
 
 /// A disk Ferry can read. Offsets and lengths are in bytes.

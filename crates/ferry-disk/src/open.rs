@@ -127,10 +127,9 @@ pub async fn open(spec: &str, opts: &OpenOptions) -> Result<AnyDisk, DiskError> 
         let server = QemuNbd::start(
             &image,
             QemuNbdOptions {
-                format: Some(format.clone()),
                 read_only: true,
                 bitmap: opts.dirty_bitmap.clone(),
-                ..Default::default()
+                ..QemuNbdOptions::new(format.as_str())
             },
         )
         .await
@@ -156,6 +155,22 @@ pub async fn open(spec: &str, opts: &OpenOptions) -> Result<AnyDisk, DiskError> 
             timeout: SERVE_TIMEOUT,
         })??;
     Ok(AnyDisk::Nbd(disk))
+}
+
+/// The format of an image file a user named without saying its format: recognised from
+/// its header, and refused (as [`open`] refuses it) when opening it as that would read any
+/// other file. For callers that hand the image to a QEMU tool themselves, with `-f`.
+pub async fn recognise_format(path: &Path) -> Result<String, DiskError> {
+    let spec = path.display().to_string();
+    let format = sniff_format(path)?;
+    if format != "raw" {
+        let absolute = std::path::absolute(path).map_err(|source| DiskError::Io {
+            disk: spec.clone(),
+            source,
+        })?;
+        refuse_references(&spec, &absolute, &format).await?;
+    }
+    Ok(format)
 }
 
 /// Refuses a guessed `format` for the image at `path` when opening it as that would read
@@ -585,9 +600,8 @@ mod tests {
             let server = QemuNbd::start(
                 &name,
                 QemuNbdOptions {
-                    format: Some("qcow2".into()),
                     read_only: true,
-                    ..Default::default()
+                    ..QemuNbdOptions::new("qcow2")
                 },
             )
             .await

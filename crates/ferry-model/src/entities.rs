@@ -41,6 +41,11 @@ kind_enum!(
     TargetKind { Vme => "vme", Libvirt => "libvirt", LocalDir => "local_dir", Local => "local" }
 );
 kind_enum!(
+    /// An image file's format, as its owner states it. A guest controls every byte of its
+    /// disk, so a disk's format is never read from its contents.
+    DiskFormat { Raw => "raw", Qcow2 => "qcow2", Qed => "qed", Vmdk => "vmdk", Vhdx => "vhdx", Vpc => "vpc", Vdi => "vdi" }
+);
+kind_enum!(
     /// What kind of secret a credential holds.
     CredentialKind { Password => "password", PrivateKey => "private_key", Token => "token" }
 );
@@ -222,6 +227,11 @@ pub struct Disk {
     /// Where the source reads it (an image path for disk-image sources).
     #[serde(default)]
     pub path: Option<String>,
+    /// The image file's format (disk-image sources). Unset: recognised from the file's
+    /// header, and refused when that header names another file (a backing file, data file
+    /// or extent), as a guest's raw disk may; `raw` copies the file as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

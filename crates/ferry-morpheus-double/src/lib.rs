@@ -186,6 +186,12 @@ impl Double {
         *self.shared.boot.lock().expect("boot") = Some(b);
     }
 
+    /// Boot no more instances as QEMU guests: they only change status, as for a disk
+    /// that is not meant to boot.
+    pub fn clear_boot(&self) {
+        *self.shared.boot.lock().expect("boot") = None;
+    }
+
     /// The QEMU run directory of an instance (serial.log is there).
     pub fn run_dir(&self, instance: i64) -> PathBuf {
         run_dir(&self.shared, instance)

@@ -266,6 +266,16 @@ pub struct Delivered {
 /// `format` is the synced disk's format (`raw`, or `qcow2` for a converted overlay):
 /// stated, because the guest controls every byte of a raw disk and could make it look
 /// like an image with a backing file on this machine.
+/// How long converting the disk at `path` may take: ten minutes, plus a minute per
+/// GiB it occupies (far slower than any local disk copies).
+async fn convert_timeout(path: &Path) -> std::time::Duration {
+    let bytes = tokio::fs::metadata(path)
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0);
+    std::time::Duration::from_secs(600 + 60 * bytes.div_ceil(1 << 30))
+}
+
 pub async fn deliver_image_mode(
     c: &Client,
     synced_disk: &Path,
@@ -291,10 +301,22 @@ pub async fn deliver_image_mode(
             "-o",
             "compat=1.1",
         ])
+        .arg("--")
         .arg(synced_disk)
         .arg(&qcow2)
-        .output()
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let limit = convert_timeout(synced_disk).await;
+    let out = tokio::time::timeout(limit, out)
         .await
+        .map_err(|_| MorpheusError::Invalid {
+            what: format!(
+                "converting {} to qcow2 did not finish within {} s and was stopped: is the work directory's storage answering?",
+                synced_disk.display(),
+                limit.as_secs()
+            ),
+        })?
         .map_err(|e| MorpheusError::Invalid {
             what: format!("cannot run qemu-img ({e}): install qemu-utils"),
         })?;

@@ -15,7 +15,7 @@
 //!
 //! let nbd = QemuNbd::start(
 //!     std::path::Path::new("disk.qcow2"),
-//!     QemuNbdOptions { read_only: true, bitmap: Some("bm0".into()), ..Default::default() },
+//!     QemuNbdOptions { read_only: true, bitmap: Some("bm0".into()), ..QemuNbdOptions::new("qcow2") },
 //! )
 //! .await?;
 //! let dirty = dirty_bitmap_context("bm0");
@@ -49,7 +49,7 @@ mod uri;
 pub use client::{ConnectOptions, Extent, NbdClient, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 pub use error::NbdError;
 pub use nbdkit::{Nbdkit, NbdkitOptions};
-pub use qemu_nbd::{detect_format, QemuNbd, QemuNbdOptions};
+pub use qemu_nbd::{QemuNbd, QemuNbdOptions};
 pub use uri::{NbdAddr, NbdTarget, DEFAULT_PORT};
 
 /// The `base:allocation` meta context.
@@ -85,9 +85,8 @@ mod tests {
         ));
         send(QemuNbd::start(
             std::path::Path::new("x"),
-            QemuNbdOptions::default(),
+            QemuNbdOptions::new("raw"),
         ));
-        send(detect_format(std::path::Path::new("x")));
     }
 
     #[test]

@@ -1,7 +1,12 @@
-//! Starting `qemu-nbd` on a private unix socket, and probing image formats with `qemu-img`.
+//! Starting `qemu-nbd` on a private unix socket.
+//!
+//! The caller always states the image's format: a guest controls every byte of its
+//! disks, and a format probed from them (by qemu-nbd, or by `qemu-img info` first) lets a
+//! guest that wrote a qcow2 header into its raw disk make QEMU open a backing file of
+//! this host. Recognising a user's image file, with the checks that takes, is
+//! `ferry_disk::open`'s job, not this launcher's.
 
 use std::path::Path;
-use std::process::Stdio;
 
 use tokio::process::Command;
 
@@ -12,9 +17,8 @@ use crate::NbdError;
 /// How to export an image with qemu-nbd.
 #[derive(Debug, Clone)]
 pub struct QemuNbdOptions {
-    /// Image format passed as `-f`; `None` detects it with `qemu-img info`.
-    /// Ferry never lets qemu-nbd probe by itself.
-    pub format: Option<String>,
+    /// Image format passed as `--format`: stated by the caller, never probed.
+    pub format: String,
     pub read_only: bool,
     /// Persistent dirty bitmap to expose (`-B NAME`, as `qemu:dirty-bitmap:NAME`).
     pub bitmap: Option<String>,
@@ -31,10 +35,11 @@ pub struct QemuNbdOptions {
     pub aio: Option<String>,
 }
 
-impl Default for QemuNbdOptions {
-    fn default() -> Self {
+impl QemuNbdOptions {
+    /// A read-write export of an image of `format`, the other options at their defaults.
+    pub fn new(format: impl Into<String>) -> Self {
         QemuNbdOptions {
-            format: None,
+            format: format.into(),
             read_only: false,
             bitmap: None,
             shared: 8,
@@ -55,10 +60,13 @@ pub struct QemuNbd {
 impl QemuNbd {
     /// Export `image` and wait (up to 10 s) until the socket accepts connections.
     pub async fn start(image: &Path, opts: QemuNbdOptions) -> Result<QemuNbd, NbdError> {
-        let format = match &opts.format {
-            Some(f) => f.clone(),
-            None => detect_format(image).await?,
-        };
+        let format = opts.format.clone();
+        if format.is_empty() || format.starts_with('-') {
+            return Err(NbdError::Launch(format!(
+                "no image format stated for {}: the caller must name it (raw, qcow2, ...)",
+                image.display()
+            )));
+        }
         if opts.aio.is_some() {
             return Self::spawn(image, &format, &opts, opts.aio.as_deref()).await;
         }
@@ -135,37 +143,6 @@ impl QemuNbd {
     pub async fn stop(self) -> Result<(), NbdError> {
         self.process.stop().await
     }
-}
-
-/// The format of `image` as `qemu-img info` sees it ("raw", "qcow2", "vmdk", ...).
-pub async fn detect_format(image: &Path) -> Result<String, NbdError> {
-    // -U: a running VM or export may hold the image lock; reading its header is safe.
-    let out = Command::new("qemu-img")
-        .args(["info", "--output=json", "-U", "--"])
-        .arg(image)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| NbdError::Launch(format!("cannot run qemu-img: {e}")))?;
-    if !out.status.success() {
-        return Err(NbdError::Launch(format!(
-            "qemu-img info {} failed ({}): {}",
-            image.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| NbdError::Launch(format!("cannot parse qemu-img info output: {e}")))?;
-    info.get("format")
-        .and_then(|f| f.as_str())
-        .map(str::to_string)
-        .ok_or_else(|| {
-            NbdError::Launch(format!(
-                "qemu-img info {} reported no format",
-                image.display()
-            ))
-        })
 }
 
 /// Whether qemu-nbd's failure to start was about `--aio=io_uring` rather than the image.

@@ -106,10 +106,9 @@ async fn dirty_bitmap_reports_written_extents() {
     let nbd = QemuNbd::start(
         &img,
         QemuNbdOptions {
-            format: Some("qcow2".into()),
             read_only: true,
             bitmap: Some("bm0".into()),
-            ..Default::default()
+            ..QemuNbdOptions::new("qcow2")
         },
     )
     .await
@@ -190,10 +189,9 @@ async fn writes_through_our_client_land_in_the_persistent_bitmap() {
     let nbd = QemuNbd::start(
         &img,
         QemuNbdOptions {
-            format: Some("qcow2".into()),
             read_only: true,
             bitmap: Some("bm1".into()),
-            ..Default::default()
+            ..QemuNbdOptions::new("qcow2")
         },
     )
     .await

@@ -69,23 +69,18 @@ async fn target_uri_round_trips() {
 async fn launch_failures_include_qemu_output() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.qcow2");
-    // Format detection fails first, with qemu-img's complaint.
-    let err = QemuNbd::start(&missing, QemuNbdOptions::default())
+    // No format stated: refused before anything runs, naming the image.
+    let err = QemuNbd::start(&missing, QemuNbdOptions::new(""))
         .await
         .expect_err("must fail");
     assert!(matches!(err, NbdError::Launch(_)), "{err:?}");
     assert!(err.to_string().contains("missing.qcow2"), "{err}");
+    assert!(err.to_string().contains("no image format stated"), "{err}");
 
-    // With the format given, qemu-nbd itself fails and its stderr is in the error.
-    let err = QemuNbd::start(
-        &missing,
-        QemuNbdOptions {
-            format: Some("qcow2".into()),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect_err("must fail");
+    // qemu-nbd itself fails and its stderr is in the error.
+    let err = QemuNbd::start(&missing, QemuNbdOptions::new("qcow2"))
+        .await
+        .expect_err("must fail");
     let text = err.to_string();
     assert!(
         text.contains("exited") && text.contains("missing.qcow2"),
@@ -97,10 +92,9 @@ async fn launch_failures_include_qemu_output() {
     let err = QemuNbd::start(
         &img,
         QemuNbdOptions {
-            format: Some("qcow2".into()),
             read_only: true,
             bitmap: Some("nope".into()),
-            ..Default::default()
+            ..QemuNbdOptions::new("qcow2")
         },
     )
     .await

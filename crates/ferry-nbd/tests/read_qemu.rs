@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use ferry_nbd::{detect_format, NbdError};
+use ferry_nbd::NbdError;
 
 #[tokio::test]
 async fn handshake_reports_size_and_flags() {
@@ -46,14 +46,11 @@ async fn reads_match_for_raw_qcow2_and_vmdk() {
             pattern_write(&mut expected, size - 4 * KIB, 4 * KIB, 0x01),
         ];
         qemu_io(&img, format, &cmds);
-        assert_eq!(detect_format(&img).await.unwrap(), format);
-
-        // Let the launcher detect the format this time.
         let nbd = ferry_nbd::QemuNbd::start(
             &img,
             ferry_nbd::QemuNbdOptions {
                 read_only: true,
-                ..Default::default()
+                ..ferry_nbd::QemuNbdOptions::new(format)
             },
         )
         .await

@@ -15,9 +15,8 @@ async fn write_zeroes_trim_flush_round_trip_on_qcow2() {
     let nbd = QemuNbd::start(
         &img,
         QemuNbdOptions {
-            format: Some("qcow2".into()),
             discard_unmap: true,
-            ..Default::default()
+            ..QemuNbdOptions::new("qcow2")
         },
     )
     .await

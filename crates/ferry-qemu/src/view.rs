@@ -223,8 +223,15 @@ pub async fn begin(
         .arg(&fleece_path)
         .arg(size.to_string())
         .stdin(std::process::Stdio::null())
-        .output()
+        .kill_on_drop(true)
+        .output();
+    // Creating an empty qcow2 writes a few KiB: a minute means the storage is stuck.
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), out)
         .await
+        .map_err(|_| ViewError::Fleece {
+            path: fleece_path.clone(),
+            why: "qemu-img create did not finish within 60 s".into(),
+        })?
         .map_err(|e| ViewError::Fleece {
             path: fleece_path.clone(),
             why: format!("cannot run qemu-img: {e}"),

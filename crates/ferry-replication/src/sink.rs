@@ -97,9 +97,8 @@ impl Sink {
                     let server = QemuNbd::start(
                         path,
                         QemuNbdOptions {
-                            format: Some("qcow2".into()),
                             read_only: false,
-                            ..Default::default()
+                            ..QemuNbdOptions::new("qcow2")
                         },
                     )
                     .await

@@ -16,7 +16,7 @@ pub mod libvirt;
 
 use async_trait::async_trait;
 use ferry_adapter::{AResult, AdapterError, SourceAdapter, SourceDisk, StepContext};
-use ferry_model::{Disk, NewWorkload, Source};
+use ferry_model::{Disk, DiskFormat, NewWorkload, Source};
 use ferry_qemu::{view, Qmp, View, Vm, VmSpec};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -167,6 +167,7 @@ impl KvmSource {
                     .map(|n| n.virtual_size)
                     .unwrap_or(0),
                 path: Some(d.node_name.clone()),
+                format: DiskFormat::parse(&d.format),
             })
             .collect();
         let info = GuestOps::new(&vm).info().await;

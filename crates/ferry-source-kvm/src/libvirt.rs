@@ -17,7 +17,7 @@
 
 use crate::guest::{self, Agent};
 use ferry_adapter::{AResult, AdapterError, SourceDisk, StepContext};
-use ferry_model::{Disk, NewWorkload, Source};
+use ferry_model::{Disk, DiskFormat, NewWorkload, Source};
 use ferry_qemu::Qga;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -142,6 +142,7 @@ impl Host {
                 name: d.dev.clone(),
                 size_bytes: capacity(&info).unwrap_or(0),
                 path: d.file.clone(),
+                format: d.format.as_deref().and_then(DiskFormat::parse),
             });
         }
         let running = self.state(domain).await? == "running";

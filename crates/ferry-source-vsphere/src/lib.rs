@@ -83,6 +83,8 @@ fn workload(vm: &Vm, source: &Source) -> NewWorkload {
                 name: d.label.clone(),
                 size_bytes: d.capacity_bytes,
                 path: d.file.clone(),
+                // Read through the datastore or VDDK as bytes, never as an image file.
+                format: None,
             })
             .collect(),
         nics: vm

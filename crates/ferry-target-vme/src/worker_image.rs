@@ -53,11 +53,23 @@ pub fn pki(dir: &Path, target: &str) -> AResult<CaDir> {
     Ok(ca)
 }
 
+/// Longest any one tool run of the image build may take: the conversions copy a base
+/// image of a few hundred MiB.
+const TOOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 async fn run(program: &str, args: &[&std::ffi::OsStr]) -> AResult<String> {
-    let out = tokio::process::Command::new(program)
+    let run = tokio::process::Command::new(program)
         .args(args)
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(TOOL_TIMEOUT, run)
         .await
+        .map_err(|_| {
+            AdapterError::permanent(format!(
+                "{program} did not finish within {} s while building the worker image, and was stopped",
+                TOOL_TIMEOUT.as_secs()
+            ))
+        })?
         .map_err(|e| {
             AdapterError::permanent(format!(
                 "cannot run {program}: {e} (see scripts/install-deps.sh)"
@@ -97,12 +109,20 @@ pub async fn build(base: &Path, ferry: &Path, ca: &CaDir, out: &Path) -> AResult
     let raw = out.with_extension("raw");
     let bin = dir.join("ferry.stripped");
     let unit = dir.join("ferry-worker.service");
+    // The base image is the operator's, but its format is still stated to qemu-img, never
+    // probed: recognised from its header and refused if it names another file.
+    let base_format = ferry_disk::recognise_format(base)
+        .await
+        .map_err(|e| AdapterError::permanent(format!("worker_base_image: {e}")))?;
     run(
         "qemu-img",
         &[
             "convert".as_ref(),
+            "-f".as_ref(),
+            base_format.as_ref(),
             "-O".as_ref(),
             "raw".as_ref(),
+            "--".as_ref(),
             base.as_os_str(),
             raw.as_os_str(),
         ],
@@ -181,8 +201,11 @@ pub async fn build(base: &Path, ferry: &Path, ca: &CaDir, out: &Path) -> AResult
         "qemu-img",
         &[
             "convert".as_ref(),
+            "-f".as_ref(),
+            "raw".as_ref(),
             "-O".as_ref(),
             "qcow2".as_ref(),
+            "--".as_ref(),
             raw.as_os_str(),
             tmp.as_os_str(),
         ],

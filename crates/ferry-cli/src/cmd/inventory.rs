@@ -7,7 +7,8 @@ use super::source::Paged;
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
 use ferry_model::{
-    Disk, Migration, MoveGroup, NewMoveGroup, NewWorkload, Source, Workload, WorkloadPatch,
+    Disk, DiskFormat, Migration, MoveGroup, NewMoveGroup, NewWorkload, Source, Workload,
+    WorkloadPatch,
 };
 use serde_json::Value;
 use std::process::ExitCode;
@@ -49,6 +50,11 @@ pub enum InventoryCommand {
         /// A disk as NAME=IMAGE_PATH (repeatable).
         #[arg(long = "disk")]
         disks: Vec<String>,
+        /// The --disk images' format (raw, qcow2, vmdk, ...). Default: recognised from
+        /// each file's header, refused when the header names another file; say `raw` for
+        /// a VM's raw disk, whose first bytes its guest wrote.
+        #[arg(long, value_name = "FORMAT", value_parser = parse_disk_format)]
+        disk_format: Option<DiskFormat>,
         /// Move group name or id.
         #[arg(long)]
         group: Option<String>,
@@ -76,6 +82,11 @@ pub enum InventoryCommand {
         /// A disk as NAME=IMAGE_PATH (repeatable; replaces the disk list).
         #[arg(long = "disk")]
         disks: Vec<String>,
+        /// The --disk images' format (raw, qcow2, vmdk, ...). Default: recognised from
+        /// each file's header, refused when the header names another file; say `raw` for
+        /// a VM's raw disk, whose first bytes its guest wrote.
+        #[arg(long, value_name = "FORMAT", value_parser = parse_disk_format)]
+        disk_format: Option<DiskFormat>,
         /// Move group name or id.
         #[arg(long)]
         group: Option<String>,
@@ -104,7 +115,19 @@ pub enum InventoryCommand {
     },
 }
 
-fn parse_disks(disks: Vec<String>) -> Result<Vec<Disk>> {
+fn parse_disk_format(s: &str) -> Result<DiskFormat, String> {
+    DiskFormat::parse(s).ok_or_else(|| {
+        let all: Vec<&str> = DiskFormat::ALL.iter().map(|f| f.as_str()).collect();
+        format!("unknown image format {s:?}: use one of {}", all.join(", "))
+    })
+}
+
+fn parse_disks(disks: Vec<String>, format: Option<DiskFormat>) -> Result<Vec<Disk>> {
+    if disks.is_empty() && format.is_some() {
+        return Err(anyhow!(
+            "--disk-format names the format of the --disk images: give the disks with it"
+        ));
+    }
     let mut ds = vec![];
     for d in disks {
         let (n, p) = d
@@ -116,6 +139,7 @@ fn parse_disks(disks: Vec<String>) -> Result<Vec<Disk>> {
             name: n.to_string(),
             size_bytes: size,
             path: Some(abs.display().to_string()),
+            format,
         });
     }
     Ok(ds)
@@ -211,6 +235,7 @@ pub fn run_inventory(a: InventoryArgs) -> Result<ExitCode> {
                 name,
                 source,
                 disks,
+                disk_format,
                 group,
                 order,
                 os,
@@ -235,19 +260,7 @@ pub fn run_inventory(a: InventoryArgs) -> Result<ExitCode> {
                     ),
                     None => None,
                 };
-                let mut ds = vec![];
-                for d in disks {
-                    let (n, p) = d
-                        .split_once('=')
-                        .ok_or_else(|| anyhow!("--disk {d:?}: use NAME=IMAGE_PATH"))?;
-                    let abs = std::path::absolute(p).unwrap_or_else(|_| p.into());
-                    let size = std::fs::metadata(&abs).map(|m| m.len()).unwrap_or(0);
-                    ds.push(Disk {
-                        name: n.to_string(),
-                        size_bytes: size,
-                        path: Some(abs.display().to_string()),
-                    });
-                }
+                let ds = parse_disks(disks, disk_format)?;
                 let body = NewWorkload {
                     name,
                     source_id,
@@ -271,6 +284,7 @@ pub fn run_inventory(a: InventoryArgs) -> Result<ExitCode> {
                 name,
                 source,
                 disks,
+                disk_format,
                 group,
                 order,
                 os,
@@ -300,10 +314,10 @@ pub fn run_inventory(a: InventoryArgs) -> Result<ExitCode> {
                     os,
                     cpus,
                     memory_mib,
-                    disks: if disks.is_empty() {
+                    disks: if disks.is_empty() && disk_format.is_none() {
                         None
                     } else {
-                        Some(parse_disks(disks)?)
+                        Some(parse_disks(disks, disk_format)?)
                     },
                     services,
                     move_group_id,

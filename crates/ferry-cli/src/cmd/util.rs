@@ -76,9 +76,8 @@ pub async fn write_via_qemu_nbd(
     let server = ferry_nbd::QemuNbd::start(
         image,
         ferry_nbd::QemuNbdOptions {
-            format: Some(format.into()),
             read_only: false,
-            ..Default::default()
+            ..ferry_nbd::QemuNbdOptions::new(format)
         },
     )
     .await?;

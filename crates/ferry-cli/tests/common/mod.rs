@@ -205,3 +205,80 @@ pub fn send_cmd(src: &Path, pki: &Path, port: u16, extra: &[&str]) -> Command {
         .args(extra);
     cmd
 }
+
+pub struct Evil {
+    _dir: tempfile::TempDir,
+    pub dir: PathBuf,
+    /// The host file the header names as its backing file.
+    pub secret: PathBuf,
+    pub secret_marker: Vec<u8>,
+    /// The raw disk: a qcow2 header naming `secret`, then guest data.
+    pub raw: PathBuf,
+}
+
+/// A raw disk of 8 MiB whose first bytes are a real qcow2 header (with its tables) naming
+/// a secret file of this host as the backing file: what a hostile guest writes.
+pub fn evil_disk() -> Evil {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let secret = dir.join("appliance-secret.key");
+    let secret_marker = b"FERRY-UNTRUSTED-FORMATS-TEST-SECRET-7f3c".to_vec();
+    // As large as the image the header describes, so qemu would find a secret byte in
+    // every cluster the overlay leaves unallocated.
+    let mut content = Vec::with_capacity((1u64 << 20) as usize);
+    while content.len() < (1u64 << 20) as usize {
+        content.extend_from_slice(&secret_marker);
+    }
+    std::fs::write(&secret, &content).unwrap();
+    let hdr = dir.join("hdr.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&secret)
+        .arg(&hdr)
+        .arg("1M")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let header = std::fs::read(&hdr).unwrap();
+    assert!(header.len() < (1u64 << 20) as usize);
+    let raw = dir.join("evil.raw");
+    sparse(&raw, 8 * (1u64 << 20));
+    fill_random(&raw, 2 * (1u64 << 20), 3 * (1u64 << 20), 11);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+        f.write_all_at(&header, 0).unwrap();
+    }
+    // What a guessing reader sees.
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "qcow2", "-U"])
+        .arg(&raw)
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains(secret.to_str().unwrap()), "{info}");
+    Evil {
+        _dir: tmp,
+        dir,
+        secret,
+        secret_marker,
+        raw,
+    }
+}
+
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+pub fn assert_no_secret(e: &Evil, dst: &Path) {
+    let bytes = std::fs::read(dst).unwrap();
+    assert!(
+        !contains(&bytes, &e.secret_marker),
+        "{} holds the host's secret",
+        dst.display()
+    );
+}

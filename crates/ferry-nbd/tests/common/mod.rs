@@ -61,9 +61,8 @@ pub async fn export(image: &Path, format: &str, read_only: bool) -> QemuNbd {
     QemuNbd::start(
         image,
         QemuNbdOptions {
-            format: Some(format.to_string()),
             read_only,
-            ..Default::default()
+            ..QemuNbdOptions::new(format)
         },
     )
     .await

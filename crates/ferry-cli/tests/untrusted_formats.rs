@@ -6,7 +6,7 @@
 mod common;
 mod cp;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -174,20 +174,6 @@ fn stated_raw_is_copied_as_the_bytes_it_is_and_stays_raw_in_a_delta() {
         "{again}"
     );
     assert!(again["chunks_changed"].as_u64().unwrap() <= 8, "{again}");
-}
-
-/// Files under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = vec![];
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// Through the appliance: a disk-image source whose image is the hostile raw disk, into a

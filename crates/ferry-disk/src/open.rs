@@ -380,10 +380,8 @@ mod tests {
         }
     }
 
-    /// A raw disk of `size` bytes whose first bytes are a qcow2 header naming `backing`
-    /// as its backing file: what a hostile guest writes into its disk.
-    fn raw_with_qcow2_header(dir: &Path, backing: &Path, size: u64) -> PathBuf {
-        let hdr = dir.join("hdr.qcow2");
+    /// A 1 MiB qcow2 image at `img` whose backing file is the raw file `backing`.
+    fn qcow2_backed_by(img: &Path, backing: &Path) {
         qemu_img(&[
             "create",
             "-q",
@@ -393,9 +391,16 @@ mod tests {
             "raw",
             "-b",
             backing.to_str().unwrap(),
-            hdr.to_str().unwrap(),
+            img.to_str().unwrap(),
             "1M",
         ]);
+    }
+
+    /// A raw disk of `size` bytes whose first bytes are a qcow2 header naming `backing`
+    /// as its backing file: what a hostile guest writes into its disk.
+    fn raw_with_qcow2_header(dir: &Path, backing: &Path, size: u64) -> PathBuf {
+        let hdr = dir.join("hdr.qcow2");
+        qcow2_backed_by(&hdr, backing);
         let mut bytes = std::fs::read(&hdr).unwrap();
         bytes.resize(size as usize, 0x5a);
         let evil = dir.join("evil.raw");
@@ -582,18 +587,7 @@ mod tests {
         let secret = dir.path().join("secret");
         std::fs::write(&secret, vec![b'S'; 1 << 20]).unwrap();
         let img = dir.path().join("overlay");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            secret.to_str().unwrap(),
-            img.to_str().unwrap(),
-            "1M",
-        ]);
+        qcow2_backed_by(&img, &secret);
         let name = without_backing("overlay", &img, "qcow2").unwrap();
         let rt = rt();
         let bytes = rt.block_on(async {

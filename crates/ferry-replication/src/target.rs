@@ -1199,12 +1199,11 @@ mod tests {
         c
     }
 
-    #[test]
-    fn a_raw_target_that_starts_with_a_qcow2_header_stays_raw() {
-        let dir = tempfile::tempdir().unwrap();
-        let dst = dir.path().join("disk.raw");
+    /// A first sync into `dst` (16 chunks of 4 KiB) whose chunk 0 is a qcow2 header, the
+    /// rest zeros; returns that chunk.
+    fn committed_with_qcow2_header(dst: &Path) -> Vec<u8> {
         let header = qcow2_header_chunk();
-        let session = Target::open(&dst)
+        let session = Target::open(dst)
             .unwrap()
             .begin(Geometry::new(16 * 4096, 4096), "test")
             .unwrap();
@@ -1214,6 +1213,14 @@ mod tests {
         session.checkpoint().unwrap();
         let expected = session.index().entries_digest().unwrap();
         session.commit(&expected).unwrap();
+        header
+    }
+
+    #[test]
+    fn a_raw_target_that_starts_with_a_qcow2_header_stays_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("disk.raw");
+        let header = committed_with_qcow2_header(&dst);
         assert_eq!(ferry_disk::sniff_format(&dst).unwrap(), "qcow2");
         let target = Target::open(&dst).unwrap();
         assert_eq!(target.load_state().unwrap().format.as_deref(), Some("raw"));
@@ -1271,17 +1278,7 @@ mod tests {
     fn a_target_of_an_older_ferry_that_looks_like_another_format_is_indexed_again() {
         let dir = tempfile::tempdir().unwrap();
         let dst = dir.path().join("disk.img");
-        let header = qcow2_header_chunk();
-        let session = Target::open(&dst)
-            .unwrap()
-            .begin(Geometry::new(16 * 4096, 4096), "test")
-            .unwrap();
-        session
-            .put(0, chunk::digest(&header), Some(&header))
-            .unwrap();
-        session.checkpoint().unwrap();
-        let expected = session.index().entries_digest().unwrap();
-        session.commit(&expected).unwrap();
+        let header = committed_with_qcow2_header(&dst);
         // As an older Ferry wrote it: no format, and an index that is not DST's raw bytes
         // (it read DST as qcow2).
         let target = Target::open(&dst).unwrap();

@@ -6,6 +6,7 @@
 //! [`TargetAdapter`] in a crate of its own and registering it with the appliance.
 
 pub mod checks;
+pub mod verify;
 
 use async_trait::async_trait;
 use ferry_model::{

@@ -4,7 +4,6 @@
 
 use async_trait::async_trait;
 use ferry_model::*;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -311,20 +310,11 @@ impl TargetAdapter for LocalDirTarget {
                 "the target instance is not running",
             ));
         }
+        // The source is off: each copy must hold its disk's bytes exactly, whatever the
+        // source serves them as (an image file of some format, an NBD export).
         for d in source_disks {
             let dst = Self::disk_path(ctx, &d.name)?;
-            let (a, b) = (PathBuf::from(&d.spec), dst.clone());
-            let same = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
-                Ok(digest(&a)? == digest(&b)?)
-            })
-            .await
-            .map_err(|e| AdapterError::transient(e.to_string()))??;
-            if !same {
-                return Err(AdapterError::permanent(format!(
-                    "data check failed: disk '{}' on the target differs from the source",
-                    d.name
-                )));
-            }
+            ferry_adapter::verify::disk_matches_source(d, &dst, "raw").await?;
         }
         Ok(())
     }
@@ -335,21 +325,6 @@ impl TargetAdapter for LocalDirTarget {
             _ => Ok(()),
         }
     }
-}
-
-fn digest(p: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(p)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().to_vec())
 }
 
 /// The replication engine in this process: chunked, verified, crash-safe syncs with the

@@ -267,8 +267,8 @@ pub struct Downtime {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DowntimePhase {
-    /// A cutover step (`stop_services`, `final_delta`, `shutdown_source`, `start_target`,
-    /// `post_cutover`, `final_validation`) or `conversion`, the guest's conversion
+    /// A cutover step (`stop_services`, `final_delta`, `shutdown_source`, `shutdown_delta`,
+    /// `start_target`, `post_cutover`, `final_validation`) or `conversion`, the guest's conversion
     /// within `start_target`.
     pub phase: String,
     pub ms: i64,

@@ -23,10 +23,11 @@ pub const FACTS_EVENT: &str = "cutover.facts";
 /// Event kind holding the downtime of a completed cutover, by phase.
 pub const DOWNTIME_EVENT: &str = "cutover.downtime";
 
-const CUTOVER_STEPS: [Step; 6] = [
+const CUTOVER_STEPS: [Step; 7] = [
     Step::StopServices,
     Step::FinalDelta,
     Step::ShutdownSource,
+    Step::ShutdownDelta,
     Step::StartTarget,
     Step::PostCutover,
     Step::FinalValidation,
@@ -438,7 +439,9 @@ impl Engine {
                 source()?.preflight(&ctx).await?;
                 target()?.preflight(&ctx).await?;
             }
-            Step::FullSync | Step::DeltaSync | Step::FinalDelta => {
+            // The shutdown delta reads the disks of a source that is off: what its
+            // shutdown wrote after the final delta reaches the target too.
+            Step::FullSync | Step::DeltaSync | Step::FinalDelta | Step::ShutdownDelta => {
                 let full = c.job.step == Step::FullSync;
                 out.sync = Some(self.sync_disks(&ctx, full).await?);
             }

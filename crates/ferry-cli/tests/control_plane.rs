@@ -125,6 +125,7 @@ fn lifecycle(extra: &[&str]) {
             "stopping_services",
             "final_delta",
             "shutting_down_source",
+            "shutdown_delta",
             "starting_target",
             "post_cutover",
             "final_validation",

@@ -1,6 +1,8 @@
 //! The vSphere source through the appliance, against govmomi's simulator: `ferry source
 //! discover` puts vCenter's VMs into the inventory, and pre-flight reports what keeps a VM
-//! from migrating (here: changed block tracking off) with the fix.
+//! from migrating (here: changed block tracking off) with the fix; the migration syncs,
+//! cuts over to a `local_dir` target (what the guest wrote while it shut down included,
+//! the whole disk compared) and rolls back.
 
 mod cp;
 
@@ -168,8 +170,56 @@ async fn vcenter_vms_are_discovered_and_preflight_names_what_to_fix() {
         (3 * 65_536..3 * 65_536 + 1024).contains(&read),
         "the delta sent {read} bytes: {syncs:?}"
     );
+
+    // Cutover. What the guest writes while it shuts down (armed in the simulator: 64 KiB
+    // at 20 MiB, written as the VM powers off) reaches the target through the last delta,
+    // read from the powered-off VM; validation compares the whole disk and passes.
+    sim.admin(
+        &ca.ca_cert_path(),
+        &format!("/ferry/shutdown-write?vm={vm}&offset={}", 20 << 20),
+    )
+    .await
+    .unwrap();
+    let t = std::time::Instant::now();
+    let out = app.ferry(&["migration", "cutover", &id, "--follow"]);
+    let cutover_s = t.elapsed().as_secs_f64();
+    let st = app.ok(&["migration", "status", &id, "--json"]);
+    let st: serde_json::Value = serde_json::from_str(&st).unwrap();
+    assert!(
+        out.status.success(),
+        "cutover failed: {}\n{st}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(st["migration"]["status"]["state"], "completed", "{st}");
+    let disk = std::fs::read(&flat).unwrap();
+    assert!(
+        disk[20 << 20..].starts_with(format!("written by {vm} while it shut down").as_bytes()),
+        "the simulator did not write the shutdown record"
+    );
+    assert!(
+        same(&target),
+        "the target misses what the source wrote while it shut down"
+    );
+    let syncs = st["syncs"].as_array().unwrap();
+    let shutdown_delta = syncs.last().unwrap()["bytes_sent"].as_u64().unwrap();
+    assert!(
+        (65_536..65_536 + 1024).contains(&shutdown_delta),
+        "the shutdown delta sent {shutdown_delta} bytes: {syncs:?}"
+    );
+    let events = app.ok(&["migration", "events", &id]);
+    assert!(events.contains("shutdown_delta"), "{events}");
+
+    // Rollback powers the VM on again; the migration can be tried again.
+    app.ok(&["migration", "rollback", &id, "--follow"]);
+    let st = app.ok(&["migration", "status", &id, "--json"]);
+    assert!(st.contains("\"rolled_back\""), "{st}");
+    let out = app.ok(&["source", "discover", "vc1", "--json"]);
+    assert!(
+        out.contains("poweredOn") || !out.contains("poweredOff"),
+        "{out}"
+    );
     note(&format!(
-        "vsphere: {} VMs discovered; pre-flight said: {last_error}; full sync sent {} bytes, CBT delta sent {read}",
+        "vsphere: {} VMs discovered; pre-flight said: {last_error}; full sync sent {} bytes, CBT delta sent {read}; cutover to local_dir in {cutover_s:.1} s, its shutdown delta sent {shutdown_delta} bytes",
         found.len(),
         syncs[0]["bytes_sent"]
     ));

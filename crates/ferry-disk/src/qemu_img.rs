@@ -57,6 +57,13 @@ where
 {
     let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
     let command = command_line(&args);
+    let out = run_any(args, timeout).await?;
+    checked(command, out)
+}
+
+/// [`run`] that hands back any exit status (for commands whose status is an answer).
+async fn run_any(args: Vec<OsString>, timeout: Duration) -> Result<Output, QemuImgError> {
+    let command = command_line(&args);
     let child = tokio::process::Command::new("qemu-img")
         .args(&args)
         .stdin(Stdio::null())
@@ -66,11 +73,10 @@ where
         .kill_on_drop(true)
         .spawn()
         .map_err(QemuImgError::Launch)?;
-    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(out) => out.map_err(QemuImgError::Launch)?,
-        Err(_) => return Err(QemuImgError::TimedOut { command, timeout }),
-    };
-    checked(command, out)
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(out) => out.map_err(QemuImgError::Launch),
+        Err(_) => Err(QemuImgError::TimedOut { command, timeout }),
+    }
 }
 
 /// [`run`] for callers on a blocking thread (no async runtime needed).
@@ -144,6 +150,70 @@ pub async fn info(image: &Path, format: &str) -> Result<serde_json::Value, QemuI
         command,
         reason: e.to_string(),
     })
+}
+
+/// One side of a [`compare`]: what QEMU opens (an image path or an `nbd://` /
+/// `nbd+unix://` URI) and its format, stated.
+#[derive(Debug, Clone, Copy)]
+pub struct Image<'a> {
+    pub spec: &'a str,
+    pub format: &'a str,
+}
+
+impl Image<'_> {
+    /// The name qemu-img is given: a relative path gets `./`, so that no part of a file
+    /// name is read as a protocol prefix (`json:`, `nbd:`).
+    fn name(&self) -> OsString {
+        let is_uri = self.spec.starts_with("nbd://") || self.spec.starts_with("nbd+unix://");
+        if is_uri || self.spec.starts_with('/') {
+            OsString::from(self.spec)
+        } else {
+            OsString::from(format!("./{}", self.spec))
+        }
+    }
+}
+
+/// How long a [`compare`] of two disks of `size` bytes may take: both are read whole.
+pub fn compare_timeout(size: u64) -> Duration {
+    Duration::from_secs(120 + 30 * size.div_ceil(1 << 30))
+}
+
+/// Whether two disks hold the same bytes (`qemu-img compare`, formats stated, areas past
+/// the shorter one's end must read as zeros): `None` when they do, else the first
+/// offset that differs (`Some(None)` when qemu-img did not say where).
+pub async fn compare(
+    a: Image<'_>,
+    b: Image<'_>,
+    timeout: Duration,
+) -> Result<Option<Option<u64>>, QemuImgError> {
+    // -U: the synced disk may back a running instance's overlay; reading it is safe.
+    let mut args: Vec<OsString> = ["compare", "-U", "-f", a.format, "-F", b.format, "--"]
+        .iter()
+        .map(OsString::from)
+        .collect();
+    args.push(a.name());
+    args.push(b.name());
+    let command = command_line(&args);
+    let out = run_any(args, timeout).await?;
+    match out.status.code() {
+        Some(0) => Ok(None),
+        // 1: the images differ; qemu-img says where on stdout.
+        Some(1) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let at = text.split("offset ").nth(1).and_then(|t| {
+                t.trim_end_matches(|c: char| !c.is_ascii_digit())
+                    .parse()
+                    .ok()
+            });
+            Ok(Some(at))
+        }
+        _ => Err(checked(command.clone(), out)
+            .err()
+            .unwrap_or(QemuImgError::Output {
+                command,
+                reason: "it exited with no status".into(),
+            })),
+    }
 }
 
 /// What kind of other file an image names.
@@ -355,5 +425,70 @@ mod tests {
         let err = run_blocking(["nonsense-subcommand"], Duration::from_secs(20)).unwrap_err();
         assert!(matches!(err, QemuImgError::Failed { .. }), "{err}");
         assert!(err.to_string().contains("nonsense-subcommand"), "{err}");
+    }
+
+    #[test]
+    fn compare_finds_the_first_difference_across_formats() {
+        if !have_qemu_img() {
+            eprintln!("skipped: no qemu-img");
+            return;
+        }
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("a.raw");
+        let f = std::fs::File::create(&raw).unwrap();
+        f.set_len(4 << 20).unwrap();
+        f.write_all_at(b"the source's bytes", 1 << 20).unwrap();
+        let qcow2 = dir.path().join("b.qcow2");
+        run_blocking(
+            [
+                "convert".as_ref(),
+                "-f".as_ref(),
+                "raw".as_ref(),
+                "-O".as_ref(),
+                "qcow2".as_ref(),
+                raw.as_os_str(),
+                qcow2.as_os_str(),
+            ],
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (a, b) = (raw.to_str().unwrap(), qcow2.to_str().unwrap());
+        let cmp = |fa: &'static str, fb: &'static str| {
+            rt.block_on(compare(
+                Image {
+                    spec: a,
+                    format: fa,
+                },
+                Image {
+                    spec: b,
+                    format: fb,
+                },
+                compare_timeout(4 << 20),
+            ))
+        };
+        assert_eq!(cmp("raw", "qcow2").unwrap(), None);
+        // The qcow2 file read as raw bytes is not the disk it holds.
+        assert!(cmp("raw", "raw").unwrap().is_some());
+        f.write_all_at(b"X", (3 << 20) + 5).unwrap();
+        assert_eq!(cmp("raw", "qcow2").unwrap(), Some(Some(3 << 20)));
+        let missing = rt
+            .block_on(compare(
+                Image {
+                    spec: "no/such.raw",
+                    format: "raw",
+                },
+                Image {
+                    spec: b,
+                    format: "qcow2",
+                },
+                Duration::from_secs(30),
+            ))
+            .unwrap_err();
+        assert!(missing.to_string().contains("./no/such.raw"), "{missing}");
     }
 }

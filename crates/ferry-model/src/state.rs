@@ -39,6 +39,9 @@ pub enum State {
     FinalDelta,
     /// Cutover: the source is being shut down.
     ShuttingDownSource,
+    /// Cutover: the source is off; a last delta carries what its shutdown wrote, read
+    /// from the powered-off disks, so the target equals the source as it stopped.
+    ShutdownDelta,
     /// Cutover: the target is being started on the production network.
     StartingTarget,
     /// Cutover: post-cutover actions (re-IP, DNS, hooks) are running.
@@ -58,7 +61,7 @@ pub enum State {
 }
 
 impl State {
-    pub const ALL: [State; 21] = [
+    pub const ALL: [State; 22] = [
         State::Onboarded,
         State::Preflight,
         State::Ready,
@@ -72,6 +75,7 @@ impl State {
         State::StoppingServices,
         State::FinalDelta,
         State::ShuttingDownSource,
+        State::ShutdownDelta,
         State::StartingTarget,
         State::PostCutover,
         State::FinalValidation,
@@ -93,6 +97,7 @@ impl State {
             State::StoppingServices => Step::StopServices,
             State::FinalDelta => Step::FinalDelta,
             State::ShuttingDownSource => Step::ShutdownSource,
+            State::ShutdownDelta => Step::ShutdownDelta,
             State::StartingTarget => Step::StartTarget,
             State::PostCutover => Step::PostCutover,
             State::FinalValidation => Step::FinalValidation,
@@ -119,6 +124,7 @@ impl State {
             State::StoppingServices
                 | State::FinalDelta
                 | State::ShuttingDownSource
+                | State::ShutdownDelta
                 | State::StartingTarget
                 | State::PostCutover
                 | State::FinalValidation
@@ -140,6 +146,7 @@ impl State {
             State::StoppingServices => "stopping_services",
             State::FinalDelta => "final_delta",
             State::ShuttingDownSource => "shutting_down_source",
+            State::ShutdownDelta => "shutdown_delta",
             State::StartingTarget => "starting_target",
             State::PostCutover => "post_cutover",
             State::FinalValidation => "final_validation",
@@ -175,6 +182,8 @@ pub enum Step {
     StopServices,
     FinalDelta,
     ShutdownSource,
+    /// The last delta, of what the source's shutdown wrote (its disks read powered off).
+    ShutdownDelta,
     StartTarget,
     PostCutover,
     FinalValidation,
@@ -182,7 +191,7 @@ pub enum Step {
 }
 
 impl Step {
-    pub const ALL: [Step; 12] = [
+    pub const ALL: [Step; 13] = [
         Step::Preflight,
         Step::FullSync,
         Step::DeltaSync,
@@ -191,6 +200,7 @@ impl Step {
         Step::StopServices,
         Step::FinalDelta,
         Step::ShutdownSource,
+        Step::ShutdownDelta,
         Step::StartTarget,
         Step::PostCutover,
         Step::FinalValidation,
@@ -207,6 +217,7 @@ impl Step {
             Step::StopServices => "stop_services",
             Step::FinalDelta => "final_delta",
             Step::ShutdownSource => "shutdown_source",
+            Step::ShutdownDelta => "shutdown_delta",
             Step::StartTarget => "start_target",
             Step::PostCutover => "post_cutover",
             Step::FinalValidation => "final_validation",
@@ -346,7 +357,8 @@ impl Status {
         }
         let may_be_down = matches!(
             self.state,
-            State::StartingTarget
+            State::ShutdownDelta
+                | State::StartingTarget
                 | State::PostCutover
                 | State::FinalValidation
                 | State::Completed
@@ -500,6 +512,10 @@ fn apply(status: &Status, input: Input) -> Result<(Status, Vec<Effect>), String>
             }
             S::ShuttingDownSource => {
                 next.source_down = true;
+                run(next, S::ShutdownDelta)
+            }
+            S::ShutdownDelta => {
+                next.generation += 1;
                 run(next, S::StartingTarget)
             }
             S::StartingTarget => run(next, S::PostCutover),
@@ -617,6 +633,7 @@ fn command(
             | S::StoppingServices
             | S::FinalDelta
             | S::ShuttingDownSource
+            | S::ShutdownDelta
             | S::StartingTarget
             | S::PostCutover
             | S::FinalValidation,
@@ -658,13 +675,15 @@ mod tests {
                 StepSucceeded(Step::StopServices),
                 StepSucceeded(Step::FinalDelta),
                 StepSucceeded(Step::ShutdownSource),
+                StepSucceeded(Step::ShutdownDelta),
                 StepSucceeded(Step::StartTarget),
                 StepSucceeded(Step::PostCutover),
                 StepSucceeded(Step::FinalValidation),
             ],
         );
         assert_eq!(s.state, State::Completed);
-        assert_eq!(s.generation, 3);
+        // Full sync, delta, final delta, shutdown delta.
+        assert_eq!(s.generation, 4);
         s.check_invariants().unwrap();
     }
 

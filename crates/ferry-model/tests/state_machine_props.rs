@@ -84,7 +84,7 @@ proptest! {
         }
         if status.state == State::Completed {
             for needed in [State::InitialSync, State::StoppingServices, State::FinalDelta,
-                           State::ShuttingDownSource, State::StartingTarget, State::PostCutover,
+                           State::ShuttingDownSource, State::ShutdownDelta, State::StartingTarget, State::PostCutover,
                            State::FinalValidation] {
                 prop_assert!(seen.contains(&needed), "completed without passing {needed}");
             }

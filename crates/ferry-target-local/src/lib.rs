@@ -135,6 +135,37 @@ impl Placement {
         self.cfg.path.join(".guestfs")
     }
 
+    /// Overlays above the synced disks that a production instance booted without
+    /// conversion writes to: the synced generation stays the source's disks as they
+    /// stopped (final validation compares them), and a rollback that removes the
+    /// overlays leaves the disks the replication index describes. Kept by a retried step.
+    async fn production_overlays(&self, ctx: &StepContext) -> AResult<Vec<(String, PathBuf)>> {
+        tokio::fs::create_dir_all(self.boot_dir()).await?;
+        let mut out = vec![];
+        for (name, synced) in self.synced_disks(ctx) {
+            let overlay = self
+                .boot_dir()
+                .join(format!("{}.overlay.qcow2", sanitize(&name, 64)));
+            if tokio::fs::metadata(&overlay).await.is_err() {
+                let base = ferry_convert::GuestDisk {
+                    path: synced,
+                    format: ferry_convert::ImageFormat::Qcow2,
+                };
+                let tmp = overlay.with_extension("qcow2.tmp");
+                ferry_convert::create_overlay(&base, &tmp)
+                    .await
+                    .map_err(|e| {
+                        AdapterError::transient(format!(
+                            "creating the production overlay of disk '{name}': {e}"
+                        ))
+                    })?;
+                tokio::fs::rename(&tmp, &overlay).await?;
+            }
+            out.push((name, overlay));
+        }
+        Ok(out)
+    }
+
     fn synced_disks(&self, ctx: &StepContext) -> Vec<(String, PathBuf)> {
         ctx.workload
             .disks
@@ -430,11 +461,15 @@ impl TargetAdapter for LocalTarget {
         let p = Placement::of(ctx)?;
         let net = p.network(&p.production_network(ctx)?)?;
         let prepared = boot::load(&p.boot_dir());
+        let disks = match &prepared {
+            Some(_) => p.synced_disks(ctx),
+            None => p.production_overlays(ctx).await?,
+        };
         p.start_instance(
             ctx,
             &ctx.workload.name,
             &p.dir.join("run"),
-            p.synced_disks(ctx),
+            disks,
             prepared.as_ref(),
             &net,
             &format!("fp{}", short_id(ctx)),
@@ -475,14 +510,29 @@ impl TargetAdapter for LocalTarget {
         Ok(undo)
     }
 
+    /// Final validation always compares the synced disks with the source's, which is off
+    /// by then: they are files here, so the check costs reads, not transfers.
+    fn wants_source_disks(&self, _checks: &[ValidationCheck]) -> bool {
+        true
+    }
+
     async fn validate(
         &self,
         ctx: &StepContext,
         phase: CheckPhase,
         checks: &[ValidationCheck],
-        _source_disks: &[SourceDisk],
+        source_disks: &[SourceDisk],
     ) -> AResult<()> {
         let p = Placement::of(ctx)?;
+        // The synced generation is never booted (the instance runs from overlays above
+        // it), so it must still be the source's disks byte for byte.
+        if phase == CheckPhase::Final {
+            for d in source_disks {
+                let synced = p.disk_path(&d.name);
+                ferry_adapter::verify::disk_matches_source(d, &synced, "qcow2").await?;
+                tracing::info!(disk = %d.name, "the synced disk equals the source's disk as it stopped");
+            }
+        }
         let (run, net) = match phase {
             CheckPhase::Uat => (p.uat_dir().join("run"), p.uat_network(ctx)),
             CheckPhase::Final => (p.dir.join("run"), p.production_network(ctx)?),

@@ -53,6 +53,7 @@ type front struct {
 	proxy   *httputil.ReverseProxy
 	cbt     *cbtStore
 	guest   *guestOps
+	writes  *shutdownWrites
 
 	mu       sync.Mutex
 	sessions map[string]bool // live session cookies
@@ -66,6 +67,7 @@ func newFront(backend *url.URL, guest *guestConfig) *front {
 		backend:  backend,
 		proxy:    httputil.NewSingleHostReverseProxy(backend),
 		cbt:      newCBTStore(),
+		writes:   newShutdownWrites(),
 		sessions: map[string]bool{},
 	}
 	f.guest = newGuestOps(guest)
@@ -131,6 +133,14 @@ func (f *front) admin(w http.ResponseWriter, r *http.Request) {
 			atomic.StoreInt64(&f.dsFailUntil, t)
 			writeJSON(w, map[string]interface{}{"ok": true})
 		}
+	case "/ferry/shutdown-write":
+		offset, err := strconv.ParseInt(r.URL.Query().Get("offset"), 10, 64)
+		if err != nil || offset < 0 {
+			http.Error(w, "offset=<bytes> required", http.StatusBadRequest)
+			return
+		}
+		f.writes.arm(r.URL.Query().Get("vm"), offset)
+		writeJSON(w, map[string]interface{}{"ok": true})
 	case "/ferry/reset-cbt":
 		name := r.URL.Query().Get("vm")
 		n, ok := f.cbt.resetVM(name)
@@ -243,6 +253,9 @@ func (f *front) serveSOAP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	if method == "ShutdownGuest" || method == "PowerOffVM_Task" {
+		f.writes.beforePowerChange(this)
+	}
 	rec := newRecorder()
 	f.proxy.ServeHTTP(rec, r)
 	ok := rec.status == http.StatusOK

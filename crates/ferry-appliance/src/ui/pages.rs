@@ -58,7 +58,7 @@ fn explain(c: Command) -> &'static str {
         Command::UatStop => "Stop and remove the test copy.",
         Command::UatPass => "Record that the test copy passed user acceptance: cutover becomes possible.",
         Command::UatFail => "Record that the test copy failed user acceptance: cutover stays refused.",
-        Command::Cutover => "Stop the source's services, shut the source down, run the final delta, and start the workload on the target's production network. The source stays down until a rollback.",
+        Command::Cutover => "Stop the source's services, run the final delta, shut the source down, copy what its shutdown wrote, and start the workload on the target's production network. The source stays down until a rollback.",
         Command::Rollback => "Stop the workload on the target and start the source again.",
         Command::Retry => "Run again the step that failed.",
         Command::Cancel => "Stop this migration for good. Data already on the target stays.",
@@ -260,7 +260,7 @@ pub async fn group(
                     } @else if c == "uat_start" {
                         p { "Boot a test copy of each synced member on the isolated migration network; replication goes on meanwhile. Members not synced are skipped." }
                     } @else {
-                        p { "Cut over the members that are synced, in their group order, " (g.concurrency) " at a time: services stop, each source shuts down, a final delta runs, and the workload starts on the target's production network." }
+                        p { "Cut over the members that are synced, in their group order, " (g.concurrency) " at a time: services stop, a final delta runs, each source shuts down, what its shutdown wrote is copied, and the workload starts on the target's production network." }
                     }
                     ul { @for m in &active { li { (m.workload_name) " (" (m.state().as_str()) ")" } } }
                     form method="post" action={"/ui/groups/" (g.name) "/action"} {

@@ -77,7 +77,8 @@ pub enum MigrationCommand {
     /// User acceptance testing on a test instance.
     #[command(subcommand)]
     Uat(UatCommand),
-    /// Stop services, final delta, shut the source down, start the target.
+    /// Stop services, final delta, shut the source down, a last delta of what the shutdown
+    /// wrote, start the target.
     Cutover {
         migration: String,
         #[arg(long)]
@@ -174,7 +175,7 @@ fn status_rows(m: &Migration, detail: &Value) -> Vec<(&'static str, String)> {
     ]
 }
 
-const PATH: [State; 16] = [
+const PATH: [State; 17] = [
     State::Onboarded,
     State::Preflight,
     State::Ready,
@@ -187,6 +188,7 @@ const PATH: [State; 16] = [
     State::StoppingServices,
     State::FinalDelta,
     State::ShuttingDownSource,
+    State::ShutdownDelta,
     State::StartingTarget,
     State::PostCutover,
     State::FinalValidation,

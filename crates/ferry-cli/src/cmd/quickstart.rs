@@ -422,7 +422,7 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
         report_last_sync(&client, id).await?;
     }
 
-    step(10, "cutover", "Stop the services through the guest agent and note the last acknowledged ledger record, final delta, shut the source down, start the target on the production network with the source's address, update DNS, validate (HTTP, TCP, a command, and every acknowledged record present).");
+    step(10, "cutover", "Stop the services through the guest agent and note the last acknowledged ledger record, final delta, shut the source down, a last delta of what its shutdown wrote, start the target on the production network with the source's address, update DNS, validate (HTTP, TCP, a command, and every acknowledged record present).");
     let acked_before = ledger.max();
     command(&client, id, Command::Cutover).await?;
     if std::env::var("FERRY_QUICKSTART_CRASH").as_deref() == Ok("final_delta") {

@@ -280,6 +280,7 @@ pub fn check_exactly_once(events: &[Value], migrations: &[Value]) -> (usize, usi
             "stop_services",
             "final_delta",
             "shutdown_source",
+            "shutdown_delta",
             "start_target",
             "post_cutover",
             "final_validation",

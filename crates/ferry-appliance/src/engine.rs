@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify, Semaphore};
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// Event kind holding the migration's [`CutoverFacts`] (the newest one counts).
@@ -194,6 +195,7 @@ impl Engine {
             Ok(_) => {}
             Err(e) => tracing::error!("cannot release interrupted jobs: {e}"),
         }
+        let recorder = tokio::spawn(self.clone().record_warnings(crate::step_log::connect()));
         let slots = Arc::new(Semaphore::new(self.config.workers.max(1)));
         loop {
             if *shutdown.borrow() {
@@ -226,6 +228,26 @@ impl Engine {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(self.config.poll_ms)) => {}
                 _ = shutdown.changed() => {}
+            }
+        }
+        recorder.abort();
+    }
+
+    /// Records each warning a step logged as a `warning` event and a log line of its
+    /// migration, so that `ferry migration events|logs` and the dashboard show it.
+    async fn record_warnings(
+        self: Arc<Self>,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::step_log::StepWarning>,
+    ) {
+        while let Some(w) = rx.recv().await {
+            let mut ev = NewEvent::new(Some(w.migration), WARNING_EVENT, w.message.clone());
+            ev.step = w.step;
+            let logged = self
+                .store
+                .insert_log(Some(w.migration), &self.config.owner, "warn", &w.message)
+                .await;
+            if let Err(e) = self.store.insert_event(&ev).await.and(logged) {
+                eprintln!("recording a warning of migration {}: {e}", w.migration);
             }
         }
     }
@@ -393,7 +415,11 @@ impl Engine {
             })
         };
         let outcome = tokio::select! {
-            r = self.execute(&c) => Some(r),
+            r = self.execute(&c).instrument(tracing::info_span!(
+                crate::step_log::STEP_SPAN,
+                migration = %c.job.migration_id,
+                step = %c.job.step,
+            )) => Some(r),
             _ = lost_rx.wait_for(|v| *v) => None,
         };
         hb.abort();

@@ -81,7 +81,9 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
-            StoreError::Duplicate { .. } => ApiError::conflict(e.to_string()),
+            StoreError::Duplicate { .. } | StoreError::InUse { .. } => {
+                ApiError::conflict(e.to_string())
+            }
             StoreError::NotFound { .. } => ApiError::not_found(e.to_string()),
             StoreError::Conflict(_) => ApiError::conflict(e.to_string()),
             other => ApiError::internal(other.to_string()),

@@ -10,6 +10,7 @@ pub mod csv_import;
 pub mod engine;
 pub mod error;
 pub mod secrets;
+pub mod step_log;
 pub mod ui;
 
 use engine::{Engine, EngineConfig};

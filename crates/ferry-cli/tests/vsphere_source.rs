@@ -171,6 +171,47 @@ async fn vcenter_vms_are_discovered_and_preflight_names_what_to_fix() {
         "the delta sent {read} bytes: {syncs:?}"
     );
 
+    // Changed block tracking switched off behind Ferry's back: the next delta warns, as
+    // an event of the migration, before it reads the whole disk; it still carries the
+    // change. Switched on again, deltas read what CBT lists.
+    sim.admin(&ca.ca_cert_path(), &format!("/ferry/cbt-off?vm={vm}"))
+        .await
+        .unwrap();
+    write(30 << 20, b"written while CBT was off");
+    app.ok(&["migration", "sync", &id, "--follow"]);
+    assert!(
+        same(&target),
+        "the target differs after a delta without CBT"
+    );
+    let events = app.ok(&["migration", "events", &id]);
+    assert!(
+        events.contains("warning") && events.contains("changed block tracking is off"),
+        "{events}"
+    );
+    let logs = app.ok(&["migration", "logs", &id]);
+    assert!(logs.contains("changed block tracking is off"), "{logs}");
+    app.ok(&["source", "fix", "vc1", "enable-cbt", &vm]);
+    app.ok(&["migration", "sync", &id, "--follow"]);
+
+    // A cutover that cannot stop the workload's services (no guest account): `--follow`
+    // exits non-zero and says which step failed, why and what to do.
+    app.ok(&["inventory", "set", &vm, "--services", "nginx"]);
+    let out = app.ferry(&["migration", "cutover", &id, "--follow"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a failed cutover exited 0: {err}");
+    assert!(
+        err.contains("step stop_services failed")
+            && err.contains("no guest account")
+            && err.contains("ferry migration rollback"),
+        "{err}"
+    );
+    let follow = app.ferry(&["migration", "status", &id, "--follow"]);
+    assert!(
+        !follow.status.success(),
+        "status --follow of a failed migration exited 0"
+    );
+    app.ok(&["inventory", "set", &vm, "--services", ""]);
+
     // Cutover. What the guest writes while it shuts down (armed in the simulator: 64 KiB
     // at 20 MiB, written as the VM powers off) reaches the target through the last delta,
     // read from the powered-off VM; validation compares the whole disk and passes.
@@ -181,7 +222,7 @@ async fn vcenter_vms_are_discovered_and_preflight_names_what_to_fix() {
     .await
     .unwrap();
     let t = std::time::Instant::now();
-    let out = app.ferry(&["migration", "cutover", &id, "--follow"]);
+    let out = app.ferry(&["migration", "retry", &id, "--follow"]);
     let cutover_s = t.elapsed().as_secs_f64();
     let st = app.ok(&["migration", "status", &id, "--json"]);
     let st: serde_json::Value = serde_json::from_str(&st).unwrap();

@@ -44,7 +44,7 @@ pub enum MorpheusError {
         url: String,
         why: String,
     },
-    #[error("{call}: TLS: {why} (give the manager's CA with --ca-bundle, or --insecure to skip verification)")]
+    #[error("{call}: TLS: {why} (set the target's config key ca_bundle to the manager's CA certificate, a PEM file on the appliance, or \"insecure\": true to skip verification; `ferry target setup-iam` also takes --ca-bundle / --insecure)")]
     Tls { call: String, why: String },
     #[error("{call}: the answer is not what the API describes: {why}")]
     BadAnswer { call: String, why: String },

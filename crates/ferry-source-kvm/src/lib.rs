@@ -27,8 +27,35 @@ use uuid::Uuid;
 pub use guest::GuestOps;
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a guest may take to power off after the ACPI button before QEMU is ended.
+/// How long a guest may take to power off after the ACPI button before QEMU is ended,
+/// unless the source's `config.shutdown_timeout_secs` says otherwise (a database that
+/// writes a long checkpoint needs more).
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The start of a warning that the guest agent does not answer, saying what cutover
+/// needs it for.
+fn services_need_agent(ctx: &StepContext) -> String {
+    let mut services = ctx.profile.spec.services_to_stop.clone();
+    services.extend(ctx.workload.services.iter().cloned());
+    if services.is_empty() {
+        "cutover will shut the guest down without its agent: ".into()
+    } else {
+        format!(
+            "cutover must stop services ({}) through the guest agent, which does not answer: ",
+            services.join(", ")
+        )
+    }
+}
+
+/// The shutdown timeout of the workload's source.
+fn shutdown_timeout(ctx: &StepContext) -> Duration {
+    ctx.source
+        .as_ref()
+        .and_then(|s| s.config.get("shutdown_timeout_secs"))
+        .and_then(|v| v.as_u64())
+        .map(Duration::from_secs)
+        .unwrap_or(SHUTDOWN_TIMEOUT)
+}
 
 /// The source adapter. It holds the views a sync opened until the sync closes them; an
 /// appliance that crashed in between finds their leftovers in QEMU instead.
@@ -251,8 +278,9 @@ impl SourceAdapter for KvmSource {
         }
         if let Err(e) = GuestOps::new(&vm).ping().await {
             // Syncs work without the agent (crash-consistent); cutover needs it to stop
-            // services, so say it now.
-            tracing::warn!(vm = %ctx.workload.name, "{}", e.message);
+            // services, so say it now (a guest still booting answers later: a warning,
+            // not a refusal).
+            tracing::warn!(vm = %ctx.workload.name, "{}{}", services_need_agent(ctx), e.message);
         }
         Ok(())
     }
@@ -341,6 +369,10 @@ impl SourceAdapter for KvmSource {
     }
 
     async fn stop_services(&self, ctx: &StepContext, services: &[String]) -> AResult<()> {
+        // Nothing to stop: a guest without an agent still cuts over (shut down by ACPI).
+        if services.is_empty() {
+            return Ok(());
+        }
         let mut g = match libvirt_host(ctx)? {
             Some(h) => h.guest(ctx).await?,
             None => {
@@ -373,7 +405,7 @@ impl SourceAdapter for KvmSource {
         let Ok(vm) = Vm::attach(&run_dir(ctx)?) else {
             return Ok(()); // already off: a retried step
         };
-        vm.powerdown(SHUTDOWN_TIMEOUT)
+        vm.powerdown(shutdown_timeout(ctx))
             .await
             .map(|outcome| tracing::info!(vm = %ctx.workload.name, ?outcome, "source VM is off"))
             .map_err(|e| {

@@ -30,8 +30,6 @@ const VIRSH_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long discovery waits for a guest agent (it only adds the OS name and addresses).
 const DISCOVERY_AGENT_TIMEOUT: Duration = Duration::from_secs(3);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a guest may take to power off before it is destroyed.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(90);
 const DEFAULT_SCRATCH: &str = "/var/lib/libvirt/ferry";
 /// The prefix of every checkpoint Ferry makes; others are left alone.
 const CHECKPOINT_PREFIX: &str = "ferry-";
@@ -211,7 +209,7 @@ impl Host {
         }
         if self.state(domain).await? == "running" {
             if let Err(e) = self.agent(domain, DISCOVERY_AGENT_TIMEOUT).await {
-                tracing::warn!(vm = %domain, "{}", e.message);
+                tracing::warn!(vm = %domain, "{}{}", crate::services_need_agent(ctx), e.message);
             }
         }
         Ok(())
@@ -403,7 +401,8 @@ impl Host {
             return Ok(()); // a retried step
         }
         self.virsh(&["shutdown", domain]).await?;
-        let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+        let timeout = crate::shutdown_timeout(ctx);
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if self.state(domain).await? == "shut off" {
                 tracing::info!(vm = %domain, "source domain is off");
@@ -411,7 +410,7 @@ impl Host {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        tracing::warn!(vm = %domain, "no clean shutdown within {}s: destroying", SHUTDOWN_TIMEOUT.as_secs());
+        tracing::warn!(vm = %domain, "no clean shutdown within {} s (the source's config.shutdown_timeout_secs): destroying", timeout.as_secs());
         self.virsh(&["destroy", domain]).await.map(drop)
     }
 

@@ -17,8 +17,8 @@
 
 use async_trait::async_trait;
 use ferry_adapter::{
-    AResult, AdapterError, Secrets, SourceAdapter, SourceDisk, StepContext, SOURCE_PASSWORD,
-    SOURCE_USERNAME,
+    AResult, AdapterError, Secrets, SourceAdapter, SourceDisk, StepContext, GUEST_PASSWORD,
+    GUEST_USERNAME, SOURCE_PASSWORD, SOURCE_USERNAME,
 };
 use ferry_model::{Disk, NewWorkload, Nic, Source};
 use ferry_vsphere::{Client, ClientOptions, Vm, VsphereError};
@@ -201,10 +201,30 @@ impl SourceAdapter for VsphereSource {
         let r = sync::remove_stale_snapshots(&c, &vm).await;
         let _ = c.logout().await;
         r?;
-        if vm.tools.as_deref() != Some("guestToolsRunning") {
-            tracing::warn!(vm = %vm.name, "VMware Tools are not running: cutover cannot stop services or shut the guest down cleanly");
+        let mut p = problems(&vm);
+        // What cutover needs in the guest: services to stop need VMware Tools and a guest
+        // account; cutover would refuse without them, after the first syncs.
+        let mut services = ctx.profile.spec.services_to_stop.clone();
+        services.extend(ctx.workload.services.iter().cloned());
+        let tools = vm.tools.as_deref() == Some("guestToolsRunning");
+        if !services.is_empty() {
+            if !tools {
+                p.push(format!(
+                    "cutover must stop services ({}) but VMware Tools are not running in it: start them (or install open-vm-tools), or remove the services from the workload and profile",
+                    services.join(", ")
+                ));
+            }
+            if ctx.secrets.get(GUEST_USERNAME).is_none()
+                || ctx.secrets.get(GUEST_PASSWORD).is_none()
+            {
+                p.push(format!(
+                    "cutover must stop services ({}) but no guest account is set: create a credential for a guest user and set the source's config.guest_credential_id",
+                    services.join(", ")
+                ));
+            }
+        } else if !tools {
+            tracing::warn!(vm = %vm.name, "VMware Tools are not running: cutover cannot shut the guest down cleanly and will power it off");
         }
-        let p = problems(&vm);
         if !p.is_empty() {
             let source = ctx
                 .source

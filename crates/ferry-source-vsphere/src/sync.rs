@@ -134,6 +134,21 @@ async fn read_snapshot(
                     Err(e) => return Err(err(e)),
                 }
             }
+            (Some(_), _) => {
+                // A delta without CBT reads every byte: say so before it starts.
+                let source = ctx
+                    .source
+                    .as_ref()
+                    .map(|s| s.name.as_str())
+                    .unwrap_or("SOURCE");
+                tracing::warn!(
+                    vm = %vm.name,
+                    disk = %d.label,
+                    "changed block tracking is off (or not started) on this VM: this delta reads and compares the whole disk; enable it with `ferry source fix {source} enable-cbt {}`",
+                    vm.name
+                );
+                None
+            }
             _ => None,
         };
         if let Some(id) = &d.change_id {

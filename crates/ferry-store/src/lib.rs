@@ -28,6 +28,8 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("{what} '{key}' already exists")]
     Duplicate { what: &'static str, key: String },
+    #[error("{what} {id} is still in use: other records (workloads, profiles, migrations) refer to it; delete or change those first")]
+    InUse { what: &'static str, id: String },
     #[error("{what} '{id}' not found")]
     NotFound { what: &'static str, id: String },
     #[error("migration {0} was changed concurrently; try again")]
@@ -499,9 +501,9 @@ impl Store {
             .execute(&mut *w.tx)
             .await
             .map_err(|e| match map_unique(e, what, &id.to_string()) {
-                StoreError::NotFound { .. } => StoreError::Duplicate {
-                    what: "reference to this record",
-                    key: format!("{what} {id} is still in use"),
+                StoreError::NotFound { .. } => StoreError::InUse {
+                    what,
+                    id: id.to_string(),
                 },
                 other => other,
             })?

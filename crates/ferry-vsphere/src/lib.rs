@@ -50,7 +50,7 @@ pub enum VsphereError {
         url: String,
         why: String,
     },
-    #[error("{call}: TLS: {why} (give vCenter's CA with --ca-bundle, or --insecure for a lab)")]
+    #[error("{call}: TLS: {why} (set the source's config key ca_bundle to vCenter's CA certificate, a PEM file on the appliance, or \"insecure\": true for a lab)")]
     Tls { call: String, why: String },
     #[error("{call}: HTTP {status}: {body}")]
     Http {

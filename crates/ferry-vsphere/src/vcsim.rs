@@ -84,7 +84,8 @@ impl Vcsim {
     }
 
     /// Calls one of the launcher's test endpoints (`/ferry/outage?ms=N`,
-    /// `/ferry/expire-sessions`, `/ferry/reset-cbt?vm=NAME`, `/ferry/datastore-fail?ms=N`,
+    /// `/ferry/expire-sessions`, `/ferry/reset-cbt?vm=NAME`, `/ferry/cbt-off?vm=NAME`,
+    /// `/ferry/datastore-fail?ms=N`,
     /// `/ferry/shutdown-write?vm=NAME&offset=N`: 64 KiB written at N as NAME next powers off).
     pub async fn admin(&self, ca: &Path, path_and_query: &str) -> Result<(), String> {
         let pem = std::fs::read(ca).map_err(|e| e.to_string())?;

@@ -104,6 +104,22 @@ func (s *cbtStore) resetVM(name string) (int, bool) {
 	return 0, false
 }
 
+// switchOff turns changed block tracking off on the VM called name, as a vSphere admin
+// unticking it (or a backup product resetting it) would, and forgets its change ids.
+func (s *cbtStore) switchOff(name string) bool {
+	for _, e := range simulator.Map.All("VirtualMachine") {
+		if e.Entity().Name != name {
+			continue
+		}
+		vm := e.(*simulator.VirtualMachine)
+		off := false
+		simulator.Map.WithLock(vm, func() { vm.Config.ChangeTrackingEnabled = &off })
+		s.forget(vm.Reference().Value)
+		return true
+	}
+	return false
+}
+
 // snapDisk is what the front layer needs of a virtual disk.
 type snapDisk struct {
 	key      int32

@@ -141,6 +141,13 @@ func (f *front) admin(w http.ResponseWriter, r *http.Request) {
 		}
 		f.writes.arm(r.URL.Query().Get("vm"), offset)
 		writeJSON(w, map[string]interface{}{"ok": true})
+	case "/ferry/cbt-off":
+		name := r.URL.Query().Get("vm")
+		if !f.cbt.switchOff(name) {
+			http.Error(w, fmt.Sprintf("no VM named %q", name), http.StatusNotFound)
+			return
+		}
+		writeJSON(w, map[string]interface{}{"vm": name, "cbt": false})
 	case "/ferry/reset-cbt":
 		name := r.URL.Query().Get("vm")
 		n, ok := f.cbt.resetVM(name)

@@ -99,10 +99,10 @@ pub enum InventoryCommand {
         cpus: Option<u32>,
         #[arg(long)]
         memory_mib: Option<u64>,
-        /// Services to stop at cutover (comma-separated; replaces the list).
+        /// Services to stop at cutover (comma-separated; replaces the list; '' clears it).
         #[arg(long, value_delimiter = ',')]
         services: Option<Vec<String>>,
-        /// Tags (comma-separated; replaces the list).
+        /// Tags (comma-separated; replaces the list; '' clears it).
         #[arg(long, value_delimiter = ',')]
         tags: Option<Vec<String>>,
     },
@@ -268,10 +268,10 @@ pub fn run_inventory(a: InventoryArgs) -> Result<ExitCode> {
                     cpus,
                     memory_mib,
                     disks: ds,
-                    services,
+                    services: non_empty(services),
                     move_group_id,
                     group_order: order,
-                    tags,
+                    tags: non_empty(tags),
                     ..Default::default()
                 };
                 let w: Workload = c.post("/api/workloads", &body).await?;
@@ -319,10 +319,11 @@ pub fn run_inventory(a: InventoryArgs) -> Result<ExitCode> {
                     } else {
                         Some(parse_disks(disks, disk_format)?)
                     },
-                    services,
+                    // `--services ''` clears the list.
+                    services: services.map(non_empty),
                     move_group_id,
                     group_order: order,
-                    tags,
+                    tags: tags.map(non_empty),
                     ..Default::default()
                 };
                 let w: Workload = c
@@ -564,4 +565,12 @@ pub fn run_group(a: GroupArgs) -> Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// A comma-separated list as given, without empty items (`--tags ''` is no tags).
+fn non_empty(v: Vec<String>) -> Vec<String> {
+    v.into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }

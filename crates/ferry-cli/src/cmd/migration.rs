@@ -90,8 +90,12 @@ pub enum MigrationCommand {
         #[arg(long)]
         follow: bool,
     },
-    /// Re-run the step that failed.
-    Retry { migration: String },
+    /// Re-run the step that failed (and what follows it).
+    Retry {
+        migration: String,
+        #[arg(long)]
+        follow: bool,
+    },
     /// Cancel before cutover.
     Cancel { migration: String },
     /// Log lines from the steps, workers and agents.
@@ -237,11 +241,39 @@ async fn command(c: &Client, key: &str, cmd: Command, then_follow: bool) -> Resu
     } else {
         println!("{} {}: {}", m.workload_name, m.id, m.status.state);
     }
-    Ok(if m.status.state == State::Failed {
-        ExitCode::FAILURE
+    Ok(outcome(&m))
+}
+
+/// The exit code a script sees for where a migration came to rest: non-zero when it
+/// failed, with the failed step, its error and the ways on written to stderr.
+fn outcome(m: &Migration) -> ExitCode {
+    if m.status.state != State::Failed {
+        return ExitCode::SUCCESS;
+    }
+    let step = m
+        .status
+        .failed_state
+        .and_then(|s| s.step())
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "?".into());
+    eprintln!(
+        "error: {}: step {step} failed: {}",
+        m.workload_name,
+        m.last_error.as_deref().unwrap_or("no error was recorded")
+    );
+    let ways = if m.status.failed_state == Some(State::RollingBack) {
+        format!("ferry migration retry {}", m.id)
     } else {
-        ExitCode::SUCCESS
-    })
+        format!(
+            "ferry migration retry {id}` (the same step again) or `ferry migration rollback {id}",
+            id = m.id
+        )
+    };
+    eprintln!(
+        "  then: `{ways}`; the step's log: `ferry migration logs {}`",
+        m.id
+    );
+    ExitCode::FAILURE
 }
 
 pub fn run(a: MigrationArgs) -> Result<ExitCode> {
@@ -256,7 +288,7 @@ pub fn run(a: MigrationArgs) -> Result<ExitCode> {
                 } else {
                     println!("migration {} of {}: {}", m.id, m.workload_name, m.status.state);
                 }
-                Ok(if m.status.state == State::Failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+                Ok(outcome(&m))
             }
             MigrationCommand::List { state, group, workload, page } => {
                 let mut q = page.query();
@@ -281,11 +313,13 @@ pub fn run(a: MigrationArgs) -> Result<ExitCode> {
                     follow(&c, id).await?;
                 }
                 let d: Value = c.get(&format!("/api/migrations/{id}")).await?;
+                let m: Migration = serde_json::from_value(d["migration"].clone())?;
+                // Following, a script waits for an outcome: a failed migration is one.
+                let code = if f { outcome(&m) } else { ExitCode::SUCCESS };
                 if c.json {
                     print_json(&d)?;
-                    return Ok(ExitCode::SUCCESS);
+                    return Ok(code);
                 }
-                let m: Migration = serde_json::from_value(d["migration"].clone())?;
                 println!("{}", details(status_rows(&m, &d)));
                 if let Some(syncs) = d["syncs"].as_array().filter(|s| !s.is_empty()) {
                     let rows = syncs.iter().map(|s| vec![s["generation"].to_string(), s["kind"].as_str().unwrap_or("").into(), s["bytes_total"].to_string(), s["bytes_sent"].to_string(), format!("{} ms", s["finished_at"].as_i64().unwrap_or(0) - s["started_at"].as_i64().unwrap_or(0))]).collect();
@@ -298,7 +332,7 @@ pub fn run(a: MigrationArgs) -> Result<ExitCode> {
                     rows.push(vec!["downtime".into(), secs(&dt["total_ms"])]);
                     println!("downtime (stop services → target passed validation):\n{}", table(&["PHASE", "TIME"], rows));
                 }
-                Ok(ExitCode::SUCCESS)
+                Ok(code)
             }
             MigrationCommand::Sync { migration, follow: f } => command(&c, &migration, Command::Sync, f).await,
             MigrationCommand::Schedule { migration, manual: _, cron, continuous, min_interval } => {
@@ -322,7 +356,7 @@ pub fn run(a: MigrationArgs) -> Result<ExitCode> {
             },
             MigrationCommand::Cutover { migration, follow: f } => command(&c, &migration, Command::Cutover, f).await,
             MigrationCommand::Rollback { migration, follow: f } => command(&c, &migration, Command::Rollback, f).await,
-            MigrationCommand::Retry { migration } => command(&c, &migration, Command::Retry, false).await,
+            MigrationCommand::Retry { migration, follow: f } => command(&c, &migration, Command::Retry, f).await,
             MigrationCommand::Cancel { migration } => command(&c, &migration, Command::Cancel, false).await,
             MigrationCommand::Logs { migration } => {
                 let id = resolve(&c, &migration).await?;

@@ -70,6 +70,44 @@ impl Adapters {
         })
     }
 
+    /// Why a source of `kind` cannot be used here, if it cannot: no adapter reads it.
+    pub fn refuse_source_kind(&self, kind: SourceKind) -> Option<String> {
+        if self.sources.contains_key(&kind) {
+            return None;
+        }
+        let mut have: Vec<&str> = self.sources.keys().map(|k| k.as_str()).collect();
+        have.sort();
+        let why = match kind {
+            SourceKind::Agent => {
+                " (OS-based migration through an agent is not available yet: read such a machine's disks as a disk_image source)"
+            }
+            _ => "",
+        };
+        Some(format!(
+            "this appliance has no adapter for sources of kind '{kind}'{why}; the kinds it reads: {}",
+            have.join(", ")
+        ))
+    }
+
+    /// Why a target of `kind` cannot be used here, if it cannot.
+    pub fn refuse_target_kind(&self, kind: TargetKind) -> Option<String> {
+        if self.targets.contains_key(&kind) {
+            return None;
+        }
+        let mut have: Vec<&str> = self.targets.keys().map(|k| k.as_str()).collect();
+        have.sort();
+        let why = match kind {
+            TargetKind::Libvirt => {
+                " (a KVM host is a target as 'local', QEMU run by this appliance, or through VM Essentials as 'vme')"
+            }
+            _ => "",
+        };
+        Some(format!(
+            "this appliance has no adapter for targets of kind '{kind}'{why}; the kinds it writes: {}",
+            have.join(", ")
+        ))
+    }
+
     pub fn target(&self, ctx: &StepContext) -> AResult<Arc<dyn TargetAdapter>> {
         self.targets.get(&ctx.target.kind).cloned().ok_or_else(|| {
             AdapterError::permanent(format!(

@@ -679,6 +679,9 @@ pub(crate) async fn insert_source(st: &AppState, s: &NewSource) -> ApiResult<Sou
 /// What a source must satisfy to be stored (new or edited).
 pub(crate) async fn check_source(st: &AppState, s: &NewSource) -> ApiResult<()> {
     validate_name(&s.name).map_err(|m| field_error("name", format!("name {m}")))?;
+    if let Some(why) = st.engine.adapters.refuse_source_kind(s.kind) {
+        return Err(field_error("kind", why));
+    }
     check_config(&s.config)?;
     check_credential(st, s.credential_id).await
 }
@@ -839,6 +842,9 @@ pub(crate) async fn insert_target(st: &AppState, t: &NewTarget) -> ApiResult<Tar
 /// What a target must satisfy to be stored (new or edited).
 pub(crate) async fn check_target(st: &AppState, t: &NewTarget) -> ApiResult<()> {
     validate_name(&t.name).map_err(|m| field_error("name", format!("name {m}")))?;
+    if let Some(why) = st.engine.adapters.refuse_target_kind(t.kind) {
+        return Err(field_error("kind", why));
+    }
     check_config(&t.config)?;
     if t.kind == TargetKind::LocalDir && !t.config.get("path").is_some_and(|p| p.is_string()) {
         return Err(field_error(
@@ -1275,6 +1281,22 @@ pub(crate) async fn new_migration(
             p.spec.name, p.spec.target
         ))
     })?;
+    // Records stored before a kind lost its adapter (or by another build) are refused
+    // here, with the reason, rather than when a step reaches them.
+    let refused = match w.source_id {
+        Some(id) => {
+            let s = st.store().get_source(&id.to_string()).await?;
+            st.engine.adapters.refuse_source_kind(s.kind)
+        }
+        None => None,
+    }
+    .or_else(|| st.engine.adapters.refuse_target_kind(target.kind));
+    if let Some(why) = refused {
+        return Err(ApiError::conflict(format!(
+            "cannot migrate '{}' with profile '{}': {why}",
+            w.name, p.spec.name
+        )));
+    }
     let m = st
         .store()
         .insert_migration(

@@ -237,6 +237,27 @@ async fn api_auth_errors_and_openapi() {
     assert_eq!(s, 201);
     let (s, v) = api.post("/api/groups", json!({"name": "wave-1"})).await;
     assert_eq!((s, v["error"]["code"].as_str()), (409, Some("conflict")));
+    // Kinds no adapter of this build runs are refused when added, not when a migration
+    // reaches them.
+    let (s, v) = api
+        .post(
+            "/api/targets",
+            json!({"name": "kvm1", "kind": "libvirt", "endpoint": "qemu:///system"}),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["details"]["fields"][0]["field"], "kind", "{v}");
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(
+        m.contains("'libvirt'") && m.contains("local, local_dir, vme"),
+        "{m}"
+    );
+    let (s, v) = api
+        .post("/api/sources", json!({"name": "host1", "kind": "agent"}))
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(m.contains("'agent'") && m.contains("disk_image"), "{m}");
 
     // A refused command: 409 with the current state and the allowed commands.
     api.setup(tmp.path(), false).await;

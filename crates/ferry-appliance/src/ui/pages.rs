@@ -1139,10 +1139,20 @@ impl Endpoints {
         }
     }
 
-    fn kinds(self) -> Vec<&'static str> {
+    /// The kinds this appliance has adapters for (the others are refused anyway).
+    fn kinds(self, st: &AppState) -> Vec<&'static str> {
+        let a = &st.engine.adapters;
         match self {
-            Endpoints::Sources => SourceKind::ALL.iter().map(|k| k.as_str()).collect(),
-            Endpoints::Targets => TargetKind::ALL.iter().map(|k| k.as_str()).collect(),
+            Endpoints::Sources => SourceKind::ALL
+                .iter()
+                .filter(|k| a.refuse_source_kind(**k).is_none())
+                .map(|k| k.as_str())
+                .collect(),
+            Endpoints::Targets => TargetKind::ALL
+                .iter()
+                .filter(|k| a.refuse_target_kind(**k).is_none())
+                .map(|k| k.as_str())
+                .collect(),
         }
     }
 
@@ -1206,7 +1216,7 @@ impl Endpoints {
         st: &AppState,
         f: &EndpointForm,
     ) -> Result<serde_json::Value, BTreeMap<String, String>> {
-        let v = endpoint_json(f, &self.kinds())?;
+        let v = endpoint_json(f, &self.kinds(st))?;
         let one = |e: serde_json::Error| BTreeMap::from([("_".to_string(), e.to_string())]);
         let r = match self {
             Endpoints::Sources => {
@@ -1292,7 +1302,7 @@ impl Endpoints {
             self.title(),
             self.noun(),
             self.action(),
-            &self.kinds(),
+            &self.kinds(st),
             &list,
             form,
             errors,

@@ -33,7 +33,7 @@ pub enum EndpointCommand {
     /// Add one.
     Add {
         name: String,
-        /// Source kinds: vsphere, kvm, agent, disk_image. Target kinds: vme, libvirt, local_dir.
+        /// Source kinds: vsphere, kvm, disk_image. Target kinds: vme, local, local_dir.
         #[arg(long)]
         kind: String,
         /// Endpoint URL or host.
@@ -125,9 +125,7 @@ impl Endpoint for Source {
         config: serde_json::Value,
     ) -> Result<NewSource> {
         let kind = SourceKind::parse(kind).ok_or_else(|| {
-            anyhow::anyhow!(
-                "unknown source kind {kind:?}: use one of vsphere, kvm, agent, disk_image"
-            )
+            anyhow::anyhow!("unknown source kind {kind:?}: use one of vsphere, kvm, disk_image")
         })?;
         Ok(NewSource {
             name,
@@ -162,7 +160,7 @@ impl Endpoint for Target {
         config: serde_json::Value,
     ) -> Result<NewTarget> {
         let kind = TargetKind::parse(kind).ok_or_else(|| {
-            anyhow::anyhow!("unknown target kind {kind:?}: use one of vme, libvirt, local_dir")
+            anyhow::anyhow!("unknown target kind {kind:?}: use one of vme, local, local_dir")
         })?;
         Ok(NewTarget {
             name,

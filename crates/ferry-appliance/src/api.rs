@@ -766,12 +766,22 @@ async fn source_session(
     Ok((src, adapter, secrets))
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DiscoverQuery {
+    /// Move workloads of the same name that belong to another source to this one
+    /// (without it such a discovery is refused and changes nothing).
+    pub adopt: Option<bool>,
+}
+
 /// Asks the source which workloads it holds and brings them into the inventory: new ones
-/// are added, known ones (same name) get their disks, NICs and sizing refreshed.
-#[utoipa::path(post, path = "/api/sources/{key}/discover", params(("key" = String, Path, description = "Name or id")), responses((status = 200, body = Vec<Workload>)))]
+/// are added, known ones (same name, same source) get their disks, NICs and sizing
+/// refreshed; addresses a powered-off VM no longer reports are kept.
+#[utoipa::path(post, path = "/api/sources/{key}/discover", params(("key" = String, Path, description = "Name or id"), DiscoverQuery), responses((status = 200, body = Vec<Workload>)))]
 async fn discover_source(
     AxState(st): AxState<AppState>,
     ApiPath(key): ApiPath<String>,
+    ApiQuery(q): ApiQuery<DiscoverQuery>,
 ) -> ApiResult<Json<Vec<Workload>>> {
     let (src, adapter, secrets) = source_session(&st, &key).await?;
     let found = adapter.discover(&src, &secrets).await.map_err(|e| {
@@ -780,13 +790,38 @@ async fn discover_source(
             src.name, e.message
         ))
     })?;
+    // A workload is never moved between sources silently: one of another source's
+    // names found here is refused (nothing changes) unless the caller adopts it.
+    if q.adopt != Some(true) {
+        let mut taken = vec![];
+        for nw in &found {
+            if let Ok(w) = st.store().get_workload(&nw.name).await {
+                if let Some(other) = w.source_id.filter(|o| *o != src.id) {
+                    let owner = match st.store().get_source(&other.to_string()).await {
+                        Ok(o) => o.name,
+                        Err(_) => other.to_string(),
+                    };
+                    taken.push(format!("'{}' (source '{owner}')", w.name));
+                }
+            }
+        }
+        if !taken.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "source '{}' holds workloads already in the inventory from another source: {}; nothing was changed. Move them to '{}' with `ferry source discover {} --adopt`, or rename one of them",
+                src.name,
+                taken.join(", "),
+                src.name,
+                src.name
+            )));
+        }
+    }
     let mut out = vec![];
     for nw in found {
         let w = match st.store().get_workload(&nw.name).await {
             Ok(mut w) => {
                 w.source_id = Some(src.id);
                 w.disks = nw.disks;
-                w.nics = nw.nics;
+                w.nics = keep_known_addresses(nw.nics, &w.nics);
                 w.os = nw.os.or(w.os);
                 w.cpus = nw.cpus.or(w.cpus);
                 w.memory_mib = nw.memory_mib.or(w.memory_mib);
@@ -801,6 +836,27 @@ async fn discover_source(
         out.push(w);
     }
     Ok(Json(out))
+}
+
+/// The NICs discovery found, with the addresses recorded before for a NIC (same MAC, or
+/// same name) that now reports none: a VM that is off, or whose agent does not answer,
+/// keeps the address its cutover must move.
+fn keep_known_addresses(found: Vec<Nic>, known: &[Nic]) -> Vec<Nic> {
+    found
+        .into_iter()
+        .map(|mut n| {
+            if n.ips.is_empty() {
+                let before = known.iter().find(|k| match (&k.mac, &n.mac) {
+                    (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+                    _ => k.name == n.name,
+                });
+                if let Some(k) = before {
+                    n.ips = k.ips.clone();
+                }
+            }
+            n
+        })
+        .collect()
 }
 
 #[utoipa::path(delete, path = "/api/sources/{key}", params(("key" = String, Path, description = "Name or id")), responses((status = 204, description = "Deleted")))]
@@ -1510,4 +1566,41 @@ async fn event_stream(
         },
     );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nic(name: &str, mac: Option<&str>, ips: &[&str]) -> Nic {
+        Nic {
+            name: name.into(),
+            network: None,
+            mac: mac.map(str::to_string),
+            ips: ips.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn rediscovery_keeps_addresses_a_powered_off_vm_no_longer_reports() {
+        let known = vec![
+            nic("eth0", Some("52:54:00:AA:00:01"), &["10.0.0.5"]),
+            nic("eth1", None, &["10.1.0.5"]),
+        ];
+        let found = vec![
+            nic("Network adapter 1", Some("52:54:00:aa:00:01"), &[]),
+            nic("eth1", None, &[]),
+            nic("eth2", Some("52:54:00:aa:00:03"), &["10.2.0.9"]),
+        ];
+        let merged = keep_known_addresses(found, &known);
+        assert_eq!(merged[0].ips, vec!["10.0.0.5"]);
+        assert_eq!(merged[1].ips, vec!["10.1.0.5"]);
+        assert_eq!(merged[2].ips, vec!["10.2.0.9"]);
+        // A NIC that reports addresses has its own, not the old ones.
+        let moved = keep_known_addresses(
+            vec![nic("eth0", Some("52:54:00:aa:00:01"), &["10.9.9.9"])],
+            &known,
+        );
+        assert_eq!(moved[0].ips, vec!["10.9.9.9"]);
+    }
 }

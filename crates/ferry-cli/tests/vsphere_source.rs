@@ -259,6 +259,38 @@ async fn vcenter_vms_are_discovered_and_preflight_names_what_to_fix() {
         out.contains("poweredOn") || !out.contains("poweredOff"),
         "{out}"
     );
+
+    // The same vCenter added again: its discovery would take the workloads over from vc1,
+    // which is refused (nothing changes) until the user adopts them.
+    app.ok(&[
+        "source",
+        "add",
+        "vc3",
+        "--kind",
+        "vsphere",
+        "--endpoint",
+        sim.url(),
+        "--credential",
+        cred["id"].as_str().unwrap(),
+        "--config",
+        &config,
+    ]);
+    let o = app.ferry(&["source", "discover", "vc3"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a silent re-bind: {err}");
+    assert!(
+        err.contains(&format!("'{vm}' (source 'vc1')")) && err.contains("--adopt"),
+        "{err}"
+    );
+    let w = app.ok(&["inventory", "show", &vm, "--json"]);
+    let w: serde_json::Value = serde_json::from_str(&w).unwrap();
+    let vc1 = app.ok(&["source", "show", "vc1", "--json"]);
+    let vc1: serde_json::Value = serde_json::from_str(&vc1).unwrap();
+    assert_eq!(w["source_id"], vc1["id"], "{w}");
+    app.ok(&["source", "discover", "vc3", "--adopt"]);
+    let w = app.ok(&["inventory", "show", &vm, "--json"]);
+    assert!(!w.contains(vc1["id"].as_str().unwrap()), "{w}");
+
     note(&format!(
         "vsphere: {} VMs discovered; pre-flight said: {last_error}; full sync sent {} bytes, CBT delta sent {read}; cutover to local_dir in {cutover_s:.1} s, its shutdown delta sent {shutdown_delta} bytes",
         found.len(),

@@ -174,8 +174,22 @@ impl Host {
     pub async fn discover(&self, source: &Source) -> AResult<Vec<NewWorkload>> {
         let names = self.virsh(&["list", "--all", "--name"]).await?;
         let mut out = vec![];
+        let mut first_error = None;
         for name in names.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            out.push(self.describe(name, source).await?);
+            // One domain libvirt cannot describe (its disk removed under it, XML Ferry
+            // cannot read) is skipped with a warning; the others are still discovered.
+            match self.describe(name, source).await {
+                Ok(w) => out.push(w),
+                Err(e) => {
+                    tracing::warn!(vm = %name, "not discovered: {}", e.message);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if out.is_empty() {
+            if let Some(e) = first_error {
+                return Err(e);
+            }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
@@ -224,8 +238,9 @@ impl Host {
         self.job_dir(migration).join("nbd.sock")
     }
 
-    /// Ends a backup job of ours left by an interrupted sync; refuses to touch another's.
-    async fn end_stale_job(&self, domain: &str, migration: Uuid) -> AResult<()> {
+    /// Ends a backup job of ours (`stale`: one an interrupted sync left, else this sync's
+    /// own, done); refuses to touch another's.
+    async fn end_job(&self, domain: &str, migration: Uuid, stale: bool) -> AResult<()> {
         let Ok(xml) = self.virsh(&["backup-dumpxml", domain]).await else {
             return Ok(()); // no backup job
         };
@@ -235,7 +250,11 @@ impl Host {
                 "domain '{domain}' is already being backed up by someone else; wait for that backup to end (`virsh domjobinfo {domain}`)"
             )));
         }
-        tracing::info!(vm = %domain, "ending the backup job of an interrupted sync");
+        if stale {
+            tracing::info!(vm = %domain, "ending the backup job of an interrupted sync");
+        } else {
+            tracing::debug!(vm = %domain, "ending this sync's backup job");
+        }
         self.virsh(&["domjobabort", domain]).await.map(drop)
     }
 
@@ -265,7 +284,7 @@ impl Host {
             return offline_disks(&x, ctx);
         }
         let id = ctx.migration.id;
-        self.end_stale_job(domain, id).await?;
+        self.end_job(domain, id, true).await?;
 
         tokio::fs::create_dir_all(&ctx.work_dir).await?;
         let committed_file = ctx.work_dir.join(COMMITTED_FILE);
@@ -369,7 +388,7 @@ impl Host {
         let domain = &ctx.workload.name;
         let job = jobs.lock().expect("jobs lock").remove(&id);
         if self.state(domain).await.ok().as_deref() == Some("running") {
-            self.end_stale_job(domain, id).await?;
+            self.end_job(domain, id, job.is_none()).await?;
         }
         let Some(job) = job else {
             // Nothing of ours was open (an offline read, or an appliance restarted in

@@ -53,7 +53,12 @@ pub enum EndpointCommand {
     Remove { name: String },
     /// Sources only: list the source's workloads (VMs with their disks and NICs) and add
     /// or update them in the inventory.
-    Discover { name: String },
+    Discover {
+        name: String,
+        /// Move workloads of the same name that belong to another source to this one.
+        #[arg(long)]
+        adopt: bool,
+    },
     /// Sources only: apply a fix pre-flight offers to workloads, e.g.
     /// `ferry source fix vc1 enable-cbt db01 web01` (vSphere: changed block tracking on).
     Fix {
@@ -252,13 +257,18 @@ fn run<E: Endpoint>(a: SourceArgs) -> Result<ExitCode> {
                 let [name, id, ..] = e.fields();
                 println!("{} {name} added ({id})", E::NOUN);
             }
-            EndpointCommand::Discover { name } => {
+            EndpointCommand::Discover { name, adopt } => {
                 if E::NOUN != "source" {
                     bail!("only sources are discovered: `ferry source discover {name}`");
                 }
                 let found: Vec<ferry_model::Workload> = c
                     .post(
-                        &format!("{}/{}/discover", E::PATH, enc(&name)),
+                        &format!(
+                            "{}/{}/discover{}",
+                            E::PATH,
+                            enc(&name),
+                            if adopt { "?adopt=true" } else { "" }
+                        ),
                         &serde_json::json!({}),
                     )
                     .await?;

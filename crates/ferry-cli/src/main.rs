@@ -41,8 +41,8 @@ enum Command {
     Appliance(cmd::appliance::ApplianceArgs),
     /// Where workloads come from (vSphere, KVM hosts, agents, disk images).
     Source(cmd::source::SourceArgs),
-    /// Where workloads go (VME, libvirt, a local directory).
-    Target(cmd::source::SourceArgs),
+    /// Where workloads go (VM Essentials, QEMU on this appliance, a local directory).
+    Target(cmd::source::TargetArgs),
     /// Secrets the appliance keeps encrypted: accounts, keys, tokens.
     Credential(cmd::credential::CredentialArgs),
     /// Workloads: list, show, add, import from CSV.

@@ -259,6 +259,62 @@ async fn api_auth_errors_and_openapi() {
     let m = v["error"]["message"].as_str().unwrap();
     assert!(m.contains("'agent'") && m.contains("disk_image"), "{m}");
 
+    // Sources and targets are edited under the rules that admit new ones; a stored
+    // credential does not follow its endpoint to another host.
+    let cred = api
+        .ok(
+            "/api/credentials",
+            Some(json!({"name": "vc", "kind": "password", "username": "u", "secret": "s3cret"})),
+        )
+        .await;
+    api.ok("/api/sources", Some(json!({"name": "vc1", "kind": "vsphere", "endpoint": "https://vc1.example/sdk", "credential_id": cred["id"]}))).await;
+    let (s, v) = api
+        .patch(
+            "/api/sources/vc1",
+            json!({"endpoint": "https://elsewhere.example/sdk"}),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(
+        v["error"]["details"]["fields"][0]["field"], "credential_id",
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("never sent to another"),
+        "{v}"
+    );
+    let (s, v) = api
+        .patch(
+            "/api/sources/vc1",
+            json!({"endpoint": "https://vc2.example/sdk", "credential_id": cred["id"]}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["endpoint"].as_str()),
+        (200, Some("https://vc2.example/sdk")),
+        "{v}"
+    );
+    let out = app.ok(&[
+        "source",
+        "set",
+        "vc1",
+        "--config",
+        r#"{"ca_bundle": "/etc/ssl/vc.pem"}"#,
+    ]);
+    assert!(out.contains("source vc1 updated"), "{out}");
+    let (_, v) = api.get("/api/sources/vc1").await;
+    assert_eq!(v["config"]["ca_bundle"], "/etc/ssl/vc.pem", "{v}");
+    api.ok(
+        "/api/targets",
+        Some(json!({"name": "dir1", "kind": "local_dir", "config": {"path": "/srv/t"}})),
+    )
+    .await;
+    let (s, v) = api.patch("/api/targets/dir1", json!({"config": {}})).await;
+    assert_eq!(s, 400, "a local_dir target without a path: {v}");
+
     // A refused command: 409 with the current state and the allowed commands.
     api.setup(tmp.path(), false).await;
     api.workload(tmp.path(), "w", 4096).await;
@@ -730,7 +786,7 @@ async fn two_appliances_on_one_postgres_run_each_step_exactly_once() {
     let migrations = api_a.all_migrations().await;
     let (jobs, starts) = check_exactly_once(&events, &migrations);
     assert_eq!(starts, jobs, "a step was started twice without a crash");
-    assert_eq!(jobs as i64, n * 8, "8 steps per migration");
+    assert_eq!(jobs as i64, n * 9, "9 steps per migration");
     let owners: std::collections::HashSet<&str> = events
         .iter()
         .filter(|e| e["kind"] == "step.completed")

@@ -147,14 +147,16 @@ pub struct NewTarget {
     pub config: serde_json::Value,
 }
 
-/// Changes to a target: the fields given replace the stored ones.
+/// Changes to a source or a target: the fields given replace the stored ones. A new
+/// endpoint needs its credential in the same change: a stored credential is never sent
+/// to another host unasked.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
-pub struct TargetPatch {
+pub struct EndpointPatch {
     #[serde(default)]
     pub endpoint: Option<String>,
-    /// The credential the target's adapter logs in with (e.g. the service account that
+    /// The credential the adapter logs in with (e.g. the service account that
     /// `ferry target setup-iam` made).
     #[serde(default)]
     pub credential_id: Option<Uuid>,
@@ -162,6 +164,11 @@ pub struct TargetPatch {
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub config: Option<serde_json::Value>,
 }
+
+/// Changes to a target.
+pub type TargetPatch = EndpointPatch;
+/// Changes to a source.
+pub type SourcePatch = EndpointPatch;
 
 fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(Default::default())

@@ -21,7 +21,49 @@ pub struct SourceArgs {
     #[command(flatten)]
     pub client: ClientArgs,
     #[command(subcommand)]
-    pub command: EndpointCommand,
+    pub command: SourceCommand,
+}
+
+#[derive(Args, Debug)]
+pub struct TargetArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub command: TargetCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SourceCommand {
+    #[command(flatten)]
+    Common(EndpointCommand),
+    /// List the source's workloads (VMs with their disks and NICs) and add or update them
+    /// in the inventory.
+    Discover {
+        name: String,
+        /// Move workloads of the same name that belong to another source to this one.
+        #[arg(long)]
+        adopt: bool,
+    },
+    /// Apply a fix pre-flight offers to workloads, e.g.
+    /// `ferry source fix vc1 enable-cbt db01 web01` (vSphere: changed block tracking on).
+    Fix {
+        name: String,
+        /// The fix: enable-cbt.
+        fix: String,
+        /// Workloads (VM names) to fix.
+        #[arg(required = true)]
+        workloads: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TargetCommand {
+    #[command(flatten)]
+    Common(EndpointCommand),
+    /// For kind vme: with an administrator's login, once, create or update the
+    /// `ferry-migration` role (only what migration needs) and a service user bound to it,
+    /// and store that user's credentials, encrypted, in the appliance for the target.
+    SetupIam(super::target_iam::SetupIamArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -49,30 +91,25 @@ pub enum EndpointCommand {
         #[arg(long)]
         config: Option<String>,
     },
+    /// Change one: its endpoint, credential or settings (the fields given replace the
+    /// stored ones; a new endpoint needs --credential too).
+    Set {
+        name: String,
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Credential id.
+        #[arg(long)]
+        credential: Option<String>,
+        /// Directory (disk_image sources, local_dir targets).
+        #[arg(long)]
+        path: Option<String>,
+        /// Settings as a JSON object: replaces the stored ones (merged with --path; without
+        /// either, the settings stay).
+        #[arg(long)]
+        config: Option<String>,
+    },
     /// Remove one.
     Remove { name: String },
-    /// Sources only: list the source's workloads (VMs with their disks and NICs) and add
-    /// or update them in the inventory.
-    Discover {
-        name: String,
-        /// Move workloads of the same name that belong to another source to this one.
-        #[arg(long)]
-        adopt: bool,
-    },
-    /// Sources only: apply a fix pre-flight offers to workloads, e.g.
-    /// `ferry source fix vc1 enable-cbt db01 web01` (vSphere: changed block tracking on).
-    Fix {
-        name: String,
-        /// The fix: enable-cbt.
-        fix: String,
-        /// Workloads (VM names) to fix.
-        #[arg(required = true)]
-        workloads: Vec<String>,
-    },
-    /// Targets only (kind vme): with an administrator's login, once, create or update the
-    /// `ferry-migration` role (only what migration needs) and a service user bound to it,
-    /// and store that user's credentials, encrypted, in the appliance for the target.
-    SetupIam(super::target_iam::SetupIamArgs),
 }
 
 fn config(path: Option<String>, extra: Option<String>) -> Result<serde_json::Value> {
@@ -189,17 +226,47 @@ impl Endpoint for Target {
 }
 
 pub fn run_source(a: SourceArgs) -> Result<ExitCode> {
-    run::<Source>(a)
-}
-
-pub fn run_target(a: SourceArgs) -> Result<ExitCode> {
-    run::<Target>(a)
-}
-
-fn run<E: Endpoint>(a: SourceArgs) -> Result<ExitCode> {
     let c = Client::new(&a.client)?;
     super::util::runtime()?.block_on(async move {
         match a.command {
+            SourceCommand::Common(cmd) => run::<Source>(&c, cmd).await,
+            SourceCommand::Discover { name, adopt } => discover(&c, &name, adopt).await,
+            SourceCommand::Fix {
+                name,
+                fix,
+                workloads,
+            } => {
+                let done: Vec<String> = c
+                    .post(
+                        &format!("{}/{}/fix", Source::PATH, enc(&name)),
+                        &serde_json::json!({"fix": fix, "workloads": workloads}),
+                    )
+                    .await?;
+                if c.json {
+                    return print_json(&done).map(|_| ExitCode::SUCCESS);
+                }
+                for line in done {
+                    println!("{line}");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
+}
+
+pub fn run_target(a: TargetArgs) -> Result<ExitCode> {
+    let c = Client::new(&a.client)?;
+    super::util::runtime()?.block_on(async move {
+        match a.command {
+            TargetCommand::Common(cmd) => run::<Target>(&c, cmd).await,
+            TargetCommand::SetupIam(args) => super::target_iam::run(&c, args).await,
+        }
+    })
+}
+
+async fn run<E: Endpoint>(c: &Client, cmd: EndpointCommand) -> Result<ExitCode> {
+    {
+        match cmd {
             EndpointCommand::List(p) => {
                 let page: Paged<E> = c.get(&format!("{}?{}", E::PATH, p.query())).await?;
                 if c.json {
@@ -257,85 +324,30 @@ fn run<E: Endpoint>(a: SourceArgs) -> Result<ExitCode> {
                 let [name, id, ..] = e.fields();
                 println!("{} {name} added ({id})", E::NOUN);
             }
-            EndpointCommand::Discover { name, adopt } => {
-                if E::NOUN != "source" {
-                    bail!("only sources are discovered: `ferry source discover {name}`");
-                }
-                let found: Vec<ferry_model::Workload> = c
-                    .post(
-                        &format!(
-                            "{}/{}/discover{}",
-                            E::PATH,
-                            enc(&name),
-                            if adopt { "?adopt=true" } else { "" }
-                        ),
-                        &serde_json::json!({}),
-                    )
-                    .await?;
-                if c.json {
-                    return print_json(&found).map(|_| ExitCode::SUCCESS);
-                }
-                let rows = found
-                    .iter()
-                    .map(|w| {
-                        let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
-                        vec![
-                            w.name.clone(),
-                            opt(&w.os),
-                            opt(&w.cpus),
-                            w.memory_mib.map(|m| format!("{m} MiB")).unwrap_or_default(),
-                            w.disks
-                                .iter()
-                                .map(|d| format!("{} {}", d.name, gib(d.size_bytes)))
-                                .collect::<Vec<_>>()
-                                .join(", "),
-                            w.nics
-                                .iter()
-                                .map(|n| {
-                                    format!("{} {} {}", n.name, opt(&n.network), n.ips.join(" "))
-                                        .trim()
-                                        .to_string()
-                                })
-                                .collect::<Vec<_>>()
-                                .join(", "),
-                        ]
-                    })
-                    .collect();
-                println!(
-                    "{}",
-                    table(&["WORKLOAD", "OS", "CPUS", "MEMORY", "DISKS", "NICS"], rows)
-                );
-                println!("{} workload(s) discovered on {name}", found.len());
-            }
-            EndpointCommand::Fix {
+            EndpointCommand::Set {
                 name,
-                fix,
-                workloads,
+                endpoint,
+                credential,
+                path,
+                config: extra,
             } => {
-                if E::NOUN != "source" {
-                    bail!("fixes apply to sources: `ferry source fix {name} {fix} ...`");
-                }
-                let done: Vec<String> = c
-                    .post(
-                        &format!("{}/{}/fix", E::PATH, enc(&name)),
-                        &serde_json::json!({"fix": fix, "workloads": workloads}),
-                    )
+                let config = match (&path, &extra) {
+                    (None, None) => None,
+                    _ => Some(config(path, extra)?),
+                };
+                let patch = ferry_model::EndpointPatch {
+                    endpoint,
+                    credential_id: parse_cred(credential)?,
+                    config,
+                };
+                let e: E = c
+                    .patch(&format!("{}/{}", E::PATH, enc(&name)), &patch)
                     .await?;
                 if c.json {
-                    return print_json(&done).map(|_| ExitCode::SUCCESS);
+                    return print_json(&e).map(|_| ExitCode::SUCCESS);
                 }
-                for line in done {
-                    println!("{line}");
-                }
-            }
-            EndpointCommand::SetupIam(args) => {
-                if E::NOUN != "target" {
-                    bail!(
-                        "setup-iam is for targets: `ferry target setup-iam {}`",
-                        args.name
-                    );
-                }
-                return super::target_iam::run(&c, args).await;
+                let [name, ..] = e.fields();
+                println!("{} {name} updated", E::NOUN);
             }
             EndpointCommand::Remove { name } => {
                 c.delete(&format!("{}/{}", E::PATH, enc(&name))).await?;
@@ -345,5 +357,55 @@ fn run<E: Endpoint>(a: SourceArgs) -> Result<ExitCode> {
             }
         }
         Ok(ExitCode::SUCCESS)
-    })
+    }
+}
+
+/// `ferry source discover`: what the source holds, into the inventory.
+async fn discover(c: &Client, name: &str, adopt: bool) -> Result<ExitCode> {
+    let found: Vec<ferry_model::Workload> = c
+        .post(
+            &format!(
+                "{}/{}/discover{}",
+                Source::PATH,
+                enc(name),
+                if adopt { "?adopt=true" } else { "" }
+            ),
+            &serde_json::json!({}),
+        )
+        .await?;
+    if c.json {
+        return print_json(&found).map(|_| ExitCode::SUCCESS);
+    }
+    let rows = found
+        .iter()
+        .map(|w| {
+            let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
+            vec![
+                w.name.clone(),
+                opt(&w.os),
+                opt(&w.cpus),
+                w.memory_mib.map(|m| format!("{m} MiB")).unwrap_or_default(),
+                w.disks
+                    .iter()
+                    .map(|d| format!("{} {}", d.name, gib(d.size_bytes)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                w.nics
+                    .iter()
+                    .map(|n| {
+                        format!("{} {} {}", n.name, opt(&n.network), n.ips.join(" "))
+                            .trim()
+                            .to_string()
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(&["WORKLOAD", "OS", "CPUS", "MEMORY", "DISKS", "NICS"], rows)
+    );
+    println!("{} workload(s) discovered on {name}", found.len());
+    Ok(ExitCode::SUCCESS)
 }

@@ -153,6 +153,19 @@ impl Api {
         (s, r.json().await.unwrap_or(Value::Null))
     }
 
+    pub async fn patch(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .patch(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn ok(&self, path: &str, body: Option<Value>) -> Value {
         let (s, v) = match body {
             Some(b) => self.post(path, b).await,

@@ -63,6 +63,77 @@ pub fn guest_image(show_progress: bool) -> Result<PathBuf, TestbedError> {
     image(Guest::Virtio, show_progress)
 }
 
+/// Like [`image`], with the recipe's messages written to `log` instead of a terminal;
+/// `on_line` sees its newest line as it changes (a progress line for people). A failure
+/// names the log and ends with its last lines.
+pub fn image_logged(
+    guest: Guest,
+    log: &Path,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<PathBuf, TestbedError> {
+    let path = recipe(guest);
+    if !path.exists() {
+        return Err(TestbedError::Missing(path));
+    }
+    let run = |source| TestbedError::Run {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::File::create(log).map_err(run)?;
+    let mut child = Command::new("bash")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(file))
+        .spawn()
+        .map_err(run)?;
+    // The recipe prints one line on stdout (the directory); read it on a thread of its own.
+    let mut stdout = child.stdout.take();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(o) = stdout.as_mut() {
+            let _ = std::io::Read::read_to_string(o, &mut s);
+        }
+        s
+    });
+    let mut last = String::new();
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(run)? {
+            break st;
+        }
+        if let Some(line) = last_line(log).filter(|l| *l != last) {
+            on_line(&line);
+            last = line;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let stdout = reader.join().unwrap_or_default();
+    if !status.success() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(TestbedError::Failed {
+            status: status.to_string(),
+            messages: format!(
+                "its messages are in {}; the last ones:\n{}",
+                log.display(),
+                tail.join("\n")
+            ),
+        });
+    }
+    Ok(PathBuf::from(stdout.lines().last().unwrap_or("").trim()))
+}
+
+/// The last non-empty line of a file, if any.
+fn last_line(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_string)
+}
+
 /// Like [`guest_image`], for either test guest.
 pub fn image(guest: Guest, show_progress: bool) -> Result<PathBuf, TestbedError> {
     let path = recipe(guest);

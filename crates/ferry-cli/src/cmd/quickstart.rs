@@ -179,9 +179,22 @@ async fn quickstart(args: Args) -> Result<ExitCode> {
     } else {
         ferry_qemu::testbed::Guest::Virtio
     };
-    let image = tokio::task::spawn_blocking(move || ferry_qemu::testbed::image(which, true))
+    // debootstrap and friends say a lot: into a log file, with one progress line here.
+    let log = lay.data.join("guest-image.log");
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let image = {
+        let (bar, log) = (bar.clone(), log.clone());
+        tokio::task::spawn_blocking(move || {
+            ferry_qemu::testbed::image_logged(which, &log, &mut |line| {
+                bar.set_message(line.chars().take(100).collect::<String>())
+            })
+        })
         .await?
-        .context("preparing the guest image")?;
+    };
+    bar.finish_and_clear();
+    let image = image.context("preparing the guest image")?;
+    println!("    the recipe's messages: {}", log.display());
     let manifest: Value = serde_json::from_slice(&std::fs::read(image.join("manifest.json"))?)?;
     let base_append = manifest["append"]
         .as_str()

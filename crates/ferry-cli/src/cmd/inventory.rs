@@ -205,7 +205,26 @@ pub fn run_inventory(a: InventoryArgs) -> Result<ExitCode> {
                 let disks = w
                     .disks
                     .iter()
-                    .map(|d| format!("{} ({} bytes) {}", d.name, d.size_bytes, opt(&d.path)))
+                    .map(|d| {
+                        let fmt = d.format.map(|f| format!(" {f}")).unwrap_or_default();
+                        format!("{} ({} bytes{fmt}) {}", d.name, d.size_bytes, opt(&d.path))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let nics = w
+                    .nics
+                    .iter()
+                    .map(|n| {
+                        format!(
+                            "{} mac {} network {} {}",
+                            n.name,
+                            opt(&n.mac),
+                            opt(&n.network),
+                            n.ips.join(" ")
+                        )
+                        .trim()
+                        .to_string()
+                    })
                     .collect::<Vec<_>>()
                     .join("\n");
                 println!(
@@ -218,6 +237,8 @@ pub fn run_inventory(a: InventoryArgs) -> Result<ExitCode> {
                         ("cpus", opt(&w.cpus)),
                         ("memory MiB", opt(&w.memory_mib)),
                         ("disks", disks),
+                        ("nics", nics),
+                        ("hardware", opt(&w.hardware)),
                         ("services", w.services.join(", ")),
                         ("move group", opt(&w.move_group_id)),
                         ("order", w.group_order.to_string()),

@@ -151,7 +151,7 @@ async fn a_libvirt_domain_cuts_over_to_local_dir_and_rolls_back() {
     let app = Appliance::start(&tmp.path().join("appliance"), &[], None);
     // A domain without an OS ignores the power button: destroyed after 2 s.
     let config =
-        json!({"libvirt": uri, "scratch_dir": dir.join("scratch"), "shutdown_timeout_secs": 2})
+        json!({"libvirt": uri, "scratch_dir": dir.join("scratch"), "shutdown_timeout_s": 2})
             .to_string();
     app.ok(&["source", "add", "lv", "--kind", "kvm", "--config", &config]);
     let out = app.ok(&["source", "discover", "lv", "--json"]);

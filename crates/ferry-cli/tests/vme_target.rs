@@ -14,6 +14,8 @@ use std::process::Command;
 use std::sync::Arc;
 
 const ADMIN_PASSWORD: &str = "Vme-Adm1n-Secret#42";
+/// The service user's address: the double, like a real manager, refuses one without a domain.
+const EMAIL: &str = "ferry@example.com";
 
 /// Every file under `dir`, as bytes.
 fn files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
@@ -68,9 +70,26 @@ async fn setup_iam_once_then_nothing_and_no_password_in_clear() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut everything_printed: Vec<u8> = vec![];
 
+    // The manager is at an address, not a name: there is no default e-mail to make, and
+    // nothing is called before that is said.
+    let o = run(s(&["target", "setup-iam", "vme1"]), ADMIN_PASSWORD)
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success() && err.contains("give --email"), "{err}");
+    let o = run(
+        s(&["target", "setup-iam", "vme1", "--email", "ferry@localhost"]),
+        ADMIN_PASSWORD,
+    )
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success() && err.contains("has no dot"), "{err}");
+    assert!(d.state().mutations.is_empty());
+
     // Dry run: the plan, no change.
     let o = run(
-        s(&["target", "setup-iam", "vme1", "--dry-run"]),
+        s(&["target", "setup-iam", "vme1", "--dry-run", "--email", EMAIL]),
         ADMIN_PASSWORD,
     )
     .await
@@ -89,9 +108,12 @@ async fn setup_iam_once_then_nothing_and_no_password_in_clear() {
     everything_printed.extend(&o.stderr);
 
     // The real thing.
-    let o = run(s(&["target", "setup-iam", "vme1"]), ADMIN_PASSWORD)
-        .await
-        .unwrap();
+    let o = run(
+        s(&["target", "setup-iam", "vme1", "--email", EMAIL]),
+        ADMIN_PASSWORD,
+    )
+    .await
+    .unwrap();
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("create role ferry-migration"), "{out}");
@@ -109,9 +131,12 @@ async fn setup_iam_once_then_nothing_and_no_password_in_clear() {
 
     // Again: nothing to change, no new credential.
     let n = d.state().mutations.len();
-    let o = run(s(&["target", "setup-iam", "vme1"]), ADMIN_PASSWORD)
-        .await
-        .unwrap();
+    let o = run(
+        s(&["target", "setup-iam", "vme1", "--email", EMAIL]),
+        ADMIN_PASSWORD,
+    )
+    .await
+    .unwrap();
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(out.contains("nothing to change"), "{out}");
     assert_eq!(d.state().mutations.len(), n);
@@ -120,10 +145,40 @@ async fn setup_iam_once_then_nothing_and_no_password_in_clear() {
     let again = app.client().ok("/api/targets/vme1", None).await;
     assert_eq!(again["credential_id"], target["credential_id"]);
 
+    // A new address for the existing user: one change, the address.
+    let o = run(
+        s(&[
+            "target",
+            "setup-iam",
+            "vme1",
+            "--email",
+            "migrations@example.com",
+        ]),
+        ADMIN_PASSWORD,
+    )
+    .await
+    .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.contains("e-mail ferry@example.com -> migrations@example.com"),
+        "{out}"
+    );
+    assert_eq!(d.state().mutations.len(), n + 1);
+    assert_eq!(
+        d.state().user_by_name("ferry-svc").unwrap().email,
+        "migrations@example.com"
+    );
+    everything_printed.extend(&o.stdout);
+    everything_printed.extend(&o.stderr);
+
     // A wrong admin password is named as such.
-    let o = run(s(&["target", "setup-iam", "vme1"]), "not-it")
-        .await
-        .unwrap();
+    let o = run(
+        s(&["target", "setup-iam", "vme1", "--email", EMAIL]),
+        "not-it",
+    )
+    .await
+    .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -313,7 +368,7 @@ async fn lab(net_name: &str, config: serde_json::Value) -> Lab {
         &cfg.to_string(),
     ]);
     let o = Command::new(FERRY)
-        .args(["target", "setup-iam", "vme1"])
+        .args(["target", "setup-iam", "vme1", "--email", EMAIL])
         .env("FERRY_URL", &app.url)
         .env("FERRY_TOKEN", &app.token)
         .env("FERRY_ADMIN_PASSWORD", ADMIN_PASSWORD)

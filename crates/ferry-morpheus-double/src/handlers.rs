@@ -206,6 +206,22 @@ fn permission(method: &str, template: &str) -> &'static str {
     }
 }
 
+/// What a real manager accepts as an e-mail address (it refuses `name@localhost`).
+fn valid_email(e: &str) -> Result<(), &'static str> {
+    match e.split_once('@') {
+        Some((local, domain))
+            if !local.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+                && !e.contains(char::is_whitespace) =>
+        {
+            Ok(())
+        }
+        _ => Err("Not a valid e-mail address"),
+    }
+}
+
 fn role_json(r: &Role) -> Value {
     json!({"id": r.id, "name": r.authority, "authority": r.authority, "description": r.description, "roleType": "user", "multitenant": false, "multitenantLocked": false})
 }
@@ -559,10 +575,17 @@ pub fn handle(s: &mut State, c: &Call) -> Answer {
                     json!({"success": false, "msg": "Unable to save user", "errors": {"roles": "unknown role"}}),
                 );
             }
+            let email = u["email"].as_str().unwrap_or_default();
+            if let Err(e) = valid_email(email) {
+                return (
+                    400,
+                    json!({"success": false, "msg": "Unable to save user", "errors": {"email": e}}),
+                );
+            }
             let new = User {
                 id: s.id(),
                 username,
-                email: u["email"].as_str().unwrap_or_default().into(),
+                email: email.into(),
                 password: u["password"].as_str().unwrap_or_default().into(),
                 role_ids,
                 admin: false,
@@ -584,6 +607,15 @@ pub fn handle(s: &mut State, c: &Call) -> Answer {
             let Some(u) = s.users.iter_mut().find(|u| Some(u.id) == uid) else {
                 return err(404, "User not found");
             };
+            if let Some(e) = b.pointer("/user/email").and_then(Value::as_str) {
+                if let Err(why) = valid_email(e) {
+                    return (
+                        400,
+                        json!({"success": false, "msg": "Unable to save user", "errors": {"email": why}}),
+                    );
+                }
+                u.email = e.into();
+            }
             if let Some(p) = b.pointer("/user/password").and_then(Value::as_str) {
                 u.password = p.into();
             }

@@ -60,6 +60,11 @@ pub enum MorpheusError {
     CaBundle { path: String, why: String },
     #[error("{what}")]
     Invalid { what: String },
+    #[error("{done}, then: {source}. Fix that and run `ferry target setup-iam` again: it keeps what was done and goes on")]
+    HalfDone {
+        done: String,
+        source: Box<MorpheusError>,
+    },
 }
 
 fn fields(errors: &[(String, String)]) -> String {

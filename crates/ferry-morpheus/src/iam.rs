@@ -46,7 +46,10 @@ pub const PERMISSIONS: &[(&str, &str)] = &[
 #[derive(Debug, Clone)]
 pub struct IamRequest {
     pub service_user: String,
+    /// The address a new service user gets.
     pub email: String,
+    /// Also give an existing service user this address (it was asked for).
+    pub set_email: bool,
     /// Set as the service user's password when the user is created, or reset when
     /// `reset_password` (the appliance lost or never had it).
     pub password: String,
@@ -94,6 +97,8 @@ struct UserRef {
     id: i64,
     username: String,
     #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
     roles: Vec<RoleRef>,
 }
 
@@ -105,8 +110,56 @@ fn change(call: &str, what: String, body: Value) -> Change {
     }
 }
 
-/// Brings the role and the service user to what Ferry needs.
+/// Whether `email` is an address a manager that validates them accepts: one `@`, a
+/// local part, a domain with a dot, no spaces. The error says what is wrong.
+pub fn check_email(email: &str) -> Result<(), String> {
+    let Some((local, domain)) = email.split_once('@') else {
+        return Err("an e-mail address needs an @".into());
+    };
+    if local.is_empty() || domain.contains('@') || email.chars().any(char::is_whitespace) {
+        return Err("not an e-mail address (name@example.com)".into());
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    if labels.len() < 2 || labels.iter().any(|l| l.is_empty()) {
+        return Err(format!(
+            "its domain {domain:?} has no dot: managers refuse it; give one such as ferry-migration@example.com"
+        ));
+    }
+    Ok(())
+}
+
+/// `ferry-migration@HOST` for a manager at `https://HOST…`, when HOST is a name with a
+/// dot (not an address, not `localhost`).
+pub fn default_email(base: &str) -> Option<String> {
+    let host = url::Url::parse(base).ok()?.host_str()?.to_string();
+    let is_name = host.parse::<std::net::IpAddr>().is_err() && !host.starts_with('[');
+    let email = format!("ferry-migration@{host}");
+    (is_name && check_email(&email).is_ok()).then_some(email)
+}
+
+/// Brings the role and the service user to what Ferry needs. A failure after the role
+/// was created says so: the role stays (the API cannot delete roles), and a second run
+/// keeps it and goes on with the user.
 pub async fn setup(c: &Client, req: &IamRequest) -> Result<IamReport, MorpheusError> {
+    check_email(&req.email).map_err(|m| MorpheusError::Invalid {
+        what: format!("e-mail {:?}: {m}", req.email),
+    })?;
+    let mut created_role = None;
+    let r = setup_steps(c, req, &mut created_role).await;
+    match (r, created_role) {
+        (Err(e), Some(id)) if !req.dry_run => Err(MorpheusError::HalfDone {
+            done: format!("role {ROLE} was created (id {id})"),
+            source: Box::new(e),
+        }),
+        (r, _) => r,
+    }
+}
+
+async fn setup_steps(
+    c: &Client,
+    req: &IamRequest,
+    created_role: &mut Option<i64>,
+) -> Result<IamReport, MorpheusError> {
     let mut rep = IamReport {
         role_id: None,
         user_id: None,
@@ -138,6 +191,7 @@ pub async fn setup(c: &Client, req: &IamRequest) -> Result<IamReport, MorpheusEr
             if !req.dry_run {
                 let v = c.post("api/roles", &body).await?;
                 rep.role_id = v.pointer("/role/id").and_then(Value::as_i64);
+                *created_role = rep.role_id;
                 if rep.role_id.is_none() {
                     return Err(MorpheusError::BadAnswer {
                         call: "POST /api/roles".into(),
@@ -234,6 +288,14 @@ pub async fn setup(c: &Client, req: &IamRequest) -> Result<IamReport, MorpheusEr
                 user.insert("roles".into(), role_ref.clone());
                 what.push(format!("bind to role {ROLE} only"));
             }
+            if req.set_email && u.email.as_deref() != Some(req.email.as_str()) {
+                user.insert("email".into(), json!(req.email));
+                what.push(format!(
+                    "e-mail {} -> {}",
+                    u.email.as_deref().unwrap_or("none"),
+                    req.email
+                ));
+            }
             if req.reset_password {
                 user.insert("password".into(), json!(req.password));
                 what.push("set a new password (the appliance holds none for it)".into());
@@ -258,4 +320,41 @@ pub async fn setup(c: &Client, req: &IamRequest) -> Result<IamReport, MorpheusEr
         }
     }
     Ok(rep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e_mail_addresses_a_manager_accepts() {
+        assert!(check_email("ferry@example.com").is_ok());
+        assert!(check_email("ferry-migration@vme.corp.example").is_ok());
+        for bad in [
+            "ferry",
+            "@example.com",
+            "ferry@localhost",
+            "a@b@c.d",
+            "a b@c.d",
+            "a@.d",
+            "a@c.",
+        ] {
+            assert!(check_email(bad).is_err(), "{bad}");
+        }
+        assert!(check_email("ferry-migration@localhost")
+            .unwrap_err()
+            .contains("has no dot"));
+    }
+
+    #[test]
+    fn the_default_address_comes_from_the_managers_host_name() {
+        assert_eq!(
+            default_email("https://vme.corp.example:8443/").as_deref(),
+            Some("ferry-migration@vme.corp.example")
+        );
+        assert_eq!(default_email("https://10.0.0.5"), None);
+        assert_eq!(default_email("http://127.0.0.1:4000"), None);
+        assert_eq!(default_email("https://[::1]/"), None);
+        assert_eq!(default_email("https://vme-manager/"), None);
+    }
 }

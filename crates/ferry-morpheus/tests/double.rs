@@ -45,6 +45,7 @@ fn request(dry_run: bool) -> IamRequest {
     IamRequest {
         service_user: "ferry-svc".into(),
         email: "ferry@example.com".into(),
+        set_email: false,
         password: "Svc-pa55word-1".into(),
         reset_password: false,
         dry_run,

@@ -28,7 +28,7 @@ pub use guest::GuestOps;
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a guest may take to power off after the ACPI button before QEMU is ended,
-/// unless the source's `config.shutdown_timeout_secs` says otherwise (a database that
+/// unless the source's `config.shutdown_timeout_s` says otherwise (a database that
 /// writes a long checkpoint needs more).
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -51,7 +51,7 @@ fn services_need_agent(ctx: &StepContext) -> String {
 fn shutdown_timeout(ctx: &StepContext) -> Duration {
     ctx.source
         .as_ref()
-        .and_then(|s| s.config.get("shutdown_timeout_secs"))
+        .and_then(|s| s.config.get("shutdown_timeout_s"))
         .and_then(|v| v.as_u64())
         .map(Duration::from_secs)
         .unwrap_or(SHUTDOWN_TIMEOUT)

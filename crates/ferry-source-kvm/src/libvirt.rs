@@ -429,7 +429,7 @@ impl Host {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        tracing::warn!(vm = %domain, "no clean shutdown within {} s (the source's config.shutdown_timeout_secs): destroying", timeout.as_secs());
+        tracing::warn!(vm = %domain, "no clean shutdown within {} s (the source's config.shutdown_timeout_s): destroying", timeout.as_secs());
         self.virsh(&["destroy", domain]).await.map(drop)
     }
 

@@ -27,9 +27,11 @@ pub struct SetupIamArgs {
     /// The service user to create or update.
     #[arg(long, default_value = "ferry-svc")]
     pub service_user: String,
-    /// The service user's e-mail address (Morpheus requires one).
-    #[arg(long, default_value = "ferry-migration@localhost")]
-    pub email: String,
+    /// The service user's e-mail address (Morpheus requires a valid one). Default:
+    /// ferry-migration@ the manager's host name; given for an existing user, it replaces
+    /// the user's address.
+    #[arg(long)]
+    pub email: Option<String>,
     /// Show the calls that would change something, and make none.
     #[arg(long)]
     pub dry_run: bool,
@@ -117,9 +119,20 @@ pub async fn run(c: &Client, a: SetupIamArgs) -> Result<ExitCode> {
             password: admin_password(&a)?,
         },
     )?;
+    let email = match &a.email {
+        Some(e) => e.clone(),
+        None => iam::default_email(&opts.url).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no e-mail address for the service user: the manager's address {} has no host name to make one from; give --email (managers refuse addresses without a domain)",
+                opts.url
+            )
+        })?,
+    };
+    iam::check_email(&email).map_err(|m| anyhow::anyhow!("--email {email:?}: {m}"))?;
     let req = IamRequest {
         service_user: a.service_user.clone(),
-        email: a.email.clone(),
+        email,
+        set_email: a.email.is_some(),
         password: generate_password(),
         reset_password: !held,
         dry_run: a.dry_run,

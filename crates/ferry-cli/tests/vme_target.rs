@@ -17,6 +17,24 @@ const ADMIN_PASSWORD: &str = "Vme-Adm1n-Secret#42";
 /// The service user's address: the double, like a real manager, refuses one without a domain.
 const EMAIL: &str = "ferry@example.com";
 
+/// Every call the service user made has its row in the client's table of calls and
+/// permissions, with the permission the manager checked: the role Ferry makes is exactly
+/// what its calls need.
+fn assert_calls_in_table(d: &Double) {
+    let table = ferry_morpheus::iam::CALLS;
+    let missing: Vec<String> = d
+        .service_calls()
+        .into_iter()
+        .filter(|(call, code)| !table.iter().any(|(c, p, _)| c == call && p == code))
+        .map(|(call, code)| format!("(\"{call}\", \"{code}\")"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "calls without their row in ferry_morpheus::iam::CALLS:\n{}",
+        missing.join("\n")
+    );
+}
+
 /// Every file under `dir`, as bytes.
 fn files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
     common::files_under(dir)
@@ -186,6 +204,95 @@ async fn setup_iam_once_then_nothing_and_no_password_in_clear() {
         "{err}"
     );
 
+    // Pre-flight checks each instance's address against its network's range: the test
+    // instance keeps the production address unless the profile gives it one (or DHCP).
+    let imgs = tmp.path().join("images");
+    std::fs::create_dir_all(&imgs).unwrap();
+    std::fs::write(imgs.join("db01.raw"), vec![0u8; 1 << 20]).unwrap();
+    let api = app.client();
+    let placement = serde_json::json!({"cloud": "vme-prod", "group": "migrations", "plan": "2 CPU, 4GB Memory"});
+    let o = run(
+        s(&["target", "set", "vme1", "--config", &placement.to_string()]),
+        ADMIN_PASSWORD,
+    )
+    .await
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    api.ok(
+        "/api/sources",
+        Some(serde_json::json!({"name": "images", "kind": "disk_image", "config": {"path": imgs}})),
+    )
+    .await;
+    let src = api.ok("/api/sources/images", None).await;
+    api.ok("/api/workloads", Some(serde_json::json!({
+        "name": "db01", "source_id": src["id"],
+        "disks": [{"name": "root", "size_bytes": 1u64 << 20, "format": "raw", "path": imgs.join("db01.raw")}],
+        "nics": [{"name": "eth0", "network": "prod-vlan", "ips": ["10.20.120.15"]}],
+    }))).await;
+    for (name, uat) in [
+        (
+            "same-address",
+            serde_json::json!({"network": "VLAN-900-migration"}),
+        ),
+        (
+            "own-address",
+            serde_json::json!({"network": "VLAN-900-migration", "addresses": {"eth0": "10.99.0.15"}}),
+        ),
+    ] {
+        api.ok(
+            "/api/profiles",
+            Some(serde_json::json!({
+                "name": name, "target": "vme1",
+                "network_map": {"prod-vlan": "VLAN-120-prod"}, "uat": uat,
+            })),
+        )
+        .await;
+    }
+    let o = run(
+        s(&[
+            "migration",
+            "start",
+            "db01",
+            "--profile",
+            "same-address",
+            "--follow",
+        ]),
+        ADMIN_PASSWORD,
+    )
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        !o.status.success(),
+        "pre-flight passed an address the manager refuses"
+    );
+    assert!(
+        err.contains("step preflight failed")
+            && err.contains("10.20.120.15")
+            && err.contains("10.99.0.0/24")
+            && err.contains("uat.addresses"),
+        "{err}"
+    );
+    let (_, list) = api.get("/api/migrations?workload=db01").await;
+    let first = list["items"][0]["id"].as_str().unwrap().to_string();
+    run(s(&["migration", "cancel", &first]), ADMIN_PASSWORD)
+        .await
+        .unwrap();
+    let o = run(
+        s(&[
+            "migration",
+            "start",
+            "db01",
+            "--profile",
+            "own-address",
+            "--follow",
+        ]),
+        ADMIN_PASSWORD,
+    )
+    .await
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
     // No password in clear: not in anything printed (logs at trace), nor in any file of
     // the appliance (database, logs, keys).
     assert!(
@@ -214,7 +321,9 @@ async fn setup_iam_once_then_nothing_and_no_password_in_clear() {
             p.display()
         );
     }
+
     let n = d.assert_conforming();
+    assert_calls_in_table(&d);
     note(&format!(
         "setup-iam through the CLI: {n} requests validated against the Morpheus API document"
     ));
@@ -328,6 +437,11 @@ async fn lab(net_name: &str, config: serde_json::Value) -> Lab {
     let path = Spec::morpheus_default_path();
     let spec = Arc::new(Spec::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
     let d = Double::start(spec, "admin", ADMIN_PASSWORD).await;
+    // The double boots every instance on this one namespace network: its VLANs have the
+    // namespace's range, which the manager checks static addresses against.
+    for n in d.state().inventory.get_mut("networks").unwrap() {
+        n["cidr"] = "10.204.0.0/24".into();
+    }
     let net = ferry_net::Network::ensure(
         &ferry_net::NetworkSpec::new(format!("{net_name}-{}", std::process::id()))
             .with_cidr("10.204.0.1/24".parse().unwrap()),
@@ -516,6 +630,7 @@ async fn a_workload_migrates_to_vme_in_image_mode() {
         "DNS points back"
     );
     let n = d.assert_conforming();
+    assert_calls_in_table(&d);
     note(&format!(
         "vme image mode: sync {:.1}s, UAT {:.1}s, cutover {:.1}s; {n} requests validated against the Morpheus API document",
         t_sync.as_secs_f64(), t_uat.as_secs_f64(), t_cutover.as_secs_f64()
@@ -588,6 +703,7 @@ async fn a_hostile_raw_disk_reaches_vme_in_image_mode_as_its_bytes() {
         );
     }
     let n = d.assert_conforming();
+    assert_calls_in_table(&d);
     note(&format!(
         "hostile raw disk to vme image mode: {n} requests validated"
     ));
@@ -861,6 +977,7 @@ async fn a_workload_migrates_to_vme_in_delta_mode() {
         "back on the migration network"
     );
     let n = d.assert_conforming();
+    assert_calls_in_table(&d);
     note(&format!(
         "vme delta mode: full sync {:.1}s ({sent_full} bytes sent), deltas {}, delta with the worker killed and retried {:.1}s; {n} requests validated against the Morpheus API document",
         t_full.as_secs_f64(),

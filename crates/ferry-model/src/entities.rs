@@ -589,6 +589,21 @@ pub struct UatOptions {
     /// Refuse cutover until a UAT passed.
     #[serde(default)]
     pub required: bool,
+    /// The test instance's address per source NIC (by NIC name): `dhcp`, or an address
+    /// in the migration network's range. A NIC not listed keeps its production address,
+    /// which suits a migration network that mirrors production's addressing.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub addresses: BTreeMap<String, String>,
+}
+
+impl UatOptions {
+    /// The test instance's address for NIC `nic`: `Some(None)` for DHCP, `Some(Some(a))`
+    /// for a given address, `None` when the profile says nothing (keep production's).
+    pub fn address_of(&self, nic: &str) -> Option<Option<&str>> {
+        self.addresses
+            .get(nic)
+            .map(|a| (!a.eq_ignore_ascii_case("dhcp")).then_some(a.as_str()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -692,6 +707,14 @@ impl ProfileSpec {
                 bad(
                     format!("network_map.{k}"),
                     "source and target network names must not be empty".into(),
+                );
+            }
+        }
+        for (nic, a) in &self.uat.addresses {
+            if !a.eq_ignore_ascii_case("dhcp") && a.parse::<std::net::IpAddr>().is_err() {
+                bad(
+                    format!("uat.addresses.{nic}"),
+                    format!("'{a}' is neither an IP address nor dhcp"),
                 );
             }
         }

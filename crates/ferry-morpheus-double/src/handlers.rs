@@ -99,6 +99,9 @@ pub struct State {
     pub inventory: BTreeMap<&'static str, Vec<Value>>,
     /// Calls that changed something, `METHOD template`.
     pub mutations: Vec<String>,
+    /// What each non-administrator called, and the permission the call needed:
+    /// `(username, "METHOD template", permission code)`.
+    pub permission_checks: std::collections::BTreeSet<(String, String, String)>,
 }
 
 pub struct Call<'a> {
@@ -177,7 +180,12 @@ fn permission(method: &str, template: &str) -> &'static str {
         ("POST", "/api/instances") => return "provisioning-add",
         ("DELETE", "/api/instances/{id}") => return "provisioning-delete",
         ("PUT", t) if t.ends_with("/start") || t.ends_with("/stop") => return "provisioning-power",
-        ("DELETE", "/api/snapshots/{id}") => return "snapshots",
+        ("DELETE", "/api/snapshots/{id}")
+        | ("GET", "/api/instances/{id}/snapshots")
+        | ("PUT", "/api/instances/{id}/snapshot")
+        | ("PUT", "/api/instances/{id}/revert-snapshot/{snapshotId}") => return "snapshots",
+        ("PUT", "/api/instances/{id}/resize") => return "provisioning-reconfigure",
+        ("GET", "/api/zones/{zoneId}/data-stores") => return "infrastructure-storage",
         ("PUT", "/api/servers/{id}/volumes/{volumeId}/attach") => {
             return "provisioning-reconfigure-add-disk"
         }
@@ -199,7 +207,8 @@ fn permission(method: &str, template: &str) -> &'static str {
         "servers" => "admin-servers",
         "networks" => "infrastructure-networks",
         "service-plans" => "admin-servicePlans",
-        "instance-types" | "library" => "provisioning",
+        "instance-types" => "provisioning",
+        "library" => "library-templates",
         "virtual-images" => "virtual-images",
         "instances" => "provisioning",
         _ => "admin-appliance",
@@ -287,6 +296,28 @@ fn exists(s: &State, key: &str, id: i64) -> bool {
         .is_some_and(|l| l.iter().any(|v| v["id"].as_i64() == Some(id)))
 }
 
+/// Whether IPv4 `ip` lies in `cidr`; anything that does not parse is outside.
+fn in_cidr(ip: &str, cidr: &str) -> bool {
+    let parse = |a: &str| a.parse::<std::net::Ipv4Addr>().ok().map(u32::from);
+    let Some((net, len)) = cidr.split_once('/') else {
+        return false;
+    };
+    match (parse(ip), parse(net), len.parse::<u32>()) {
+        (Some(a), Some(b), Ok(len)) if len <= 32 => {
+            len == 0 || (a >> (32 - len)) == (b >> (32 - len))
+        }
+        _ => false,
+    }
+}
+
+fn find(s: &State, key: &str, id: i64) -> Option<Value> {
+    s.inventory
+        .get(key)?
+        .iter()
+        .find(|v| v["id"].as_i64() == Some(id))
+        .cloned()
+}
+
 fn create_instance(s: &mut State, b: Value) -> Answer {
     let bad = |field: &str, msg: &str| {
         (
@@ -324,8 +355,34 @@ fn create_instance(s: &mut State, b: Value) -> Answer {
         .pointer("/instance/layout/id")
         .and_then(Value::as_i64)
         .unwrap_or(0);
-    if !exists(s, "instanceTypeLayouts", layout) {
+    let Some(layout) = find(s, "instanceTypeLayouts", layout) else {
         return bad("layout", "no such layout");
+    };
+    // A layout belongs to one instance type, a plan to one provision type: the manager
+    // refuses a mix.
+    let itype = b
+        .pointer("/instance/instanceType/code")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if layout.pointer("/instanceType/code").and_then(Value::as_str) != Some(itype) {
+        return bad(
+            "layout",
+            &format!("the layout is not one of instance type {itype}"),
+        );
+    }
+    let plan_type = find(s, "servicePlans", plan).and_then(|p| {
+        p.pointer("/provisionType/code")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    });
+    let layout_type = layout
+        .pointer("/provisionType/code")
+        .and_then(Value::as_str);
+    if plan_type.is_some() && plan_type.as_deref() != layout_type {
+        return bad(
+            "plan",
+            "the plan is not available for the layout's provision type",
+        );
     }
     let image_id = b.pointer("/config/imageId").and_then(Value::as_i64);
     let image = match image_id {
@@ -343,8 +400,20 @@ fn create_instance(s: &mut State, b: Value) -> Answer {
             .and_then(Value::as_str)
             .unwrap_or_default();
         let num: i64 = id.trim_start_matches("network-").parse().unwrap_or(0);
-        if !exists(s, "networks", num) {
+        let Some(net) = find(s, "networks", num) else {
             return bad("networkInterfaces", &format!("no such network {id}"));
+        };
+        // A static address must lie in the network's range.
+        if let (Some(ip), Some(cidr)) = (n["ipAddress"].as_str(), net["cidr"].as_str()) {
+            if !in_cidr(ip, cidr) {
+                return bad(
+                    "networkInterfaces",
+                    &format!(
+                        "{ip} is not an address of network {} ({cidr})",
+                        net["name"].as_str().unwrap_or(id)
+                    ),
+                );
+            }
         }
         nics.push((id.to_string(), n["ipAddress"].as_str().map(str::to_string)));
     }
@@ -458,6 +527,13 @@ pub fn handle(s: &mut State, c: &Call) -> Answer {
     };
     let write = c.method != "GET";
     let code = permission(c.method, c.template);
+    if !user.admin {
+        s.permission_checks.insert((
+            user.username.clone(),
+            format!("{} {}", c.method, c.template),
+            code.to_string(),
+        ));
+    }
     if !s.allowed(&user, code, write) {
         return err(
             403,
@@ -851,11 +927,19 @@ pub fn handle(s: &mut State, c: &Call) -> Answer {
                     .and_then(Value::as_str)
                     .unwrap_or_default();
                 let num: i64 = nid.trim_start_matches("network-").parse().unwrap_or(0);
-                if !exists(s, "networks", num) {
+                let Some(net) = find(s, "networks", num) else {
                     return (
                         400,
                         json!({"success": false, "msg": "Unable to resize instance", "errors": {"networkInterfaces": format!("no such network {nid}")}}),
                     );
+                };
+                if let (Some(ip), Some(cidr)) = (n["ipAddress"].as_str(), net["cidr"].as_str()) {
+                    if !in_cidr(ip, cidr) {
+                        return (
+                            400,
+                            json!({"success": false, "msg": "Unable to resize instance", "errors": {"networkInterfaces": format!("{ip} is not an address of network {nid} ({cidr})")}}),
+                        );
+                    }
                 }
                 nics.push((nid.to_string(), n["ipAddress"].as_str().map(str::to_string)));
             }
@@ -878,6 +962,18 @@ pub fn handle(s: &mut State, c: &Call) -> Answer {
             // Halting needs the run directory: the files go after the guest is gone.
             s.effects.push(Effect::Purge(i.id));
             (200, json!({"success": true}))
+        }
+        ("GET", "/api/library/instance-types/{instanceTypeId}/layouts") => {
+            let it = id("instanceTypeId");
+            let items = s
+                .inventory
+                .get("instanceTypeLayouts")
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|l| l.pointer("/instanceType/id").and_then(Value::as_i64) == it)
+                .collect();
+            page("instanceTypeLayouts", items, c.query)
         }
         ("GET", "/api/zones/{zoneId}/data-stores") => {
             let zone = id("zoneId");

@@ -176,6 +176,19 @@ impl Double {
         self.shared.stats.lock().expect("stats").clone()
     }
 
+    /// Every call a non-administrator made, with the permission the manager checked for
+    /// it: `("METHOD template", code)`.
+    pub fn service_calls(&self) -> Vec<(String, String)> {
+        let st = self.state();
+        let mut out: Vec<(String, String)> = st
+            .permission_checks
+            .iter()
+            .map(|(_, call, code)| (call.clone(), code.clone()))
+            .collect();
+        out.dedup();
+        out
+    }
+
     /// Inspect or change the manager's state.
     pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.shared.state.lock().expect("state")

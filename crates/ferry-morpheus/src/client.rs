@@ -503,12 +503,30 @@ impl Client {
         key: &str,
         filter: &[(&str, String)],
     ) -> Result<Vec<T>, MorpheusError> {
+        self.list_paged(path, key, filter, Paging::MaxOffset).await
+    }
+
+    /// Like [`Client::list_all`] for a list whose operation documents fewer paging
+    /// parameters: only what the API document lists for it is sent.
+    pub async fn list_paged<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        key: &str,
+        filter: &[(&str, String)],
+        paging: Paging,
+    ) -> Result<Vec<T>, MorpheusError> {
         const PAGE: usize = 100;
         let mut out: Vec<T> = vec![];
         loop {
             let mut q: Vec<(&str, String)> = filter.to_vec();
-            q.push(("max", PAGE.to_string()));
-            q.push(("offset", out.len().to_string()));
+            match paging {
+                Paging::MaxOffset => {
+                    q.push(("max", PAGE.to_string()));
+                    q.push(("offset", out.len().to_string()));
+                }
+                Paging::MaxOnly => q.push(("max", MAX_ONLY.to_string())),
+                Paging::None => {}
+            }
             let v = self.call(reqwest::Method::GET, path, &q, None).await?;
             let call = format!("GET {path}");
             let items = v
@@ -521,6 +539,14 @@ impl Client {
             let page: Vec<T> = decode(&call, items)?;
             let n = page.len();
             out.extend(page);
+            if paging != Paging::MaxOffset {
+                // One answer is all there is: without `offset` the next page cannot be
+                // asked for.
+                if paging == Paging::MaxOnly && n >= MAX_ONLY {
+                    tracing::warn!(%call, n, "the list may be cut at its first {MAX_ONLY} items: the API offers no offset for it");
+                }
+                return Ok(out);
+            }
             let total = v
                 .pointer("/meta/total")
                 .and_then(Value::as_u64)
@@ -531,6 +557,20 @@ impl Client {
         }
     }
 }
+
+/// Which paging parameters a list operation documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Paging {
+    /// `max` and `offset`: pages of 100 until the list ends.
+    MaxOffset,
+    /// `max` only (datastores of a cloud): one request for up to [`MAX_ONLY`] items.
+    MaxOnly,
+    /// Neither (networks): one request, the manager's own page.
+    None,
+}
+
+/// The `max` of a list that has no `offset`.
+pub const MAX_ONLY: usize = 1000;
 
 pub(crate) fn decode<T: DeserializeOwned>(call: &str, v: Value) -> Result<T, MorpheusError> {
     serde_json::from_value(v).map_err(|e| MorpheusError::BadAnswer {

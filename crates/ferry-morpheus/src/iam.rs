@@ -10,37 +10,92 @@ use serde_json::{json, Value};
 /// The role Ferry's service user holds.
 pub const ROLE: &str = "ferry-migration";
 
-/// Feature permissions of the role, as (code, access). Everything else stays `none`.
-pub const PERMISSIONS: &[(&str, &str)] = &[
+/// Every call the service user makes (`METHOD template` as the API document writes it),
+/// with the feature permission and access it needs. The role is made from this table
+/// ([`permissions`]); the suite checks that every call the client made against the test
+/// double has its row.
+pub const CALLS: &[(&str, &str, &str)] = &[
+    // Placement discovery: clouds, groups, clusters, hosts, plans, networks, storage,
+    // instance types and their layouts.
+    ("GET /api/zones", "admin-zones", "read"),
+    ("GET /api/groups", "admin-groups", "read"),
+    ("GET /api/clusters", "infrastructure-cluster", "read"),
+    ("GET /api/servers", "admin-servers", "read"),
+    ("GET /api/service-plans", "admin-servicePlans", "read"),
+    ("GET /api/networks", "infrastructure-networks", "read"),
+    (
+        "GET /api/zones/{zoneId}/data-stores",
+        "infrastructure-storage",
+        "read",
+    ),
+    ("GET /api/instance-types", "provisioning", "read"),
+    ("GET /api/library/layouts", "library-templates", "read"),
+    (
+        "GET /api/library/instance-types/{instanceTypeId}/layouts",
+        "library-templates",
+        "read",
+    ),
     // Virtual images and their upload (image mode, the target worker image).
-    ("virtual-images", "full"),
-    ("provisioning-import-image", "full"),
-    // Instances: list, add, edit, delete, power, reconfigure disks and interfaces.
-    ("provisioning", "full"),
-    ("provisioning-add", "full"),
-    ("provisioning-edit", "full"),
-    ("provisioning-delete", "full"),
-    ("provisioning-power", "full"),
-    ("provisioning-reconfigure", "full"),
-    ("provisioning-reconfigure-add-disk", "full"),
-    ("provisioning-reconfigure-modify-disk", "full"),
-    ("provisioning-reconfigure-remove-disk", "full"),
-    ("provisioning-reconfigure-add-network", "full"),
-    ("provisioning-reconfigure-modify-network", "full"),
-    ("provisioning-reconfigure-remove-network", "full"),
+    ("POST /api/virtual-images", "virtual-images", "full"),
+    (
+        "DELETE /api/virtual-images/{virtualImageId}",
+        "virtual-images",
+        "full",
+    ),
+    (
+        "POST /api/virtual-images/{virtualImageId}/upload",
+        "provisioning-import-image",
+        "full",
+    ),
+    // Instances: create, follow, power, resize, attach and detach disks, delete.
+    ("POST /api/instances", "provisioning-add", "full"),
+    ("GET /api/instances/{id}", "provisioning", "full"),
+    (
+        "PUT /api/instances/{id}/start",
+        "provisioning-power",
+        "full",
+    ),
+    ("PUT /api/instances/{id}/stop", "provisioning-power", "full"),
+    (
+        "PUT /api/instances/{id}/resize",
+        "provisioning-reconfigure",
+        "full",
+    ),
+    ("DELETE /api/instances/{id}", "provisioning-delete", "full"),
+    (
+        "PUT /api/servers/{id}/volumes/{volumeId}/attach",
+        "provisioning-reconfigure-add-disk",
+        "full",
+    ),
+    (
+        "PUT /api/servers/{id}/volumes/{volumeId}/detach",
+        "provisioning-reconfigure-remove-disk",
+        "full",
+    ),
     // Snapshots: taken before each delta, reverted on failure and rollback.
-    ("snapshots", "full"),
-    // Placement discovery: clouds, groups, clusters, hosts, plans; networks; storage.
-    ("admin-zones", "read"),
-    ("admin-groups", "read"),
-    ("infrastructure-cluster", "read"),
-    ("admin-servers", "read"),
-    ("admin-servicePlans", "read"),
-    ("infrastructure-networks", "read"),
-    ("infrastructure-storage", "read"),
-    // Following provisioning and power tasks.
-    ("activity", "read"),
+    ("PUT /api/instances/{id}/snapshot", "snapshots", "full"),
+    ("GET /api/instances/{id}/snapshots", "snapshots", "full"),
+    (
+        "PUT /api/instances/{id}/revert-snapshot/{snapshotId}",
+        "snapshots",
+        "full",
+    ),
+    ("DELETE /api/snapshots/{id}", "snapshots", "full"),
 ];
+
+/// The role's feature permissions, from [`CALLS`]: each code once, with the highest
+/// access a call needs. Everything else stays `none`.
+pub fn permissions() -> Vec<(&'static str, &'static str)> {
+    let mut out: Vec<(&'static str, &'static str)> = vec![];
+    for (_, code, access) in CALLS {
+        match out.iter_mut().find(|(c, _)| c == code) {
+            Some(have) if have.1 == "full" || *access == "read" => {}
+            Some(have) => have.1 = access,
+            None => out.push((code, access)),
+        }
+    }
+    out
+}
 
 /// What to set up.
 #[derive(Debug, Clone)]
@@ -169,6 +224,7 @@ async fn setup_steps(
     };
 
     // The role.
+    let wanted_permissions = permissions();
     let roles: Vec<RoleRef> = c
         .list_all("api/roles", "roles", &[("phrase", ROLE.to_string())])
         .await?;
@@ -181,11 +237,14 @@ async fn setup_steps(
                 "authority": ROLE,
                 "description": "Ferry workload migration service account: images, instances, power, reconfigure, snapshots; read-only placement",
                 "roleType": "user",
-                "featurePermissions": PERMISSIONS.iter().map(|(code, access)| json!({"code": code, "access": access})).collect::<Vec<_>>(),
+                "featurePermissions": wanted_permissions.iter().map(|(code, access)| json!({"code": code, "access": access})).collect::<Vec<_>>(),
             }});
             rep.changes.push(change(
                 "POST /api/roles",
-                format!("create role {ROLE} with {} permissions", PERMISSIONS.len()),
+                format!(
+                    "create role {ROLE} with {} permissions",
+                    wanted_permissions.len()
+                ),
                 body.clone(),
             ));
             if !req.dry_run {
@@ -214,14 +273,14 @@ async fn setup_steps(
                     .and_then(|p| p.access.clone())
                     .unwrap_or_else(|| "none".into())
             };
-            let mut wanted: Vec<(String, String)> = PERMISSIONS
+            let mut wanted: Vec<(String, String)> = wanted_permissions
                 .iter()
                 .map(|(c, a)| (c.to_string(), a.to_string()))
                 .collect();
             // Anything else granted is more than migration needs.
             for p in &have {
                 let granted = p.access.as_deref().is_some_and(|a| a != "none");
-                if granted && !PERMISSIONS.iter().any(|(c, _)| *c == p.code) {
+                if granted && !wanted_permissions.iter().any(|(c, _)| *c == p.code) {
                     wanted.push((p.code.clone(), "none".into()));
                 }
             }
@@ -356,5 +415,28 @@ mod tests {
         assert_eq!(default_email("http://127.0.0.1:4000"), None);
         assert_eq!(default_email("https://[::1]/"), None);
         assert_eq!(default_email("https://vme-manager/"), None);
+    }
+}
+
+#[cfg(test)]
+mod permission_tests {
+    use super::*;
+
+    #[test]
+    fn the_role_holds_each_permission_its_calls_need_once_at_the_highest_access() {
+        let p = permissions();
+        for (call, code, access) in CALLS {
+            let have = p.iter().find(|(c, _)| c == code).map(|(_, a)| *a);
+            assert!(
+                have == Some("full") || have == Some(*access),
+                "{call}: {code} {access}, role has {have:?}"
+            );
+        }
+        let mut codes: Vec<_> = p.iter().map(|(c, _)| *c).collect();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), p.len(), "each code once");
+        assert!(p.contains(&("library-templates", "read")));
+        assert!(p.contains(&("snapshots", "full")));
     }
 }

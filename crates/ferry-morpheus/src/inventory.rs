@@ -3,7 +3,7 @@
 //! these objects; [`Inventory::check_placement`] turns a name that does not exist into an
 //! error naming it, before any data moves.
 
-use crate::client::Client;
+use crate::client::{Client, Paging};
 use crate::error::MorpheusError;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -17,6 +17,36 @@ pub struct Named {
     /// The cloud (zone) it belongs to, when the API says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone_id: Option<i64>,
+    /// Its code (instance types: `mvm`), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// The provision type it is for (plans and layouts: `mvm`), when the API says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provision_type: Option<String>,
+    /// Its address range (networks: `10.20.120.0/24`), when the API says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+}
+
+/// Whether `ip` lies in `cidr` (`10.20.120.0/24`, `fd00::/64`); `None` when either
+/// does not parse.
+pub fn in_cidr(ip: &str, cidr: &str) -> Option<bool> {
+    let ip: std::net::IpAddr = ip.split('/').next()?.parse().ok()?;
+    let (net, len) = cidr.split_once('/')?;
+    let net: std::net::IpAddr = net.parse().ok()?;
+    let len: u32 = len.parse().ok()?;
+    let (a, b, bits) = match (ip, net) {
+        (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => {
+            (u32::from(a) as u128, u32::from(b) as u128, 32)
+        }
+        (std::net::IpAddr::V6(a), std::net::IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+        _ => return Some(false),
+    };
+    if len > bits {
+        return None;
+    }
+    let shift = bits - len;
+    Some(len == 0 || (a >> shift) == (b >> shift))
 }
 
 fn named(v: &Value) -> Option<Named> {
@@ -33,6 +63,12 @@ fn named(v: &Value) -> Option<Named> {
             .or_else(|| v.pointer("/cloud/id"))
             .or_else(|| v.get("zoneId"))
             .and_then(Value::as_i64),
+        code: v.get("code").and_then(Value::as_str).map(str::to_string),
+        provision_type: v
+            .pointer("/provisionType/code")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        cidr: v.get("cidr").and_then(Value::as_str).map(str::to_string),
     })
 }
 
@@ -69,7 +105,16 @@ pub struct Placement {
 }
 
 async fn list(c: &Client, path: &str, key: &str) -> Result<Vec<Named>, MorpheusError> {
-    let items: Vec<Value> = c.list_all(path, key, &[]).await?;
+    list_with(c, path, key, Paging::MaxOffset).await
+}
+
+async fn list_with(
+    c: &Client,
+    path: &str,
+    key: &str,
+    paging: Paging,
+) -> Result<Vec<Named>, MorpheusError> {
+    let items: Vec<Value> = c.list_paged(path, key, &[], paging).await?;
     Ok(items.iter().filter_map(named).collect())
 }
 
@@ -80,20 +125,33 @@ impl Inventory {
             groups: list(c, "api/groups", "groups").await?,
             clusters: list(c, "api/clusters", "clusters").await?,
             hosts: list(c, "api/servers", "servers").await?,
-            networks: list(c, "api/networks", "networks").await?,
+            // The API documents no paging for networks, and only `max` for datastores.
+            networks: list_with(c, "api/networks", "networks", Paging::None).await?,
             service_plans: list(c, "api/service-plans", "servicePlans").await?,
             instance_types: list(c, "api/instance-types", "instanceTypes").await?,
             layouts: list(c, "api/library/layouts", "instanceTypeLayouts").await?,
             datastores: vec![],
         };
         for z in inv.clouds.clone() {
-            let mut ds = list(c, &format!("api/zones/{}/data-stores", z.id), "datastores").await?;
+            let path = format!("api/zones/{}/data-stores", z.id);
+            let mut ds = list_with(c, &path, "datastores", Paging::MaxOnly).await?;
             for d in &mut ds {
                 d.zone_id.get_or_insert(z.id);
             }
             inv.datastores.extend(ds);
         }
         Ok(inv)
+    }
+
+    /// The layouts of one instance type (not every layout of the library: those of other
+    /// instance types are refused with it).
+    pub async fn layouts_of(c: &Client, instance_type: i64) -> Result<Vec<Named>, MorpheusError> {
+        list(
+            c,
+            &format!("api/library/instance-types/{instance_type}/layouts"),
+            "instanceTypeLayouts",
+        )
+        .await
     }
 
     /// Every object `p` names must exist (in its cloud, when one is given); the error
@@ -163,7 +221,22 @@ mod tests {
             id,
             name: name.into(),
             zone_id: zone,
+            code: None,
+            provision_type: None,
+            cidr: None,
         }
+    }
+
+    #[test]
+    fn addresses_in_a_range() {
+        assert_eq!(in_cidr("10.20.120.15", "10.20.120.0/24"), Some(true));
+        assert_eq!(in_cidr("10.20.121.15", "10.20.120.0/24"), Some(false));
+        assert_eq!(in_cidr("10.20.120.15/24", "10.20.120.0/24"), Some(true));
+        assert_eq!(in_cidr("fd00::5", "fd00::/64"), Some(true));
+        assert_eq!(in_cidr("10.0.0.1", "fd00::/64"), Some(false));
+        assert_eq!(in_cidr("10.0.0.1", "0.0.0.0/0"), Some(true));
+        assert_eq!(in_cidr("nonsense", "10.0.0.0/8"), None);
+        assert_eq!(in_cidr("10.0.0.1", "10.0.0.0/40"), None);
     }
 
     #[test]

@@ -15,5 +15,5 @@ pub mod iam;
 pub mod inventory;
 pub mod provision;
 
-pub use client::{Client, ClientOptions, Login, CLIENT_ID};
+pub use client::{Client, ClientOptions, Login, Paging, CLIENT_ID};
 pub use error::MorpheusError;

@@ -2,7 +2,7 @@
 //! against the official API document (`$FERRY_MORPHEUS_OPENAPI`, or
 //! ../shared/morpheus-openapi/ beside the repository).
 
-use ferry_morpheus::iam::{self, IamRequest, PERMISSIONS, ROLE};
+use ferry_morpheus::iam::{self, IamRequest, ROLE};
 use ferry_morpheus::inventory::{Inventory, Placement};
 use ferry_morpheus::{Client, ClientOptions, Login, MorpheusError};
 use ferry_morpheus_double::{Double, Fault};
@@ -91,7 +91,7 @@ async fn setup_iam_creates_the_role_and_user_once_and_never_logs_the_password() 
     {
         let st = d.state();
         let role = st.role_by_name(ROLE).expect("role created");
-        assert_eq!(role.permissions.len(), PERMISSIONS.len());
+        assert_eq!(role.permissions.len(), iam::permissions().len());
         let user = st.user_by_name("ferry-svc").expect("user created");
         assert_eq!(user.role_ids, vec![role.id], "the user holds only the role");
     }
@@ -103,11 +103,23 @@ async fn setup_iam_creates_the_role_and_user_once_and_never_logs_the_password() 
         .and_then(|v| v.as_array())
         .cloned()
         .expect("the document lists feature permission codes");
-    for (code, _) in PERMISSIONS {
+    for (code, _) in iam::permissions() {
         assert!(
             codes.iter().any(|c| c == code),
             "{code} is not a Morpheus permission code"
         );
+    }
+    // Every row of the call table is an operation of the document.
+    let doc = spec();
+    for (call, _, _) in iam::CALLS {
+        let (method, template) = call.split_once(' ').unwrap();
+        let path: String = template
+            .split('/')
+            .map(|seg| if seg.starts_with('{') { "1" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/");
+        let op = doc.find(method, &path);
+        assert_eq!(op.map(|o| o.template), Some(template.to_string()), "{call}");
     }
 
     // A second run changes nothing.

@@ -528,6 +528,41 @@ impl Spec {
         out: &mut Vec<Violation>,
     ) {
         let query = parse_pairs(req.query.unwrap_or(""));
+        // Query keys the operation documents: a parameter's name, a deepObject's
+        // `name[…]`, or any key at all when an exploded object parameter takes free keys.
+        let mut documented: Vec<String> = vec![];
+        let mut free_keys = false;
+        for p in self.parameters(op, node) {
+            if p.value.get("in").and_then(Value::as_str) != Some("query") {
+                continue;
+            }
+            let name = p.value.get("name").and_then(Value::as_str).unwrap_or("");
+            let object = p
+                .get("schema")
+                .map(|s| self.types_of(self.deref_value(s.value)).contains(&"object"))
+                .unwrap_or(false);
+            free_keys |=
+                object && p.value.get("style").and_then(Value::as_str) != Some("deepObject");
+            documented.push(name.to_string());
+        }
+        if !free_keys {
+            for (k, _) in &query {
+                let known = documented.iter().any(|n| {
+                    k == n
+                        || k.strip_prefix(n.as_str())
+                            .is_some_and(|r| r.starts_with('['))
+                });
+                if !known && !out.iter().any(|v| v.location == format!("query.{k}")) {
+                    out.push(Violation::new(
+                        format!("query.{k}"),
+                        format!(
+                            "query parameter `{k}` is not documented for this operation (it takes: {})",
+                            if documented.is_empty() { "none".to_string() } else { documented.join(", ") }
+                        ),
+                    ));
+                }
+            }
+        }
         for p in self.parameters(op, node) {
             let name = p.value.get("name").and_then(Value::as_str).unwrap_or("");
             let place = p.value.get("in").and_then(Value::as_str).unwrap_or("");

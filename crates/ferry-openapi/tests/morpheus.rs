@@ -142,9 +142,35 @@ fn roles_list_needs_bearer_and_integer_max() {
         s.validate_request(&get("/api/roles", Some("max=abc"), Some("Bearer x"))),
         "query.max",
     );
-    // Unknown query parameters are not an error.
-    s.validate_request(&get("/api/roles", Some("max=1&zzz=1"), Some("Bearer x")))
-        .unwrap_or_else(|v| panic!("{v}"));
+    // A query parameter the operation does not document is an error: a manager may
+    // refuse it, and its meaning is not what the client thinks.
+    expect_violation(
+        s.validate_request(&get("/api/roles", Some("max=1&zzz=1"), Some("Bearer x"))),
+        "query.zzz",
+    );
+    // Networks take no paging parameters; a cloud's datastores take `max` but no `offset`.
+    expect_violation(
+        s.validate_request(&get(
+            "/api/networks",
+            Some("max=100&offset=0"),
+            Some("Bearer x"),
+        )),
+        "query.max",
+    );
+    s.validate_request(&get(
+        "/api/zones/1/data-stores",
+        Some("max=1000"),
+        Some("Bearer x"),
+    ))
+    .unwrap_or_else(|v| panic!("{v}"));
+    expect_violation(
+        s.validate_request(&get(
+            "/api/zones/1/data-stores",
+            Some("max=100&offset=0"),
+            Some("Bearer x"),
+        )),
+        "query.offset",
+    );
 }
 
 #[test]

@@ -127,13 +127,47 @@ async fn instance_spec(c: &Client, ctx: &StepContext, role: Role) -> AResult<Ins
     inv.check_placement(&p).map_err(api_err)?;
     let cloud = find(&inv.clouds, "cloud", p.cloud.as_deref())?;
     let group = find(&inv.groups, "group", p.group.as_deref())?;
-    let plan = find(&inv.service_plans, "service plan", p.plan.as_deref())?;
+    // The layout is one of the instance type's; the plan one for the layout's provision
+    // type (plans of other provision types share names with the VM ones).
+    let itype_code = cfg(ctx, "instance_type").unwrap_or("mvm");
+    let itype = inv
+        .instance_types
+        .iter()
+        .find(|t| t.code.as_deref() == Some(itype_code))
+        .ok_or_else(|| {
+            AdapterError::permanent(format!(
+                "the manager has no instance type with code '{itype_code}' (it has: {}): set the target's config.instance_type",
+                inv.instance_types.iter().filter_map(|t| t.code.as_deref()).collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+    let layouts = Inventory::layouts_of(c, itype.id).await.map_err(api_err)?;
+    let layout_kind = format!("layout of instance type {itype_code}");
     let layout = match cfg(ctx, "layout") {
-        Some(l) => find(&inv.layouts, "layout", Some(l))?,
-        None => inv.layouts.first().ok_or_else(|| {
-            AdapterError::permanent("the manager has no instance layout: set config.layout")
+        Some(l) => find(&layouts, &layout_kind, Some(l))?,
+        None => layouts.first().ok_or_else(|| {
+            AdapterError::permanent(format!(
+                "instance type {itype_code} has no layout on the manager: add one, or set config.instance_type"
+            ))
         })?,
-    };
+    }
+    .clone();
+    let plans: Vec<Named> = inv
+        .service_plans
+        .iter()
+        .filter(|pl| pl.provision_type.is_none() || pl.provision_type == layout.provision_type)
+        .cloned()
+        .collect();
+    let plan_kind = format!(
+        "service plan for provision type {}",
+        layout.provision_type.as_deref().unwrap_or(itype_code)
+    );
+    let plan = find(&plans, &plan_kind, p.plan.as_deref())?;
+    tracing::info!(
+        instance_type = itype_code,
+        layout = %format!("{} ({})", layout.name, layout.id),
+        plan = %format!("{} ({})", plan.name, plan.id),
+        "placement"
+    );
     let datastore = match &p.datastore {
         Some(d) => Some(find(&inv.datastores, "datastore", Some(d))?.id),
         None => None,
@@ -150,7 +184,28 @@ async fn instance_spec(c: &Client, ctx: &StepContext, role: Role) -> AResult<Ins
         },
         net_name.as_deref(),
     )?;
-    let ip = workload_ip(ctx);
+    let ip = instance_ip(ctx, role);
+    // The manager refuses a static address outside the network's range: say so now.
+    if let (Some(ip), Some(cidr)) = (&ip, &network.cidr) {
+        if ferry_morpheus::inventory::in_cidr(ip, cidr) == Some(false) {
+            let nic = ctx
+                .workload
+                .nics
+                .first()
+                .map(|n| n.name.as_str())
+                .unwrap_or("eth0");
+            return Err(AdapterError::permanent(match role {
+                Role::Test => format!(
+                    "the test instance would get {ip} on migration network '{}' ({cidr}), which the manager refuses: give it an address in {cidr} or DHCP in the profile (uat.addresses: {{\"{nic}\": \"dhcp\"}})",
+                    network.name
+                ),
+                Role::Production => format!(
+                    "the workload's address {ip} is outside production network '{}' ({cidr}): map its NIC's network to one that holds it (the profile's network_map)",
+                    network.name
+                ),
+            }));
+        }
+    }
     let gib = |b: u64| b.div_ceil(1 << 30).max(1);
     Ok(InstanceSpec {
         name: state::instance_name(ctx, role),
@@ -176,6 +231,24 @@ async fn instance_spec(c: &Client, ctx: &StepContext, role: Role) -> AResult<Ins
         networks: vec![(network.id, ip)],
         powered_off: true,
     })
+}
+
+/// The address the instance for `role` gets on its first NIC: production keeps the
+/// workload's; the test instance takes the profile's `uat.addresses` for that NIC (an
+/// address, or none for DHCP), else the workload's too.
+fn instance_ip(ctx: &StepContext, role: Role) -> Option<String> {
+    if role == Role::Test {
+        let nic = ctx
+            .workload
+            .nics
+            .first()
+            .map(|n| n.name.as_str())
+            .unwrap_or("");
+        if let Some(a) = ctx.profile.spec.uat.address_of(nic) {
+            return a.map(str::to_string);
+        }
+    }
+    workload_ip(ctx)
 }
 
 /// The workload's IPv4 address (its first NIC's), without a prefix length.
@@ -503,7 +576,7 @@ impl TargetAdapter for VmeTarget {
             .ok_or_else(|| AdapterError::permanent(format!("no {role:?} instance to validate")))?;
         let c = client(ctx)?;
         let within = boot_timeout(ctx);
-        let ip = workload_ip(ctx);
+        let ip = instance_ip(ctx, role);
         let netns = cfg(ctx, "probe_netns").map(str::to_string);
         for (i, check) in checks.iter().enumerate() {
             let fail =

@@ -579,10 +579,26 @@ async fn a_workload_migrates_to_vme_in_image_mode() {
     wait_state(&api, &id, "synced", std::time::Duration::from_secs(120)).await;
     let t_sync = t.elapsed();
 
+    // An appliance that died during an earlier delivery, after the manager made the
+    // test instance's image and before Ferry recorded it, left it behind: the manager
+    // refuses a second image of that name, so the delivery removes it first (a warning).
+    d.state().images.push(ferry_morpheus_double::Image {
+        id: 9001,
+        name: "web01-ferry-uat".into(),
+        file: None,
+        size: 0,
+    });
     command(&api, &id, "uat_start").await;
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let m = wait_state(&api, &id, "synced", std::time::Duration::from_secs(400)).await;
     assert_eq!(m["migration"]["status"]["uat_verdict"], "passed", "{m}");
+    let (_, events) = api
+        .get(&format!("/api/migrations/{id}/events?limit=1000"))
+        .await;
+    assert!(
+        events.to_string().contains("an interrupted delivery left"),
+        "the leftover is a warning of the migration: {events}"
+    );
     assert!(
         d.state().instances.is_empty(),
         "the test instance was deleted"

@@ -269,6 +269,17 @@ fn page(key: &str, items: Vec<Value>, q: &HashMap<String, String>) -> Answer {
     )
 }
 
+/// The items whose name is the query's `name`, when it has one.
+fn by_name(items: Vec<Value>, q: &HashMap<String, String>) -> Vec<Value> {
+    match q.get("name") {
+        None => items,
+        Some(n) => items
+            .into_iter()
+            .filter(|v| v["name"].as_str() == Some(n.as_str()))
+            .collect(),
+    }
+}
+
 fn image_json(i: &Image) -> Value {
     json!({"id": i.id, "name": i.name, "imageType": "qcow2", "status": if i.file.is_some() { "Active" } else { "Queued" }, "rawSize": i.size})
 }
@@ -701,11 +712,29 @@ pub fn handle(s: &mut State, c: &Call) -> Answer {
             let u = u.clone();
             (200, json!({"success": true, "user": user_json(s, &u)}))
         }
+        ("GET", "/api/virtual-images") => {
+            let items = s.images.iter().map(image_json).collect();
+            page("virtualImages", by_name(items, c.query), c.query)
+        }
+        ("GET", "/api/instances") => {
+            let items = s.instances.iter().map(instance_json).collect();
+            page("instances", by_name(items, c.query), c.query)
+        }
         ("POST", "/api/virtual-images") => {
             let b = match json_body(c) {
                 Ok(b) => b,
                 Err(e) => return e,
             };
+            let name = b
+                .pointer("/virtualImage/name")
+                .and_then(Value::as_str)
+                .unwrap_or("image");
+            if s.images.iter().any(|i| i.name == name) {
+                return (
+                    400,
+                    json!({"success": false, "msg": "Virtual image name must be unique", "errors": {"name": "must be unique"}}),
+                );
+            }
             let img = Image {
                 id: s.id(),
                 name: b

@@ -36,6 +36,7 @@ pub const CALLS: &[(&str, &str, &str)] = &[
         "read",
     ),
     // Virtual images and their upload (image mode, the target worker image).
+    ("GET /api/virtual-images", "virtual-images", "full"),
     ("POST /api/virtual-images", "virtual-images", "full"),
     (
         "DELETE /api/virtual-images/{virtualImageId}",
@@ -48,6 +49,7 @@ pub const CALLS: &[(&str, &str, &str)] = &[
         "full",
     ),
     // Instances: create, follow, power, resize, attach and detach disks, delete.
+    ("GET /api/instances", "provisioning", "full"),
     ("POST /api/instances", "provisioning-add", "full"),
     ("GET /api/instances/{id}", "provisioning", "full"),
     (

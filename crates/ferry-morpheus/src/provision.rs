@@ -241,6 +241,25 @@ mod tests {
     }
 }
 
+/// The ids of the instances called exactly `name`.
+pub async fn instances_named(c: &Client, name: &str) -> Result<Vec<i64>, MorpheusError> {
+    named(c, "api/instances", "instances", name).await
+}
+
+/// The ids of the virtual images called exactly `name`.
+pub async fn images_named(c: &Client, name: &str) -> Result<Vec<i64>, MorpheusError> {
+    named(c, "api/virtual-images", "virtualImages", name).await
+}
+
+async fn named(c: &Client, path: &str, key: &str, name: &str) -> Result<Vec<i64>, MorpheusError> {
+    let items: Vec<Value> = c.list_all(path, key, &[("name", name.to_string())]).await?;
+    Ok(items
+        .iter()
+        .filter(|v| v["name"].as_str() == Some(name))
+        .filter_map(|v| v["id"].as_i64())
+        .collect())
+}
+
 /// Deletes a virtual image (clean-up of a delivery that did not finish).
 pub async fn delete_image(c: &Client, id: i64) -> Result<(), MorpheusError> {
     c.delete(&format!("api/virtual-images/{id}"))

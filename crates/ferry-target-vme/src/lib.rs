@@ -372,6 +372,9 @@ async fn deploy(ctx: &StepContext, role: Role) -> AResult<()> {
         )));
     }
     let spec = instance_spec(&c, ctx, role).await?;
+    // What an earlier attempt created before it could record it (the appliance died
+    // in between) carries this delivery's name: it goes before a new one is made.
+    remove_named(&c, &spec.name, true).await?;
     let t = Instant::now();
     let got = provision::deliver_image_mode(&c, &synced, format, &ctx.work_dir.join("vme"), &spec)
         .await
@@ -401,6 +404,53 @@ async fn start(c: &Client, ctx: &StepContext, id: i64) -> AResult<()> {
 }
 
 /// Stops and deletes what was deployed for `role`, and its image.
+/// Deletes every instance and virtual image called `name` (the names Ferry gives what it
+/// delivers). `leftovers`: they are what an interrupted delivery left, said as a warning.
+async fn remove_named(c: &Client, name: &str, leftovers: bool) -> AResult<()> {
+    for id in provision::instances_named(c, name).await.map_err(api_err)? {
+        if leftovers {
+            tracing::warn!(instance = id, %name, "removing an instance an interrupted delivery left on the manager");
+        }
+        match provision::delete_instance(c, id).await {
+            Ok(()) | Err(MorpheusError::NotFound { .. }) => {}
+            Err(e) => return Err(api_err(e)),
+        }
+    }
+    for id in provision::images_named(c, name).await.map_err(api_err)? {
+        if leftovers {
+            tracing::warn!(image = id, %name, "removing a virtual image an interrupted delivery left on the manager");
+        }
+        match provision::delete_image(c, id).await {
+            Ok(()) | Err(MorpheusError::NotFound { .. }) => {}
+            Err(e) => return Err(api_err(e)),
+        }
+    }
+    Ok(())
+}
+
+/// After a rollback, nothing Ferry delivered for `role` may remain: what does is named,
+/// and the rollback fails rather than report a clean target.
+async fn assert_removed(c: &Client, ctx: &StepContext, role: Role) -> AResult<()> {
+    let name = state::instance_name(ctx, role);
+    let mut left = vec![];
+    for id in provision::instances_named(c, &name)
+        .await
+        .map_err(api_err)?
+    {
+        left.push(format!("instance {id}"));
+    }
+    for id in provision::images_named(c, &name).await.map_err(api_err)? {
+        left.push(format!("virtual image {id}"));
+    }
+    if left.is_empty() {
+        return Ok(());
+    }
+    Err(AdapterError::transient(format!(
+        "rollback: {} named '{name}' still on the manager after it was deleted; delete it there (or wait for the manager to finish) and retry the rollback",
+        left.join(" and ")
+    )))
+}
+
 async fn undeploy(ctx: &StepContext, role: Role) -> AResult<()> {
     let Some(d) = state::load(ctx, role) else {
         return Ok(());
@@ -667,6 +717,12 @@ impl TargetAdapter for VmeTarget {
         } else {
             undeploy(ctx, Role::Test).await?;
             undeploy(ctx, Role::Production).await?;
+            // Also what an interrupted delivery left without a record.
+            let c = client(ctx)?;
+            for role in [Role::Test, Role::Production] {
+                remove_named(&c, &state::instance_name(ctx, role), true).await?;
+                assert_removed(&c, ctx, role).await?;
+            }
         }
         let lookup = |r: &str| ctx.secrets.get(r).map(str::to_string);
         for u in ctx.facts.undo.iter().rev().filter(|u| u["kind"] == "dns") {

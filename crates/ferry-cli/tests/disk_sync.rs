@@ -8,28 +8,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn qemu_io(fmt: &str, img: &std::path::Path, cmd: &str) {
-    let out = Command::new("qemu-io")
-        .args(["-f", fmt, "-c", cmd])
-        .arg(img)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-io {cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn full_then_delta_with_json_summary() {
     let dir = tempfile::tempdir().unwrap();

@@ -7,6 +7,7 @@
 //! Needs root and libvirtd on `$FERRY_TEST_LIBVIRT` (scripts/test.sh starts it); without
 //! libvirt it prints SKIP and passes.
 
+mod common;
 mod cp;
 
 use cp::*;
@@ -45,28 +46,10 @@ impl Drop for Domain {
     }
 }
 
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Writes `data` at `offset` of the qcow2 image `image` (the domain must be off).
-fn write_qcow2(image: &Path, offset: u64, data: &str) {
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c"])
-        .arg(format!("write -P 0x5a {offset} {}", data.len()))
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-io: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Writes `len` bytes of a pattern at `offset` of the qcow2 image `image` (the domain
+/// must be off).
+fn write_qcow2(image: &Path, offset: u64, len: usize) {
+    common::qemu_io("qcow2", image, &format!("write -P 0x5a {offset} {len}"));
 }
 
 fn same(src: &Path, dst: &Path) -> bool {
@@ -114,7 +97,7 @@ async fn a_libvirt_domain_cuts_over_to_local_dir_and_rolls_back() {
     };
     std::fs::create_dir_all(&dir).unwrap();
     let disk = dir.join("disk.qcow2");
-    qemu_img(&[
+    common::qemu_img(&[
         "create",
         "-q",
         "-f",
@@ -124,7 +107,7 @@ async fn a_libvirt_domain_cuts_over_to_local_dir_and_rolls_back() {
         disk.to_str().unwrap(),
         "64M",
     ]);
-    write_qcow2(&disk, 1 << 20, &"x".repeat(3 << 20));
+    write_qcow2(&disk, 1 << 20, 3 << 20);
     // No OS: the firmware finds nothing to boot and waits; the disks are what matter.
     let xml = format!(
         "<domain type='qemu'>
@@ -208,7 +191,7 @@ async fn a_libvirt_domain_cuts_over_to_local_dir_and_rolls_back() {
 
     // What changed while the domain was off stays on the source: a rollback starts it
     // again and leaves the synced copy as it was.
-    write_qcow2(&disk, 40 << 20, "after the cutover");
+    write_qcow2(&disk, 40 << 20, 4096);
     app.ok(&["migration", "rollback", &id, "--follow"]);
     let st = app.ok(&["migration", "status", &id, "--json"]);
     assert!(st.contains("\"rolled_back\""), "{st}");

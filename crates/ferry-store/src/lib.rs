@@ -17,6 +17,7 @@ pub use schema::SCHEMA_VERSION;
 use ferry_model::*;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{Any, AnyPool, Row, Transaction};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, MutexGuard};
@@ -1168,6 +1169,24 @@ impl Store {
     }
 
     // ---- events and logs -----------------------------------------------------------
+
+    /// How many events of `kind` each migration has (migrations with none are absent).
+    pub async fn count_events_by_migration(&self, kind: &str) -> Result<HashMap<Uuid, i64>> {
+        let rows = sqlx::query(
+            "SELECT migration_id, COUNT(*) FROM events WHERE kind = $1 AND migration_id IS NOT NULL GROUP BY migration_id",
+        )
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = HashMap::new();
+        for r in rows {
+            let id: String = r.get(0);
+            let id = Uuid::parse_str(&id)
+                .map_err(|_| StoreError::Corrupt(format!("migration id {id}")))?;
+            out.insert(id, r.get::<i64, _>(1));
+        }
+        Ok(out)
+    }
 
     pub async fn insert_event(&self, e: &NewEvent) -> Result<()> {
         let mut w = self.write().await?;

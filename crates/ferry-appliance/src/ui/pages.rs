@@ -1,6 +1,6 @@
 //! The dashboard's pages and the forms they post.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::{Path, Query, State as AxState};
 use axum::http::StatusCode;
@@ -113,10 +113,13 @@ fn needs_attention(m: &Migration, last: Option<&SyncRun>) -> Option<String> {
     None
 }
 
-fn migrations_table(rows: &[(Migration, Option<SyncRun>)]) -> Markup {
+fn migrations_table(
+    rows: &[(Migration, Option<SyncRun>)],
+    warnings: &HashMap<uuid::Uuid, i64>,
+) -> Markup {
     html! {
         table.migrations {
-            thead { tr { th { "Workload" } th { "State" } th { "Generation" } th { "Last sync" } th { "Lag" } th { "Next delta" } th { "UAT" } } }
+            thead { tr { th { "Workload" } th { "State" } th { "Generation" } th { "Last sync" } th { "Lag" } th { "Next delta" } th { "UAT" } th { "Warnings" } } }
             tbody {
                 @for (m, last) in rows {
                     tr id={"m-" (m.id)} {
@@ -127,6 +130,7 @@ fn migrations_table(rows: &[(Migration, Option<SyncRun>)]) -> Markup {
                         td { @if let Some(l) = lag(m, last.as_ref()) { span.error { (view::duration(l)) } } @else { "—" } }
                         td { @if let Some(n) = m.next_sync_at { (when(n)) } @else { "manual" } }
                         td { @match m.status.uat_verdict { Some(UatVerdict::Passed) => "passed", Some(UatVerdict::Failed) => "failed", None => "—" } }
+                        td.warnings { @match warnings.get(&m.id) { Some(n) => a href={"/ui/migrations/" (m.id) "?kind=warning"} { (n) }, None => "—" } }
                     }
                 }
             }
@@ -136,6 +140,10 @@ fn migrations_table(rows: &[(Migration, Option<SyncRun>)]) -> Markup {
 
 pub async fn overview(AxState(st): AxState<AppState>) -> UiResult {
     let counts = api(st.store().count_by_state().await)?;
+    let warnings = api(st
+        .store()
+        .count_events_by_migration(crate::engine::WARNING_EVENT)
+        .await)?;
     let (migrations, _) = api(st
         .store()
         .list_migrations(&MigrationFilter::default(), ALL)
@@ -187,6 +195,7 @@ pub async fn overview(AxState(st): AxState<AppState>) -> UiResult {
                     @if counts.is_empty() { li.muted { "No migration yet: start one from " a href="/ui/workloads" { "Workloads" } "." } }
                 }
                 p { "Data moved today: " strong #moved-today { (bytes(moved_today)) } }
+                p { "Warnings: " strong #warnings { (warnings.values().sum::<i64>()) } " in " (warnings.len()) " migration(s)" }
             }
             @if !attention.is_empty() {
                 section.attention aria-labelledby="h-attention" {
@@ -213,7 +222,7 @@ pub async fn overview(AxState(st): AxState<AppState>) -> UiResult {
             }
             section aria-labelledby="h-migrations" {
                 h2 #h-migrations { "Migrations" }
-                (migrations_table(&rows))
+                (migrations_table(&rows, &warnings))
             }
         },
     )))
@@ -233,6 +242,10 @@ pub async fn group(
     Query(q): Query<ConfirmQuery>,
 ) -> UiResult {
     let g = api(st.store().get_group(&key).await)?;
+    let warnings = api(st
+        .store()
+        .count_events_by_migration(crate::engine::WARNING_EVENT)
+        .await)?;
     let f = MigrationFilter {
         move_group_id: Some(g.id),
         ..Default::default()
@@ -286,7 +299,7 @@ pub async fn group(
                     button type="submit" { "Set schedule" }
                 }
             }
-            (migrations_table(&rows))
+            (migrations_table(&rows, &warnings))
         },
     )))
 }

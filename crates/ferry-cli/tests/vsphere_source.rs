@@ -34,19 +34,23 @@ async fn vcenter_vms_are_discovered_and_preflight_names_what_to_fix() {
         .ok("/api/credentials", Some(json!({"name": "vcenter", "kind": "password", "username": sim.username(), "secret": sim.password()})))
         .await;
     let config = json!({"ca_bundle": ca.ca_cert_path().display().to_string()}).to_string();
-    app.ok(&[
-        "source",
-        "add",
-        "vc1",
-        "--kind",
-        "vsphere",
-        "--endpoint",
-        sim.url(),
-        "--credential",
-        cred["id"].as_str().unwrap(),
-        "--config",
-        &config,
-    ]);
+    // The simulator as a vSphere source, logging in with credential `cred`.
+    let add_source = |name: &str, cred: &serde_json::Value| {
+        app.ok(&[
+            "source",
+            "add",
+            name,
+            "--kind",
+            "vsphere",
+            "--endpoint",
+            sim.url(),
+            "--credential",
+            cred["id"].as_str().unwrap(),
+            "--config",
+            &config,
+        ]);
+    };
+    add_source("vc1", &cred);
     let out = app.ok(&["source", "discover", "vc1", "--json"]);
     let found: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(
@@ -69,19 +73,7 @@ async fn vcenter_vms_are_discovered_and_preflight_names_what_to_fix() {
     let bad = api
         .ok("/api/credentials", Some(json!({"name": "vcenter-bad", "kind": "password", "username": sim.username(), "secret": "nope"})))
         .await;
-    app.ok(&[
-        "source",
-        "add",
-        "vc2",
-        "--kind",
-        "vsphere",
-        "--endpoint",
-        sim.url(),
-        "--credential",
-        bad["id"].as_str().unwrap(),
-        "--config",
-        &config,
-    ]);
+    add_source("vc2", &bad);
     let o = app.ferry(&["source", "discover", "vc2"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
@@ -262,19 +254,7 @@ async fn vcenter_vms_are_discovered_and_preflight_names_what_to_fix() {
 
     // The same vCenter added again: its discovery would take the workloads over from vc1,
     // which is refused (nothing changes) until the user adopts them.
-    app.ok(&[
-        "source",
-        "add",
-        "vc3",
-        "--kind",
-        "vsphere",
-        "--endpoint",
-        sim.url(),
-        "--credential",
-        cred["id"].as_str().unwrap(),
-        "--config",
-        &config,
-    ]);
+    add_source("vc3", &cred);
     let o = app.ferry(&["source", "discover", "vc3"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "a silent re-bind: {err}");

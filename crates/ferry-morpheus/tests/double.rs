@@ -324,13 +324,19 @@ async fn snapshot_revert_and_network_moves() {
         "reverted to the snapshot"
     );
 
-    // From the migration network to production, keeping the address.
-    provision::move_to_network(&c, id, 1, Some("10.99.0.20"))
+    // From the migration network to production: the migration network's address is
+    // not one of production's range, and the manager says so; a production address is
+    // taken.
+    let e = provision::move_to_network(&c, id, 1, Some("10.99.0.20"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("10.20.120.0/24"), "{e}");
+    provision::move_to_network(&c, id, 1, Some("10.20.120.20"))
         .await
         .unwrap();
     assert_eq!(
         d.state().instances[0].nics,
-        vec![("network-1".to_string(), Some("10.99.0.20".to_string()))]
+        vec![("network-1".to_string(), Some("10.20.120.20".to_string()))]
     );
     let e = provision::move_to_network(&c, id, 42, None)
         .await

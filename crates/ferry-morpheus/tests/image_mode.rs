@@ -47,6 +47,10 @@ async fn image_mode_delivers_the_guest_and_the_instance_serves_its_page() {
     let path = Spec::morpheus_default_path();
     let api = Arc::new(Spec::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
     let d = Double::start(api, "admin", "Adm1n-pa55").await;
+    // Instances boot on this test's one namespace network: the VLANs have its range.
+    for n in d.state().inventory.get_mut("networks").unwrap() {
+        n["cidr"] = "10.203.0.0/24".into();
+    }
     let net = Net(Network::ensure(
         &NetworkSpec::new(format!("fmi-{}", std::process::id()))
             .with_cidr("10.203.0.1/24".parse().unwrap()),

@@ -29,7 +29,6 @@ pub const CALLS: &[(&str, &str, &str)] = &[
         "read",
     ),
     ("GET /api/instance-types", "provisioning", "read"),
-    ("GET /api/library/layouts", "library-templates", "read"),
     (
         "GET /api/library/instance-types/{instanceTypeId}/layouts",
         "library-templates",

@@ -1,5 +1,6 @@
 //! Discovery of what a profile places workloads on: clouds (zones), groups, clusters,
-//! hosts, datastores, networks, service plans, instance types and layouts. Profiles name
+//! hosts, datastores, networks, service plans and instance types, and the layouts of one
+//! instance type ([`Inventory::layouts_of`]). Profiles name
 //! these objects; [`Inventory::check_placement`] turns a name that does not exist into an
 //! error naming it, before any data moves.
 
@@ -83,7 +84,6 @@ pub struct Inventory {
     pub networks: Vec<Named>,
     pub service_plans: Vec<Named>,
     pub instance_types: Vec<Named>,
-    pub layouts: Vec<Named>,
 }
 
 /// A profile's placement, by name.
@@ -129,7 +129,6 @@ impl Inventory {
             networks: list_with(c, "api/networks", "networks", Paging::None).await?,
             service_plans: list(c, "api/service-plans", "servicePlans").await?,
             instance_types: list(c, "api/instance-types", "instanceTypes").await?,
-            layouts: list(c, "api/library/layouts", "instanceTypeLayouts").await?,
             datastores: vec![],
         };
         for z in inv.clouds.clone() {

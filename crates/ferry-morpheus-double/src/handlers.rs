@@ -302,9 +302,19 @@ fn instance_json(i: &Instance) -> Value {
 }
 
 fn exists(s: &State, key: &str, id: i64) -> bool {
-    s.inventory
-        .get(key)
-        .is_some_and(|l| l.iter().any(|v| v["id"].as_i64() == Some(id)))
+    find(s, key, id).is_some()
+}
+
+/// Why a NIC's static address `ip` is refused on network `net`, if it is: outside the
+/// network's range (a network without a range takes any).
+fn address_refused(net: &Value, ip: Option<&str>) -> Option<String> {
+    let (ip, cidr) = (ip?, net["cidr"].as_str()?);
+    (!in_cidr(ip, cidr)).then(|| {
+        format!(
+            "{ip} is not an address of network {} ({cidr})",
+            net["name"].as_str().unwrap_or_default()
+        )
+    })
 }
 
 /// Whether IPv4 `ip` lies in `cidr`; anything that does not parse is outside.
@@ -415,16 +425,8 @@ fn create_instance(s: &mut State, b: Value) -> Answer {
             return bad("networkInterfaces", &format!("no such network {id}"));
         };
         // A static address must lie in the network's range.
-        if let (Some(ip), Some(cidr)) = (n["ipAddress"].as_str(), net["cidr"].as_str()) {
-            if !in_cidr(ip, cidr) {
-                return bad(
-                    "networkInterfaces",
-                    &format!(
-                        "{ip} is not an address of network {} ({cidr})",
-                        net["name"].as_str().unwrap_or(id)
-                    ),
-                );
-            }
+        if let Some(why) = address_refused(&net, n["ipAddress"].as_str()) {
+            return bad("networkInterfaces", &why);
         }
         nics.push((id.to_string(), n["ipAddress"].as_str().map(str::to_string)));
     }
@@ -962,13 +964,11 @@ pub fn handle(s: &mut State, c: &Call) -> Answer {
                         json!({"success": false, "msg": "Unable to resize instance", "errors": {"networkInterfaces": format!("no such network {nid}")}}),
                     );
                 };
-                if let (Some(ip), Some(cidr)) = (n["ipAddress"].as_str(), net["cidr"].as_str()) {
-                    if !in_cidr(ip, cidr) {
-                        return (
-                            400,
-                            json!({"success": false, "msg": "Unable to resize instance", "errors": {"networkInterfaces": format!("{ip} is not an address of network {nid} ({cidr})")}}),
-                        );
-                    }
+                if let Some(why) = address_refused(&net, n["ipAddress"].as_str()) {
+                    return (
+                        400,
+                        json!({"success": false, "msg": "Unable to resize instance", "errors": {"networkInterfaces": why}}),
+                    );
                 }
                 nics.push((nid.to_string(), n["ipAddress"].as_str().map(str::to_string)));
             }

@@ -75,17 +75,18 @@ impl Adapters {
         if self.sources.contains_key(&kind) {
             return None;
         }
-        let mut have: Vec<&str> = self.sources.keys().map(|k| k.as_str()).collect();
-        have.sort();
         let why = match kind {
             SourceKind::Agent => {
                 " (OS-based migration through an agent is not available yet: read such a machine's disks as a disk_image source)"
             }
             _ => "",
         };
-        Some(format!(
-            "this appliance has no adapter for sources of kind '{kind}'{why}; the kinds it reads: {}",
-            have.join(", ")
+        Some(no_adapter(
+            "sources",
+            kind.as_str(),
+            why,
+            "reads",
+            self.sources.keys().map(|k| k.as_str()),
         ))
     }
 
@@ -94,17 +95,18 @@ impl Adapters {
         if self.targets.contains_key(&kind) {
             return None;
         }
-        let mut have: Vec<&str> = self.targets.keys().map(|k| k.as_str()).collect();
-        have.sort();
         let why = match kind {
             TargetKind::Libvirt => {
                 " (a KVM host is a target as 'local', QEMU run by this appliance, or through VM Essentials as 'vme')"
             }
             _ => "",
         };
-        Some(format!(
-            "this appliance has no adapter for targets of kind '{kind}'{why}; the kinds it writes: {}",
-            have.join(", ")
+        Some(no_adapter(
+            "targets",
+            kind.as_str(),
+            why,
+            "writes",
+            self.targets.keys().map(|k| k.as_str()),
         ))
     }
 
@@ -116,6 +118,22 @@ impl Adapters {
             ))
         })
     }
+}
+
+/// The refusal of a kind no adapter of this build runs, with the kinds it does run.
+fn no_adapter<'a>(
+    what: &str,
+    kind: &str,
+    why: &str,
+    verb: &str,
+    have: impl Iterator<Item = &'a str>,
+) -> String {
+    let mut have: Vec<&str> = have.collect();
+    have.sort();
+    format!(
+        "this appliance has no adapter for {what} of kind '{kind}'{why}; the kinds it {verb}: {}",
+        have.join(", ")
+    )
 }
 
 fn config_path(config: &serde_json::Value, what: &str) -> AResult<Option<PathBuf>> {
